@@ -1,0 +1,31 @@
+"""Stage 2, map: turn a Catalogue into the list of HF OutputTensors.
+
+One module per naming family. Sources whose keys are already HF names (verl FSDP) go through
+`hf`; families with fused or stacked layouts (Megatron) get their own tables.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+from ..errors import MergeError
+from ..model import Catalogue, OutputTensor
+from . import hf
+
+
+def load_config(hf_dir: str | None, source: str) -> dict:
+    if hf_dir is None:
+        raise MergeError(f"no Hugging Face config found: {source} has no huggingface/ directory; "
+                         "pass --hf-config DIR (a directory with config.json and the tokenizer)")
+    path = os.path.join(hf_dir, "config.json")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise MergeError(f"{path} is missing; pass --hf-config DIR with the model's config.json") from None
+    except json.JSONDecodeError as e:
+        raise MergeError(f"{path} is not valid JSON ({e}); fix it or pass --hf-config DIR") from None
+
+
+def map_outputs(catalogue: Catalogue, config: dict, cast) -> list[OutputTensor]:
+    return hf.map_outputs(catalogue, config, cast)

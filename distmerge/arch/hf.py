@@ -1,0 +1,51 @@
+"""Sources whose tensor names are already HF names: keep each tensor, order it as HF does.
+
+The only architecture knowledge needed is the tied head: with tie_word_embeddings the head is the
+embedding, so no lm_head.weight is written; without it a missing head is an error.
+"""
+from __future__ import annotations
+
+import re
+
+from ..errors import MergeError
+from ..model import Catalogue, OutputTensor
+
+LAYER = re.compile(r"\.layers\.(\d+)\.")
+HEADS = ("lm_head.weight", "score.weight", "v_head.weight")
+
+
+def hf_order(names: list[str]) -> list[str]:
+    """Embeddings first, then layer by layer, then the rest (final norm), then the head.
+    Within a group the source's own order (module order) is kept."""
+    def key(item):
+        index, name = item
+        m = LAYER.search(name)
+        if m:
+            return (1, int(m.group(1)), index)
+        if name in HEADS:
+            return (3, 0, index)
+        if "embed" in name:
+            return (0, 0, index)
+        return (2, 0, index)
+    return [n for _, n in sorted(enumerate(names), key=key)]
+
+
+def tie_word_embeddings(config: dict) -> bool:
+    tie = config.get("tie_word_embeddings")
+    if tie is None:
+        tie = (config.get("text_config") or {}).get("tie_word_embeddings", True)
+    return bool(tie)
+
+
+def map_outputs(catalogue: Catalogue, config: dict, cast) -> list[OutputTensor]:
+    names = list(catalogue.tensors)
+    if tie_word_embeddings(config):
+        names = [n for n in names if n != "lm_head.weight"]
+    elif "lm_head.weight" not in names and any(n.endswith("embed_tokens.weight") for n in names):
+        raise MergeError(f"config.json has tie_word_embeddings=false but {catalogue.source} holds no "
+                         "lm_head.weight; the checkpoint is incomplete, or the config is not this model's")
+    outputs = []
+    for name in hf_order(names):
+        t = catalogue.tensors[name]
+        outputs.append(OutputTensor(name=name, shape=t.shape, dtype=cast(t.dtype), source=name))
+    return outputs

@@ -1,0 +1,73 @@
+"""Command line: `distmerge merge|inspect`, parsed into one options object."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+from .errors import MergeError
+from .merge import DEFAULT_TRANSPORT, TRANSPORTS, MergeOptions, run_merge
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="distmerge", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    m = sub.add_parser("merge", help="merge a sharded checkpoint into a Hugging Face directory")
+    m.add_argument("--source", required=True, help="checkpoint directory (e.g. global_step_100/actor)")
+    m.add_argument("--target", required=True, help="output directory; must be empty or absent unless --overwrite")
+    m.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
+                   help="auto keeps the source bytes exactly; others cast floating tensors only")
+    m.add_argument("--max-shard-size", default="5GB", help="largest output file, e.g. 5GB, 500MB, 2GiB")
+    m.add_argument("--transport", default=DEFAULT_TRANSPORT, choices=TRANSPORTS,
+                   help="direct: each writer reads its pieces from the filesystem; "
+                        "collective: each source file is read once and pieces are sent to their writer")
+    m.add_argument("--hf-config", help="directory with config.json and tokenizer (default: SOURCE/huggingface)")
+    m.add_argument("--overwrite", action="store_true", help="replace a non-empty target (only once the merge succeeded)")
+    m.add_argument("--backend", default="auto", choices=["auto", "gloo", "nccl"],
+                   help="process-group backend under torchrun (auto: nccl when GPUs are visible)")
+    m.add_argument("--timeout", type=float, default=1800.0, help="seconds any collective may wait")
+    m.add_argument("--no-progress", action="store_true", help="no progress bar")
+    m.add_argument("--debug", action="store_true", help="show tracebacks")
+
+    i = sub.add_parser("inspect", help="print what a checkpoint holds and the merge plan; reads metadata only")
+    i.add_argument("source")
+    i.add_argument("--nproc", type=int, default=1, help="ranks to plan for")
+    i.add_argument("--max-shard-size", default="5GB")
+    i.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
+    i.add_argument("--hf-config")
+    i.add_argument("--json", action="store_true", help="machine-readable output")
+    i.add_argument("--debug", action="store_true", help="show tracebacks")
+    return parser
+
+
+def setup_logging() -> None:
+    rank = int(os.environ.get("RANK", "0"))
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format=f"[distmerge rank {rank}] %(message)s" if int(os.environ.get("WORLD_SIZE", "1")) > 1
+                        else "[distmerge] %(message)s", stream=sys.stderr)
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging()
+    try:
+        if args.command == "merge":
+            run_merge(MergeOptions(source=args.source, target=args.target, dtype=args.dtype,
+                                   max_shard_size=args.max_shard_size, transport=args.transport,
+                                   overwrite=args.overwrite, hf_config=args.hf_config, backend=args.backend,
+                                   timeout=args.timeout, progress=not args.no_progress))
+        elif args.command == "inspect":
+            from .inspect import inspect_source
+
+            print(inspect_source(args.source, nproc=args.nproc, max_shard_size=args.max_shard_size,
+                                 dtype=args.dtype, hf_config=args.hf_config, as_json=args.json))
+        return 0
+    except MergeError as e:
+        if args.debug:
+            raise
+        if int(os.environ.get("RANK", "0")) == 0 or not e.all_ranks:
+            print(f"distmerge: error: {e}", file=sys.stderr)
+        return e.exit_code

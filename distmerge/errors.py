@@ -1,0 +1,14 @@
+"""Errors a user can act on: one message naming the file or tensor and the fix."""
+
+
+class MergeError(Exception):
+    """Bad input or a refused operation. The CLI prints the message (no traceback) and exits 2."""
+
+    exit_code = 2
+    all_ranks = True  # raised identically by every rank (metadata stages), so rank 0 alone reports it
+
+
+class MergeIOError(MergeError):
+    """Reading or writing failed (disk full, permission, truncated file)."""
+
+    exit_code = 4

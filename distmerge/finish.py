@@ -1,0 +1,107 @@
+"""Stage 5, finish: the target directory appears complete only at the very end.
+
+All ranks write into a staging directory beside the target that holds a `.distmerge-incomplete`
+marker. After the last barrier, rank 0 writes the index, config (with the dtype written),
+generation config and tokenizer files, removes the marker and renames staging -> target.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+from .errors import MergeError, MergeIOError
+from .model import Plan, dtype_str
+
+INCOMPLETE = ".distmerge-incomplete"
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".distcp")
+WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+
+
+def staging_dir(target: str) -> str:
+    target = os.path.abspath(target)
+    return os.path.join(os.path.dirname(target), f".{os.path.basename(target)}.distmerge-staging")
+
+
+def check_target(target: str, source: str, overwrite: bool) -> None:
+    """Refuse targets that would damage the source or an existing directory, before anything is written."""
+    t, s = os.path.realpath(target), os.path.realpath(source)
+    if t == s or t.startswith(s + os.sep):
+        raise MergeError(f"target {target} is the source or inside it; choose a --target outside {source}")
+    if s.startswith(t + os.sep):
+        raise MergeError(f"target {target} contains the source {source}; choose another --target")
+    if os.path.exists(target):
+        if not os.path.isdir(target):
+            raise MergeError(f"target {target} exists and is not a directory; choose another --target")
+        if os.listdir(target) and not overwrite:
+            raise MergeError(f"target {target} is not empty; pass --overwrite to replace it, "
+                             "or choose another --target")
+    parent = os.path.dirname(os.path.abspath(target))
+    while not os.path.exists(parent):  # missing parents are created; the first existing one must be writable
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+        raise MergeIOError(f"cannot write in {parent} (no write permission); choose a --target you may write to")
+
+
+def prepare_staging(target: str) -> str:
+    """Rank 0: a fresh staging directory with the incomplete marker (a crashed run's is replaced)."""
+    staging = staging_dir(target)
+    try:
+        if os.path.exists(staging):
+            shutil.rmtree(staging)
+        os.makedirs(staging)
+        with open(os.path.join(staging, INCOMPLETE), "w") as f:
+            f.write("distmerge has not finished writing this directory; it is not a usable checkpoint\n")
+    except OSError as e:
+        raise MergeIOError(f"cannot create staging directory {staging}: {e.strerror}; "
+                           "choose a --target on a writable filesystem") from None
+    return staging
+
+
+def write_index(plan: Plan, staging: str) -> None:
+    if len(plan.files) == 1:
+        return  # a single model.safetensors needs no index, as in transformers
+    weight_map = {e.tensor.name: f.name for f in plan.files for e in f.entries}
+    index = {"metadata": {"total_size": plan.total_bytes}, "weight_map": weight_map}
+    with open(os.path.join(staging, "model.safetensors.index.json"), "w") as f:
+        json.dump(index, f, indent=2)
+        f.write("\n")
+
+
+def copy_hf_files(hf_dir: str | None, staging: str, config: dict, plan: Plan) -> list[str]:
+    """Copy every non-weight file of the HF directory; config.json gets the dtype actually written."""
+    copied = []
+    if hf_dir:
+        for name in sorted(os.listdir(hf_dir)):
+            path = os.path.join(hf_dir, name)
+            if name == "config.json" or name.endswith(WEIGHT_SUFFIXES) or name in WEIGHT_INDEXES:
+                continue
+            if os.path.isdir(path):
+                shutil.copytree(path, os.path.join(staging, name))
+            else:
+                shutil.copy2(path, os.path.join(staging, name))
+            copied.append(name)
+    config = dict(config)
+    if plan.config_dtype is not None:
+        key = "dtype" if "dtype" in config else "torch_dtype"
+        config[key] = dtype_str(plan.config_dtype)
+    with open(os.path.join(staging, "config.json"), "w") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
+        f.write("\n")
+    return copied + ["config.json"]
+
+
+def publish(staging: str, target: str, overwrite: bool) -> None:
+    """Remove the marker and move staging into place; an old target is replaced only now."""
+    os.remove(os.path.join(staging, INCOMPLETE))
+    old = None
+    if os.path.exists(target) and os.listdir(target):
+        if not overwrite:
+            raise MergeError(f"target {target} became non-empty during the merge; the result is in {staging}")
+        old = staging + ".old"
+        os.rename(target, old)
+    elif os.path.exists(target):
+        os.rmdir(target)
+    os.rename(staging, target)
+    if old:
+        shutil.rmtree(old)

@@ -1,0 +1,190 @@
+"""Stage 4, run: each rank walks its part of the plan, gets the pieces of each of its tensors
+and writes them into its files.
+
+Two transports move the pieces:
+- direct: the rank that writes a tensor preads its pieces straight from the (shared) filesystem;
+- collective: each source file is read by one rank, which sends each piece to the rank that
+  writes it (gloo on CPU, NCCL with CUDA tensors).
+Bytes are read with pread into fresh buffers (never a whole-file mmap, whose touched pages would
+count towards RSS), and a tensor stored as row blocks is written block by block at its offsets,
+so a rank holds at most a few pieces at once, never a whole file or model.
+"""
+from __future__ import annotations
+
+import collections
+import math
+import os
+import time
+from contextlib import contextmanager
+
+import torch
+import torch.distributed as dist
+
+from .errors import MergeIOError
+from .model import Catalogue, FileEntry, OutputFile, Piece, Plan, SourceTensor, dtype_size
+from .runtime import Runtime
+from .writer import SafetensorsWriter
+
+SEND_WINDOW_BYTES = 256 * 2**20  # bytes in flight per sending rank before it waits for the oldest send
+
+
+class Timers:
+    """Seconds per phase on this rank; printed in the closing summary."""
+
+    def __init__(self):
+        self.seconds = collections.Counter()
+
+    @contextmanager
+    def phase(self, name: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] += time.perf_counter() - start
+
+
+class PieceReader:
+    """Reads one piece's bytes with pread into a fresh buffer; keeps file descriptors open."""
+
+    def __init__(self):
+        self.fds: dict[str, int] = {}
+
+    def read(self, piece: Piece) -> torch.Tensor:
+        fd = self.fds.get(piece.file)
+        if fd is None:
+            try:
+                fd = self.fds[piece.file] = os.open(piece.file, os.O_RDONLY)
+            except OSError as e:
+                raise MergeIOError(f"cannot open {piece.file}: {e.strerror}") from None
+        nbytes = piece.span_elements * dtype_size(piece.dtype)
+        buf = torch.empty(nbytes, dtype=torch.uint8)
+        view, offset = memoryview(buf.numpy()), piece.offset
+        while len(view):
+            n = os.preadv(fd, [view], offset)
+            if n == 0:
+                raise MergeIOError(f"{piece.file} ended at byte {offset} but a tensor piece needs bytes up to "
+                                   f"{piece.offset + nbytes}; the file is truncated, copy it again")
+            view, offset = view[n:], offset + n
+        values = buf.view(piece.dtype)
+        if piece.is_contiguous:
+            return values.view(piece.shape)
+        return values.as_strided(piece.shape, piece.strides).contiguous()
+
+    def close(self) -> None:
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds.clear()
+
+
+def row_block(piece: Piece, source: SourceTensor) -> bool:
+    """True when the piece is whole rows (all dims but the first complete): its bytes are one range."""
+    return all(o == 0 for o in piece.region[1:]) and piece.shape[1:] == source.shape[1:]
+
+
+def schedule(plan: Plan) -> list[tuple[OutputFile, FileEntry]]:
+    """All ranks' work in one global order, interleaved so that every rank's k-th tensor comes
+    around the same point: ranks write in parallel and sends never wait on a rank far behind."""
+    per_rank = [[(f, e) for f in plan.files_of(r) for e in f.entries] for r in range(plan.world_size)]
+    order = []
+    for k in range(max((len(w) for w in per_rank), default=0)):
+        order.extend(work[k] for work in per_rank if k < len(work))
+    return order
+
+
+class RankRunner:
+    def __init__(self, plan: Plan, catalogue: Catalogue, staging: str, runtime: Runtime, progress):
+        self.plan, self.catalogue, self.staging = plan, catalogue, staging
+        self.rt = runtime
+        self.progress = progress
+        self.reader = PieceReader()
+        self.timers = Timers()
+        self.writers: dict[str, SafetensorsWriter] = {}
+        self.remaining = {f.name: len(f.entries) for f in plan.files_of(runtime.rank)}
+        self.in_flight: collections.deque = collections.deque()
+        self.in_flight_bytes = 0
+        self.written = 0
+
+    def run(self) -> dict:
+        collective = self.plan.transport == "collective" and self.rt.world_size > 1
+        tag = 0
+        try:
+            for out_file, entry in schedule(self.plan):
+                source = self.catalogue.tensors[entry.tensor.source]
+                owner = out_file.rank
+                if owner == self.rt.rank:
+                    self._produce(out_file, entry, source, tag if collective else None)
+                elif collective:
+                    self._send_pieces(source, owner, tag)
+                tag += len(source.pieces)
+            self._drain(0)
+        finally:
+            self.reader.close()
+        return {"bytes": self.written, "seconds": dict(self.timers.seconds)}
+
+    # ---- the owner's side
+    def _produce(self, out_file: OutputFile, entry: FileEntry, source: SourceTensor, tag: int | None):
+        writer = self.writers.get(out_file.name)
+        if writer is None:
+            writer = self.writers[out_file.name] = SafetensorsWriter(os.path.join(self.staging, out_file.name), out_file)
+        out = entry.tensor
+        # pieces in catalogue order, the order their senders send them
+        tags = [None if tag is None else tag + i for i in range(len(source.pieces))]
+        if all(row_block(p, source) for p in source.pieces):
+            row_bytes = math.prod(out.shape[1:]) * dtype_size(out.dtype)
+            for p, piece_tag in zip(source.pieces, tags):
+                block = self._get(p, piece_tag)
+                self._write(writer, entry.begin + p.region[0] * row_bytes, self._cast(block, out.dtype))
+        else:
+            full = torch.empty(source.shape, dtype=source.dtype)
+            for p, piece_tag in zip(source.pieces, tags):
+                block = self._get(p, piece_tag)
+                with self.timers.phase("assemble"):
+                    full[tuple(slice(o, o + n) for o, n in zip(p.region, p.shape))] = block
+            self._write(writer, entry.begin, self._cast(full, out.dtype))
+        self.remaining[out_file.name] -= 1
+        if self.remaining[out_file.name] == 0:
+            with self.timers.phase("write"):
+                self.writers.pop(out_file.name).close()
+
+    def _get(self, piece: Piece, tag: int | None) -> torch.Tensor:
+        reader_rank = self.plan.readers.get(piece.file, self.rt.rank)
+        if tag is None or reader_rank == self.rt.rank:
+            with self.timers.phase("read"):
+                return self.reader.read(piece)
+        with self.timers.phase("exchange"):
+            buf = torch.empty(piece.nbytes, dtype=torch.uint8, device=self.rt.device)
+            dist.recv(buf, src=reader_rank, tag=tag)
+            return buf.cpu().view(piece.dtype).view(piece.shape)
+
+    def _cast(self, tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        if tensor.dtype == dtype:
+            return tensor
+        with self.timers.phase("cast"):
+            return tensor.to(dtype)
+
+    def _write(self, writer: SafetensorsWriter, begin: int, tensor: torch.Tensor) -> None:
+        with self.timers.phase("write"):
+            n = writer.write(begin, tensor)
+        self.written += n
+        self.progress(n)
+
+    # ---- the reader's side (collective transport)
+    def _send_pieces(self, source: SourceTensor, owner: int, tag: int) -> None:
+        for i, p in enumerate(source.pieces):
+            if self.plan.readers.get(p.file) != self.rt.rank:
+                continue
+            with self.timers.phase("read"):
+                block = self.reader.read(p)
+            with self.timers.phase("exchange"):
+                data = block.reshape(-1).view(torch.uint8).to(self.rt.device)
+                self._drain(SEND_WINDOW_BYTES - data.numel())
+                self.in_flight.append((dist.isend(data, dst=owner, tag=tag + i), data))
+                self.in_flight_bytes += data.numel()
+
+    def _drain(self, limit: int) -> None:
+        """Wait for the oldest sends until at most `limit` bytes are in flight."""
+        while self.in_flight and self.in_flight_bytes > max(limit, 0):
+            work, data = self.in_flight.popleft()
+            with self.timers.phase("exchange"):
+                work.wait()
+            self.in_flight_bytes -= data.numel()

@@ -1,0 +1,42 @@
+"""`distmerge inspect SOURCE`: what the checkpoint holds and the merge plan, from metadata only."""
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+from .arch import load_config, map_outputs
+from .merge import DEFAULT_TRANSPORT, cast_rule
+from .model import dtype_str
+from .plan import describe, make_plan, parse_size
+from .sources import read_source
+
+
+def inspect_source(source: str, nproc: int = 1, max_shard_size: str = "5GB", dtype: str = "auto",
+                   hf_config: str | None = None, as_json: bool = False) -> str:
+    catalogue = read_source(source)
+    config = load_config(hf_config or catalogue.hf_dir, source)
+    outputs = map_outputs(catalogue, config, cast_rule(dtype))
+    plan = make_plan(catalogue, outputs, nproc, parse_size(max_shard_size), DEFAULT_TRANSPORT)
+    kept = {t.source for t in outputs}
+    dropped = [n for n in catalogue.tensors if n not in kept]
+    dtypes = Counter()
+    for t in catalogue.tensors.values():
+        dtypes[dtype_str(t.dtype)] += t.nbytes
+    info = {
+        "source": source, "format": catalogue.format, "world_size": catalogue.world_size, "mesh": catalogue.mesh,
+        "architecture": (config.get("architectures") or ["?"])[0],
+        "source_tensors": len(catalogue.tensors), "source_bytes": sum(t.nbytes for t in catalogue.tensors.values()),
+        "dtypes": dict(dtypes), "dropped": dropped,
+        "plan": {"ranks": nproc, "files": [{"name": f.name, "rank": f.rank, "tensors": len(f.entries),
+                                            "bytes": f.size} for f in plan.files]},
+    }
+    if as_json:
+        return json.dumps(info, indent=2)
+    lines = [f"source        {source}",
+             f"format        {catalogue.format}, world size {catalogue.world_size}, mesh {catalogue.mesh}",
+             f"architecture  {info['architecture']}",
+             f"tensors       {info['source_tensors']}, {info['source_bytes'] / 1e9:.3f} GB "
+             f"({', '.join(f'{k} {v / 1e9:.3f} GB' for k, v in dtypes.items())})",
+             f"dropped       {', '.join(dropped) or 'nothing'}",
+             describe(plan)]
+    return "\n".join(lines)

@@ -1,0 +1,130 @@
+"""The merge job: detect -> map -> plan -> run -> finish, the same code for 1 or N ranks."""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from . import runtime as runtime_mod
+from .arch import load_config, map_outputs
+from .errors import MergeError
+from .finish import check_target, copy_hf_files, prepare_staging, publish, staging_dir, write_index
+from .gather import RankRunner
+from .model import DTYPE_NAMES
+from .plan import make_plan, parse_size
+from .progress import Progress
+from .sources import read_source
+
+log = logging.getLogger("distmerge")
+
+TRANSPORTS = ("collective", "direct")
+DEFAULT_TRANSPORT = "direct"  # chosen by measurement: see README "Transports"
+
+
+@dataclass
+class MergeOptions:
+    source: str
+    target: str
+    dtype: str = "auto"
+    max_shard_size: str = "5GB"
+    transport: str = DEFAULT_TRANSPORT
+    overwrite: bool = False
+    hf_config: str | None = None
+    backend: str = "auto"
+    timeout: float = 1800.0
+    progress: bool = True
+
+
+@dataclass
+class MergeResult:
+    target: str
+    files: list[str]
+    bytes: int
+    tensors: int
+    ranks: int
+    seconds: float
+    phases: list[dict] = field(default_factory=list)   # per rank: {"read": s, "write": s, ...}
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def cast_rule(dtype: str):
+    """auto keeps every tensor's dtype; a named dtype casts floating tensors only."""
+    if dtype == "auto":
+        return lambda d: d
+    if dtype not in DTYPE_NAMES:
+        raise MergeError(f"--dtype {dtype} is not one of auto, {', '.join(DTYPE_NAMES)}")
+    target = DTYPE_NAMES[dtype]
+    return lambda d: target if d.is_floating_point else d
+
+
+def run_merge(opts: MergeOptions) -> MergeResult:
+    start = time.perf_counter()
+    if opts.transport not in TRANSPORTS:
+        raise MergeError(f"--transport {opts.transport} is not one of {', '.join(TRANSPORTS)}")
+    max_shard_size = parse_size(opts.max_shard_size)
+    cast = cast_rule(opts.dtype)
+    rt = runtime_mod.start(opts.backend, opts.timeout)
+    try:
+        # detect -> map -> plan: metadata only, the same on every rank, so every rank stops at the
+        # same bad input before anything is written
+        catalogue = read_source(opts.source)
+        config = load_config(opts.hf_config or catalogue.hf_dir, opts.source)
+        outputs = map_outputs(catalogue, config, cast)
+        plan = make_plan(catalogue, outputs, rt.world_size, max_shard_size, opts.transport,
+                         config_dtype=None if opts.dtype == "auto" else DTYPE_NAMES[opts.dtype])
+        check_target(opts.target, opts.source, opts.overwrite)
+        if rt.rank == 0:
+            log.info("%s: %s, %d tensors, mesh %s; writing %d file(s) with %d rank(s), transport %s",
+                     opts.source, catalogue.format, len(catalogue.tensors), catalogue.mesh,
+                     len(plan.files), rt.world_size, plan.transport if rt.world_size > 1 else "direct")
+            prepare_staging(opts.target)
+        rt.barrier()
+        staging = staging_dir(opts.target)
+
+        # run
+        progress = Progress(staging, rt.rank, rt.world_size, plan.total_bytes, opts.progress)
+        try:
+            stats = RankRunner(plan, catalogue, staging, rt, progress).run()
+        except MergeError as e:
+            e.all_ranks = False  # this rank's own failure: it must speak for itself
+            raise
+        finally:
+            progress.close(plan.total_bytes)
+        all_stats = [None] * rt.world_size
+        if rt.world_size > 1:
+            dist.all_gather_object(all_stats, stats)
+        else:
+            all_stats = [stats]
+
+        # finish: rank 0 alone, after every rank's files are closed
+        if rt.rank == 0:
+            write_index(plan, staging)
+            copy_hf_files(opts.hf_config or catalogue.hf_dir, staging, config, plan)
+            shutil.rmtree(os.path.join(staging, ".progress"), ignore_errors=True)
+            publish(staging, opts.target, opts.overwrite)
+        rt.barrier()
+    finally:
+        rt.close()
+    seconds = time.perf_counter() - start
+    result = MergeResult(target=opts.target, files=[f.name for f in plan.files], bytes=plan.total_bytes,
+                         tensors=sum(len(f.entries) for f in plan.files), ranks=rt.world_size,
+                         seconds=seconds, phases=[s["seconds"] for s in all_stats])
+    if rt.rank == 0:
+        log.info("merged %.3f GB into %d file(s) in %s with %d rank(s) in %.2f s (%.2f GB/s)",
+                 result.bytes / 1e9, len(result.files), opts.target, rt.world_size, seconds,
+                 result.bytes / 1e9 / max(seconds, 1e-9))
+        for r, phases in enumerate(result.phases):
+            log.info("  rank %d: %s", r, "  ".join(f"{k} {v:.2f}s" for k, v in sorted(phases.items())) or "idle")
+    return result
+
+
+def merge(source: str, target: str, **options) -> MergeResult:
+    """Python API: merge a sharded checkpoint into an HF directory (inside or outside torchrun)."""
+    return run_merge(MergeOptions(source=str(source), target=str(target), **options))

@@ -1,0 +1,136 @@
+"""The plain data passed between the stages: detect -> map -> plan -> run -> finish.
+
+Everything here is printable and picklable; no stage reaches back into an earlier stage's files.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+# safetensors dtype names (https://github.com/huggingface/safetensors, format spec)
+SAFETENSORS_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
+}
+DTYPE_NAMES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def dtype_size(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def dtype_str(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+@dataclass(frozen=True)
+class Piece:
+    """One stored block of a source tensor: where its bytes are and which region it covers."""
+
+    file: str                 # source file path
+    offset: int               # byte offset in the file of the block's first element
+    shape: tuple[int, ...]    # the block's shape
+    strides: tuple[int, ...]  # element strides of the block inside its stored record
+    region: tuple[int, ...]   # offset of the block in the global tensor, per dim
+    dtype: torch.dtype
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * dtype_size(self.dtype)
+
+    @property
+    def span_elements(self) -> int:
+        """Elements between the first and one past the last stored element (covers strided blocks)."""
+        if self.numel == 0:
+            return 0
+        return 1 + sum((n - 1) * s for n, s in zip(self.shape, self.strides))
+
+    @property
+    def is_contiguous(self) -> bool:
+        return self.span_elements == self.numel
+
+
+@dataclass
+class SourceTensor:
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    pieces: list[Piece]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * dtype_size(self.dtype)
+
+
+@dataclass
+class Catalogue:
+    """What a source directory holds: every logical tensor and the pieces it is stored in."""
+
+    format: str                         # e.g. "verl-fsdp"
+    source: str                         # the source directory
+    files: list[str]                    # every data file that holds pieces
+    tensors: dict[str, SourceTensor]    # in the order the source lists them
+    hf_dir: str | None                  # config / tokenizer directory, if any
+    world_size: int = 1
+    mesh: str = ""                      # human description, e.g. "fsdp=2" or "ddp=2 x fsdp=2"
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class OutputTensor:
+    """One tensor of the HF checkpoint and the recipe that makes it from a source tensor."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype        # as written
+    source: str               # name of the source tensor
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * dtype_size(self.dtype)
+
+
+@dataclass
+class FileEntry:
+    tensor: OutputTensor
+    begin: int                # data offsets relative to the end of the header (safetensors data_offsets)
+    end: int
+
+
+@dataclass
+class OutputFile:
+    name: str                 # e.g. model-00001-of-00003.safetensors
+    rank: int                 # the one rank that writes it
+    entries: list[FileEntry]
+    header: bytes             # the complete safetensors header, length prefix included
+
+    @property
+    def data_bytes(self) -> int:
+        return self.entries[-1].end if self.entries else 0
+
+    @property
+    def size(self) -> int:
+        return len(self.header) + self.data_bytes
+
+
+@dataclass
+class Plan:
+    files: list[OutputFile]
+    world_size: int
+    transport: str                      # "collective" or "direct"
+    readers: dict[str, int]             # source file -> rank that reads it (collective transport)
+    config_dtype: torch.dtype | None    # the dtype config.json states
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(f.data_bytes for f in self.files)
+
+    def files_of(self, rank: int) -> list[OutputFile]:
+        return [f for f in self.files if f.rank == rank]

@@ -1,0 +1,105 @@
+"""Stage 3, plan: output tensors -> files with known headers, an owner rank per file, a reader per source file.
+
+The plan is plain data, made identically on every rank from metadata alone; `distmerge inspect`
+prints it without moving a byte.
+"""
+from __future__ import annotations
+
+import json
+import re
+import struct
+from collections import Counter
+
+from .errors import MergeError
+from .model import (SAFETENSORS_DTYPES, Catalogue, FileEntry, OutputFile, OutputTensor, Plan)
+
+UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+         "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(text: str | int) -> int:
+    """'5GB' -> 5e9 (decimal, as transformers), '500MiB' -> binary, '1000' -> bytes."""
+    if isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]I?B|B)?\s*", text.upper())
+    if not m:
+        raise MergeError(f"cannot read size {text!r}; use e.g. 5GB, 500MB, 2GiB or a number of bytes")
+    size = int(float(m.group(1)) * UNITS[m.group(2) or ""])
+    if size <= 0:
+        raise MergeError(f"size {text!r} must be positive")
+    return size
+
+
+def safetensors_header(entries: list[FileEntry]) -> bytes:
+    """8-byte little-endian length + JSON header padded with spaces to a multiple of 8."""
+    header = {"__metadata__": {"format": "pt"}}
+    for e in entries:
+        header[e.tensor.name] = {"dtype": SAFETENSORS_DTYPES[e.tensor.dtype], "shape": list(e.tensor.shape),
+                                 "data_offsets": [e.begin, e.end]}
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text
+
+
+def group_into_files(outputs: list[OutputTensor], max_shard_size: int) -> list[list[OutputTensor]]:
+    """Cut the ordered tensors into files of at most max_shard_size bytes; a larger tensor gets its own file."""
+    groups, current, size = [], [], 0
+    for t in outputs:
+        if current and size + t.nbytes > max_shard_size:
+            groups.append(current)
+            current, size = [], 0
+        current.append(t)
+        size += t.nbytes
+    if current:
+        groups.append(current)
+    return groups
+
+
+def balance(weights: list[int], bins: int) -> list[int]:
+    """Longest-processing-time assignment: heaviest item to the lightest bin. Returns a bin per item."""
+    load = [0] * bins
+    assignment = [0] * len(weights)
+    for i in sorted(range(len(weights)), key=lambda i: (-weights[i], i)):
+        b = min(range(bins), key=lambda b: (load[b], b))
+        assignment[i] = b
+        load[b] += weights[i]
+    return assignment
+
+
+def make_plan(catalogue: Catalogue, outputs: list[OutputTensor], world_size: int,
+              max_shard_size: int, transport: str, config_dtype=None) -> Plan:
+    groups = group_into_files(outputs, max_shard_size)
+    n = len(groups)
+    names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    owners = balance([sum(t.nbytes for t in g) for g in groups], world_size)
+    files = []
+    for name, owner, group in zip(names, owners, groups):
+        entries, offset = [], 0
+        for t in group:
+            entries.append(FileEntry(t, offset, offset + t.nbytes))
+            offset += t.nbytes
+        files.append(OutputFile(name=name, rank=owner, entries=entries, header=safetensors_header(entries)))
+
+    held = Counter()
+    for t in outputs:
+        for p in catalogue.tensors[t.source].pieces:
+            held[p.file] += p.nbytes
+    sources = [f for f in catalogue.files if held[f]]
+    readers = dict(zip(sources, balance([held[f] for f in sources], world_size)))
+
+    if config_dtype is None:
+        by_bytes = Counter()
+        for t in outputs:
+            if t.dtype.is_floating_point:
+                by_bytes[t.dtype] += t.nbytes
+        config_dtype = by_bytes.most_common(1)[0][0] if by_bytes else None
+    return Plan(files=files, world_size=world_size, transport=transport, readers=readers, config_dtype=config_dtype)
+
+
+def describe(plan: Plan) -> str:
+    """A human-readable plan: which rank writes which file."""
+    lines = [f"{len(plan.files)} output file(s), {plan.total_bytes / 1e9:.3f} GB, {plan.world_size} rank(s), "
+             f"transport {plan.transport}"]
+    for f in plan.files:
+        lines.append(f"  rank {f.rank}: {f.name}  {len(f.entries)} tensors  {f.size / 1e6:.1f} MB")
+    return "\n".join(lines)

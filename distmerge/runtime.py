@@ -1,0 +1,55 @@
+"""Process-group setup: rank and world from torchrun's environment, world size 1 without it.
+
+NCCL with CUDA tensors where GPUs are visible, gloo otherwise. An existing process group (when
+distmerge runs inside a live torchrun job) is used as is and left alive.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class Runtime:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    backend: str | None = None
+    owns_group: bool = False
+
+    @property
+    def device(self) -> torch.device:
+        """Where exchanged pieces live: CUDA for NCCL, CPU for gloo."""
+        if self.backend == "nccl":
+            return torch.device("cuda", self.local_rank)
+        return torch.device("cpu")
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()
+
+    def close(self) -> None:
+        if self.owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def start(backend: str = "auto", timeout_s: float = 1800) -> Runtime:
+    if dist.is_available() and dist.is_initialized():
+        return Runtime(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)),
+                       dist.get_backend(), owns_group=False)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Runtime()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if backend == "auto":
+        backend = "nccl" if torch.cuda.is_available() and torch.cuda.device_count() > 0 else "gloo"
+    kwargs = {}
+    if backend == "nccl":
+        torch.cuda.set_device(local_rank)
+        kwargs["device_id"] = torch.device("cuda", local_rank)
+    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
+    return Runtime(dist.get_rank(), dist.get_world_size(), local_rank, backend, owns_group=True)

@@ -1,0 +1,25 @@
+"""Stage 1, detect/read: recognise the source format and build its Catalogue (metadata only)."""
+from __future__ import annotations
+
+import os
+
+from ..errors import MergeError
+from ..model import Catalogue
+from . import fsdp
+
+FORMATS = [fsdp]  # each module has detect(dir) -> bool and read_catalogue(dir) -> Catalogue
+
+
+def read_source(source: str) -> Catalogue:
+    if not os.path.exists(source):
+        raise MergeError(f"source {source} does not exist")
+    if not os.path.isdir(source):
+        raise MergeError(f"source {source} is not a directory; pass the checkpoint directory "
+                         "(e.g. checkpoints/global_step_100/actor)")
+    if not os.listdir(source):
+        raise MergeError(f"source {source} is empty; pass the directory that holds the checkpoint files")
+    for fmt in FORMATS:
+        if fmt.detect(source):
+            return fmt.read_catalogue(source)
+    raise MergeError(f"{source} is not a checkpoint distmerge knows: no model_world_size_W_rank_R.pt files "
+                     "(verl FSDP) found. Pass the directory that holds them")

@@ -1,0 +1,229 @@
+"""Write a real verl-style FSDP checkpoint of a tiny HF model, under torchrun with gloo.
+
+Run:  torchrun --nproc-per-node W tests/make_fsdp_checkpoint.py --out DIR [--layout fsdp2] ...
+
+It saves exactly what verl's FSDPCheckpointManager saves:
+  model_world_size_{W}_rank_{r}.pt   (model.state_dict() of the sharded model, torch.save)
+  fsdp_config.json                   ({"FSDP_version": 1|2, "world_size": W})
+  huggingface/                       (config, generation config, tokenizer)
+and, for the tests, the ground truth taken from the live sharded model:
+  reference/model.safetensors        (every tensor gathered with full_tensor())
+  reference/logits.pt                (logits of the original model on a fixed input)
+"""
+import argparse
+import json
+import os
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor, Shard
+
+FIXED_INPUT = [[1, 5, 9, 2, 7, 3, 11, 4]]
+
+
+def parse_args():
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", required=True)
+    p.add_argument("--model", choices=["llama", "qwen2"], default="llama")
+    p.add_argument("--layout", choices=["fsdp2", "fsdp1", "hsdp", "tp", "single"], default="fsdp2")
+    p.add_argument("--hidden", type=int, default=64)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--kv-heads", type=int, default=2)
+    p.add_argument("--intermediate", type=int, default=96)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--vocab", type=int, default=1001)
+    p.add_argument("--tie", action="store_true", help="tie_word_embeddings")
+    p.add_argument("--optim-step", action="store_true", help="take one AdamW step before saving")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--meta-init", action="store_true", help="init on meta, then to_empty + seeded init (cheap for big models)")
+    p.add_argument("--no-reference", action="store_true", help="skip reference weights and logits (benchmarks)")
+    return p.parse_args()
+
+
+def hf_config(args):
+    from transformers import LlamaConfig, Qwen2Config
+
+    common = dict(
+        hidden_size=args.hidden, num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
+        intermediate_size=args.intermediate, num_hidden_layers=args.layers, vocab_size=args.vocab,
+        tie_word_embeddings=args.tie, max_position_embeddings=128, bos_token_id=1, eos_token_id=2,
+    )
+    if args.model == "llama":
+        return LlamaConfig(architectures=["LlamaForCausalLM"], **common)
+    return Qwen2Config(architectures=["Qwen2ForCausalLM"], **common)
+
+
+def tiny_tokenizer():
+    """A word-level tokenizer built offline; enough for AutoTokenizer to load."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<unk>", "<s>", "</s>", "<pad>"] + [f"w{i}" for i in range(60)]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
+                                   eos_token="</s>", pad_token="<pad>")
+
+
+def verl_shard_placement_fn(fsdp_size):
+    """verl's FSDP2 placement: shard the first dim that divides the mesh size, else dim 0."""
+    def fn(param):
+        for dim, size in enumerate(param.shape):
+            if size % fsdp_size == 0:
+                return Shard(dim)
+        return Shard(0)
+    return fn
+
+
+def build_model(args):
+    from transformers import AutoModelForCausalLM
+
+    config = hf_config(args)
+    dtype = getattr(torch, args.dtype)
+    torch.manual_seed(0)
+    if args.meta_init:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model.to_empty(device="cpu")
+        gen = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.normal_(0, 0.02, generator=gen)
+            for b in model.buffers():  # rotary inv_freq: recompute
+                pass
+        model.model.rotary_emb.__init__(config=config)
+    else:
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        with torch.no_grad():  # make every tensor distinct from its default init (norms are all ones)
+            gen = torch.Generator().manual_seed(1)
+            for p in model.parameters():
+                p.add_(torch.randn(p.shape, generator=gen, dtype=torch.float32).to(p.dtype) * 0.01)
+    return model, config
+
+
+def wrap(model, args, world):
+    """Shard the model the way verl does for the requested layout; returns the save mesh kind."""
+    from torch.distributed.fsdp import fully_shard
+
+    layers = model.model.layers
+    if args.layout == "fsdp2":
+        mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("fsdp",))
+        fn = verl_shard_placement_fn(world)
+        for layer in layers:
+            fully_shard(layer, mesh=mesh, shard_placement_fn=fn)
+        fully_shard(model, mesh=mesh, shard_placement_fn=fn)
+        return model, 2
+    if args.layout == "hsdp":
+        mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("ddp", "fsdp"))
+        fn = verl_shard_placement_fn(world // 2)
+        for layer in layers:
+            fully_shard(layer, mesh=mesh, shard_placement_fn=fn)
+        fully_shard(model, mesh=mesh, shard_placement_fn=fn)
+        return model, 2
+    if args.layout == "tp":
+        from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+        mesh = init_device_mesh("cpu", (world // 2, 2), mesh_dim_names=("fsdp", "tp"))
+        plan = {}
+        for i in range(len(layers)):
+            for name in ("q_proj", "k_proj", "v_proj"):
+                plan[f"model.layers.{i}.self_attn.{name}"] = ColwiseParallel()
+            plan[f"model.layers.{i}.self_attn.o_proj"] = RowwiseParallel()
+            plan[f"model.layers.{i}.mlp.gate_proj"] = ColwiseParallel()
+            plan[f"model.layers.{i}.mlp.up_proj"] = ColwiseParallel()
+            plan[f"model.layers.{i}.mlp.down_proj"] = RowwiseParallel()
+        parallelize_module(model, mesh["tp"], plan)
+        for layer in layers:
+            fully_shard(layer, mesh=mesh["fsdp"])
+        fully_shard(model, mesh=mesh["fsdp"])
+        return model, 2
+    if args.layout == "fsdp1":
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+        from torch.distributed.fsdp import ShardingStrategy
+
+        mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("fsdp",))
+        model = FSDP(model, device_mesh=mesh, use_orig_params=True, device_id=torch.device("cpu"),
+                     sharding_strategy=ShardingStrategy.FULL_SHARD)
+        return model, 1
+    return model, 2  # single: a one-rank save holds plain tensors
+
+
+def sharded_state_dict(model, fsdp_version):
+    if fsdp_version == 1:
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+        from torch.distributed.fsdp import ShardedStateDictConfig, StateDictType
+
+        with FSDP.state_dict_type(model, StateDictType.SHARDED_STATE_DICT, ShardedStateDictConfig(offload_to_cpu=True)):
+            return model.state_dict()
+    return model.state_dict()
+
+
+def full_state_dict(model, fsdp_version):
+    """Every tensor gathered from the live shards: the ground truth for the merge."""
+    if fsdp_version == 1:
+        from torch.distributed.fsdp import FullStateDictConfig, StateDictType
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        with FSDP.state_dict_type(model, StateDictType.FULL_STATE_DICT, FullStateDictConfig(rank0_only=False)):
+            return {k: v.clone() for k, v in model.state_dict().items()}
+    return {k: (v.full_tensor() if isinstance(v, DTensor) else v).clone() for k, v in model.state_dict().items()}
+
+
+def main():
+    args = parse_args()
+    single = args.layout == "single"
+    if not single:
+        dist.init_process_group("gloo")
+    rank = dist.get_rank() if not single else 0
+    world = dist.get_world_size() if not single else 1
+    model, config = build_model(args)
+    model, fsdp_version = wrap(model, args, world)
+
+    if args.optim_step:
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        ids = torch.tensor(FIXED_INPUT)
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+
+    os.makedirs(args.out, exist_ok=True)
+    state = sharded_state_dict(model, fsdp_version)
+    torch.save(state, os.path.join(args.out, f"model_world_size_{world}_rank_{rank}.pt"))
+    if not args.no_reference:
+        full = full_state_dict(model, fsdp_version)
+    if rank == 0:
+        with open(os.path.join(args.out, "fsdp_config.json"), "w") as f:
+            json.dump({"FSDP_version": fsdp_version, "world_size": world}, f, indent=4)
+        hf_dir = os.path.join(args.out, "huggingface")
+        config.save_pretrained(hf_dir)
+        from transformers import GenerationConfig
+
+        GenerationConfig(bos_token_id=1, eos_token_id=2, do_sample=False).save_pretrained(hf_dir)
+        tiny_tokenizer().save_pretrained(hf_dir)
+    if not args.no_reference and rank == 0:
+        from safetensors.torch import save_file
+        from transformers import AutoModelForCausalLM
+
+        ref_dir = os.path.join(args.out, "reference")
+        os.makedirs(ref_dir, exist_ok=True)
+        full = {k.replace("_fsdp_wrapped_module.", ""): v.contiguous() for k, v in full.items()}
+        if config.tie_word_embeddings:
+            full.pop("lm_head.weight", None)
+        save_file(full, os.path.join(ref_dir, "model.safetensors"), metadata={"format": "pt"})
+        plain = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, args.dtype))
+        missing, unexpected = plain.load_state_dict(full, strict=False)
+        assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
+        plain.eval()
+        with torch.no_grad():
+            logits = plain(input_ids=torch.tensor(FIXED_INPUT)).logits
+        torch.save(logits, os.path.join(ref_dir, "logits.pt"))
+    if not single:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
