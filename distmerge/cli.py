@@ -30,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="process-group backend under torchrun (auto: nccl when GPUs are visible)")
     m.add_argument("--timeout", type=float, default=1800.0, help="seconds any collective may wait")
     m.add_argument("--no-progress", action="store_true", help="no progress bar")
+    m.add_argument("--summary-json", metavar="PATH", help="write the result (files, bytes, seconds per phase and rank) as JSON")
     m.add_argument("--debug", action="store_true", help="show tracebacks")
 
     i = sub.add_parser("inspect", help="print what a checkpoint holds and the merge plan; reads metadata only")
@@ -55,10 +56,13 @@ def main(argv=None) -> int:
     setup_logging()
     try:
         if args.command == "merge":
-            run_merge(MergeOptions(source=args.source, target=args.target, dtype=args.dtype,
+            result = run_merge(MergeOptions(source=args.source, target=args.target, dtype=args.dtype,
                                    max_shard_size=args.max_shard_size, transport=args.transport,
                                    overwrite=args.overwrite, hf_config=args.hf_config, backend=args.backend,
                                    timeout=args.timeout, progress=not args.no_progress))
+            if args.summary_json and int(os.environ.get("RANK", "0")) == 0:
+                with open(args.summary_json, "w") as f:
+                    json.dump(result.to_dict(), f, indent=2)
         elif args.command == "inspect":
             from .inspect import inspect_source
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import collections
 import math
 import os
+import resource
 import time
 from contextlib import contextmanager
 
@@ -103,6 +104,7 @@ class RankRunner:
         self.in_flight: collections.deque = collections.deque()
         self.in_flight_bytes = 0
         self.written = 0
+        self.closed: list[str] = []   # the files this rank wrote, in the order it finished them
 
     def run(self) -> dict:
         collective = self.plan.transport == "collective" and self.rt.world_size > 1
@@ -119,7 +121,9 @@ class RankRunner:
             self._drain(0)
         finally:
             self.reader.close()
-        return {"bytes": self.written, "seconds": dict(self.timers.seconds)}
+        peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+        return {"bytes": self.written, "files": self.closed, "seconds": dict(self.timers.seconds),
+                "peak_rss_mb": round(peak_rss_mb, 1)}
 
     # ---- the owner's side
     def _produce(self, out_file: OutputFile, entry: FileEntry, source: SourceTensor, tag: int | None):
@@ -145,6 +149,7 @@ class RankRunner:
         if self.remaining[out_file.name] == 0:
             with self.timers.phase("write"):
                 self.writers.pop(out_file.name).close()
+            self.closed.append(out_file.name)
 
     def _get(self, piece: Piece, tag: int | None) -> torch.Tensor:
         reader_rank = self.plan.readers.get(piece.file, self.rt.rank)

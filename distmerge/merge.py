@@ -49,6 +49,8 @@ class MergeResult:
     ranks: int
     seconds: float
     phases: list[dict] = field(default_factory=list)   # per rank: {"read": s, "write": s, ...}
+    files_by_rank: list[list[str]] = field(default_factory=list)  # what each rank actually wrote
+    peak_rss_mb: list[float] = field(default_factory=list)        # per rank, at the end of its writes
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -115,13 +117,16 @@ def run_merge(opts: MergeOptions) -> MergeResult:
     seconds = time.perf_counter() - start
     result = MergeResult(target=opts.target, files=[f.name for f in plan.files], bytes=plan.total_bytes,
                          tensors=sum(len(f.entries) for f in plan.files), ranks=rt.world_size,
-                         seconds=seconds, phases=[s["seconds"] for s in all_stats])
+                         seconds=seconds, phases=[s["seconds"] for s in all_stats],
+                         files_by_rank=[s["files"] for s in all_stats],
+                         peak_rss_mb=[s["peak_rss_mb"] for s in all_stats])
     if rt.rank == 0:
         log.info("merged %.3f GB into %d file(s) in %s with %d rank(s) in %.2f s (%.2f GB/s)",
                  result.bytes / 1e9, len(result.files), opts.target, rt.world_size, seconds,
                  result.bytes / 1e9 / max(seconds, 1e-9))
         for r, phases in enumerate(result.phases):
-            log.info("  rank %d: %s", r, "  ".join(f"{k} {v:.2f}s" for k, v in sorted(phases.items())) or "idle")
+            log.info("  rank %d: %s  peak RSS %.0f MB", r,
+                     "  ".join(f"{k} {v:.2f}s" for k, v in sorted(phases.items())) or "idle", result.peak_rss_mb[r])
     return result
 
 
