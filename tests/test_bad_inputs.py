@@ -1,0 +1,143 @@
+"""Bad inputs: one clear message naming the file and the fix, exit code 2 (bad input) or 4 (I/O),
+no traceback, nothing written. Run in-process through the CLI entry point (one rank)."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from distmerge.cli import main
+
+
+def merge(capsys, *args):
+    code = main(["merge", *map(str, args), "--no-progress"])
+    return code, capsys.readouterr().err
+
+
+@pytest.fixture
+def ckpt(checkpoint, tmp_path):
+    """A private copy of a W=2 checkpoint that a test may damage."""
+    src = tmp_path / "ckpt"
+    shutil.copytree(checkpoint("llama_fsdp2_w2"), src)
+    return src
+
+
+def assert_refused(code, err, expected_code, *needles, tmp_path=None):
+    assert code == expected_code, err
+    assert "Traceback" not in err
+    assert err.count("distmerge: error:") == 1, err
+    for needle in needles:
+        assert needle in err, (needle, err)
+    if tmp_path is not None:  # nothing but the source copy exists: no target, no staging directory
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+def test_truncated_rank_file(ckpt, tmp_path, capsys):
+    f = ckpt / "model_world_size_2_rank_1.pt"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    code, err = merge(capsys, "--source", ckpt, "--target", tmp_path / "out")
+    assert_refused(code, err, 4, "model_world_size_2_rank_1.pt", "truncated", tmp_path=tmp_path)
+
+
+def test_world_size_in_fsdp_config_disagrees(ckpt, tmp_path, capsys):
+    (ckpt / "fsdp_config.json").write_text(json.dumps({"FSDP_version": 2, "world_size": 4}))
+    code, err = merge(capsys, "--source", ckpt, "--target", tmp_path / "out")
+    assert_refused(code, err, 2, "fsdp_config.json", "world_size=4", tmp_path=tmp_path)
+
+
+def test_missing_fsdp_config_takes_world_size_from_names(ckpt, tmp_path, capsys):
+    (ckpt / "fsdp_config.json").unlink()
+    code, err = merge(capsys, "--source", ckpt, "--target", tmp_path / "out")
+    assert code == 0, err
+
+
+def test_two_world_sizes_in_one_directory(ckpt, tmp_path, capsys):
+    shutil.copy(ckpt / "model_world_size_2_rank_0.pt", ckpt / "model_world_size_4_rank_0.pt")
+    code, err = merge(capsys, "--source", ckpt, "--target", tmp_path / "out")
+    assert_refused(code, err, 2, "2 world sizes", tmp_path=tmp_path)
+
+
+def test_shards_of_one_tensor_disagree_in_dtype(ckpt, tmp_path, capsys):
+    state = torch.load(ckpt / "model_world_size_2_rank_1.pt", weights_only=True)
+    state["model.norm.weight"] = state["model.norm.weight"].to(torch.bfloat16)
+    torch.save(state, ckpt / "model_world_size_2_rank_1.pt")
+    code, err = merge(capsys, "--source", ckpt, "--target", tmp_path / "out")
+    assert_refused(code, err, 2, "model.norm.weight", "disagree", tmp_path=tmp_path)
+
+
+def test_not_a_checkpoint_and_empty_directory(tmp_path, capsys):
+    (tmp_path / "ckpt").mkdir()
+    code, err = merge(capsys, "--source", tmp_path / "ckpt", "--target", tmp_path / "out")
+    assert_refused(code, err, 2, "is empty", tmp_path=tmp_path)
+    (tmp_path / "ckpt" / "notes.txt").write_text("hello")
+    code, err = merge(capsys, "--source", tmp_path / "ckpt", "--target", tmp_path / "out")
+    assert_refused(code, err, 2, "not a checkpoint", tmp_path=tmp_path)
+
+
+def test_no_hf_config(ckpt, tmp_path, capsys):
+    shutil.rmtree(ckpt / "huggingface")
+    code, err = merge(capsys, "--source", ckpt, "--target", tmp_path / "out")
+    assert_refused(code, err, 2, "--hf-config", tmp_path=tmp_path)
+
+
+def test_hf_config_option_supplies_config(ckpt, tmp_path, capsys):
+    shutil.move(ckpt / "huggingface", tmp_path / "cfg")
+    code, err = merge(capsys, "--source", ckpt, "--target", tmp_path / "out", "--hf-config", tmp_path / "cfg")
+    assert code == 0, err
+    assert (tmp_path / "out" / "tokenizer.json").exists()
+
+
+def test_untied_config_without_head(ckpt, tmp_path, capsys):
+    for f in ckpt.glob("model_world_size_*.pt"):
+        state = torch.load(f, weights_only=True)
+        del state["lm_head.weight"]
+        torch.save(state, f)
+    code, err = merge(capsys, "--source", ckpt, "--target", tmp_path / "out")
+    assert_refused(code, err, 2, "tie_word_embeddings=false", "lm_head.weight", tmp_path=tmp_path)
+
+
+def test_target_is_source_or_inside_it(ckpt, tmp_path, capsys):
+    code, err = merge(capsys, "--source", ckpt, "--target", ckpt / "merged")
+    assert_refused(code, err, 2, "inside", tmp_path=tmp_path)
+    code, err = merge(capsys, "--source", ckpt, "--target", ckpt, "--overwrite")
+    assert_refused(code, err, 2, "is the source", tmp_path=tmp_path)
+
+
+class Exploit:
+    """A pickle that would create a marker file when unpickled."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_pickle_that_runs_code_is_refused(ckpt, tmp_path, capsys):
+    marker = tmp_path / "pwned"
+    torch.save({"model.norm.weight": torch.ones(2), "evil": Exploit(str(marker))}, ckpt / "model_world_size_2_rank_1.pt")
+    code, err = merge(capsys, "--source", ckpt, "--target", tmp_path / "out")
+    assert not marker.exists(), "checkpoint code was executed"
+    assert_refused(code, err, 2, "model_world_size_2_rank_1.pt", "never runs code", tmp_path=tmp_path)
+
+
+def test_max_shard_size_smaller_than_a_tensor_gives_it_its_own_file(checkpoint, tmp_path, capsys):
+    code, err = merge(capsys, "--source", checkpoint("llama_fsdp2_w2"), "--target", tmp_path / "out",
+                      "--max-shard-size", "1KB")
+    assert code == 0, err
+    from safetensors import safe_open
+
+    index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
+    for name in set(index["weight_map"].values()):
+        with safe_open(tmp_path / "out" / name, "pt") as f:
+            sizes = [f.get_tensor(k).nbytes for k in f.keys()]
+        assert len(sizes) == 1 or sum(sizes) <= 1000, (name, sizes)  # a tensor over the limit stands alone
+    assert len(set(index["weight_map"].values())) > 10
+
+
+def test_bad_max_shard_size(checkpoint, tmp_path, capsys):
+    code, err = merge(capsys, "--source", checkpoint("llama_fsdp2_w2"), "--target", tmp_path / "out",
+                      "--max-shard-size", "lots")
+    assert_refused(code, err, 2, "cannot read size 'lots'")

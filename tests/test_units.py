@@ -1,0 +1,54 @@
+"""Small pure functions of the plan and the FSDP reader."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.tensor.placement_types import _StridedShard
+
+from distmerge.errors import MergeError
+from distmerge.plan import balance, group_into_files, parse_size
+from distmerge.sources.fsdp import shard_region
+
+
+def test_parse_size():
+    assert parse_size("5GB") == 5 * 10**9
+    assert parse_size("500MB") == 500 * 10**6
+    assert parse_size("2GiB") == 2 * 2**30
+    assert parse_size("1234") == 1234
+    with pytest.raises(MergeError):
+        parse_size("five")
+
+
+@pytest.mark.parametrize("rows, world", [(10, 4), (5, 4), (2, 4), (1001, 2), (0, 3)])
+def test_shard_region_follows_torch_chunk(rows, world):
+    chunks = torch.arange(rows).chunk(world) if rows else ()
+    covered = []
+    for rank in range(world):
+        offsets, sizes = shard_region((rows, 3), (world,), (rank,), (Shard(0),))
+        expected = chunks[rank].tolist() if rank < len(chunks) else []
+        assert list(range(offsets[0], offsets[0] + sizes[0])) == expected
+        assert sizes[1] == 3
+        covered += expected
+    assert covered == list(range(rows))
+
+
+def test_shard_region_fsdp_over_tp():
+    # FSDP (mesh dim 0) over TP (mesh dim 1) on a column-parallel weight: TP splits first.
+    seen = []
+    for f in range(2):
+        for t in range(2):
+            offsets, sizes = shard_region((64, 8), (2, 2), (f, t), (_StridedShard(0, split_factor=2), Shard(0)))
+            assert offsets[0] == t * 32 + f * 16 and sizes == [16, 8]
+            seen.append(offsets[0])
+    assert sorted(seen) == [0, 16, 32, 48]
+    assert shard_region((64, 8), (2, 2), (1, 0), (Replicate(), Shard(1))) == ([0, 0], [64, 4])
+
+
+def test_group_into_files_and_balance():
+    class T:
+        def __init__(self, n):
+            self.nbytes = n
+    groups = group_into_files([T(4), T(4), T(10), T(1)], 8)
+    assert [[t.nbytes for t in g] for g in groups] == [[4, 4], [10], [1]]
+    assert balance([10, 8, 1], 2) == [0, 1, 1]
