@@ -42,6 +42,9 @@ def torchrun(n: int) -> list[str]:
 
 
 def timed(cmd, **kw) -> float:
+    """Wall time of a command. Dirty pages of earlier runs are flushed first (untimed): otherwise the
+    kernel's writeback throttling charges one run for the previous run's writes."""
+    subprocess.run(["sync"], check=True)
     start = time.perf_counter()
     subprocess.run(cmd, check=True, cwd=ROOT, **kw)
     return time.perf_counter() - start

@@ -26,7 +26,9 @@ from .model import Catalogue, FileEntry, OutputFile, Piece, Plan, SourceTensor, 
 from .runtime import Runtime
 from .writer import SafetensorsWriter
 
-SEND_WINDOW_BYTES = 256 * 2**20  # bytes in flight per sending rank before it waits for the oldest send
+BAND_BYTES = 16 * 2**20         # rows of a tensor assembled, cast and written at a time
+IO_CHUNK = 8 * 2**20            # bytes per pread call (as the writer's pwrite)
+SEND_WINDOW_BYTES = 64 * 2**20  # bytes in flight per sending rank before it waits for the oldest send
 
 
 class Timers:
@@ -45,31 +47,35 @@ class Timers:
 
 
 class PieceReader:
-    """Reads one piece's bytes with pread into a fresh buffer; keeps file descriptors open."""
+    """Reads rows of a piece with pread into a fresh buffer; keeps file descriptors open."""
 
     def __init__(self):
         self.fds: dict[str, int] = {}
 
-    def read(self, piece: Piece) -> torch.Tensor:
+    def read_rows(self, piece: Piece, first: int, stop: int) -> torch.Tensor:
+        """Rows [first, stop) of the piece along dim 0 (the whole piece for a 0-d tensor)."""
         fd = self.fds.get(piece.file)
         if fd is None:
             try:
                 fd = self.fds[piece.file] = os.open(piece.file, os.O_RDONLY)
             except OSError as e:
                 raise MergeIOError(f"cannot open {piece.file}: {e.strerror}") from None
-        nbytes = piece.span_elements * dtype_size(piece.dtype)
+        shape = (stop - first,) + piece.shape[1:] if piece.shape else ()
+        offset = piece.offset + (first * piece.strides[0] * dtype_size(piece.dtype) if piece.shape else 0)
+        span = 1 + sum((n - 1) * st for n, st in zip(shape, piece.strides)) if math.prod(shape) else 0
+        nbytes = span * dtype_size(piece.dtype)
         buf = torch.empty(nbytes, dtype=torch.uint8)
-        view, offset = memoryview(buf.numpy()), piece.offset
+        view, at = memoryview(buf.numpy()), offset
         while len(view):
-            n = os.preadv(fd, [view], offset)
+            n = os.preadv(fd, [view[:IO_CHUNK]], at)
             if n == 0:
-                raise MergeIOError(f"{piece.file} ended at byte {offset} but a tensor piece needs bytes up to "
-                                   f"{piece.offset + nbytes}; the file is truncated, copy it again")
-            view, offset = view[n:], offset + n
+                raise MergeIOError(f"{piece.file} ended at byte {at} but a tensor piece needs bytes up to "
+                                   f"{offset + nbytes}; the file is truncated, copy it again")
+            view, at = view[n:], at + n
         values = buf.view(piece.dtype)
-        if piece.is_contiguous:
-            return values.view(piece.shape)
-        return values.as_strided(piece.shape, piece.strides).contiguous()
+        if span == math.prod(shape):
+            return values.view(shape)
+        return values.as_strided(shape, piece.strides).contiguous()
 
     def close(self) -> None:
         for fd in self.fds.values():
@@ -77,8 +83,32 @@ class PieceReader:
         self.fds.clear()
 
 
-def row_block(piece: Piece, source: SourceTensor) -> bool:
-    """True when the piece is whole rows (all dims but the first complete): its bytes are one range."""
+def bands(source: SourceTensor) -> list[tuple[int, int, list[tuple[int, int, int]]]]:
+    """Cut a tensor into row bands along dim 0, each at most BAND_BYTES (at least one row) and each
+    inside one piece where the pieces are row blocks. Returns (first row, stop row, parts) where a
+    part is (piece index, first, stop) in the piece's own rows. A 0-d tensor is one band."""
+    if not source.shape:
+        return [(0, 1, [(i, 0, 1) for i in range(len(source.pieces))])]
+    rows = source.shape[0]
+    row_bytes = math.prod(source.shape[1:]) * dtype_size(source.dtype)
+    per_band = max(1, BAND_BYTES // max(row_bytes, 1))
+    cuts = {0, rows}
+    for p in source.pieces:
+        cuts.update((p.region[0], p.region[0] + p.shape[0]))
+    cuts = sorted(cuts)
+    out = []
+    for lo, hi in zip(cuts, cuts[1:]):
+        for first in range(lo, hi, per_band):
+            stop = min(first + per_band, hi)
+            parts = [(i, max(first, p.region[0]) - p.region[0], min(stop, p.region[0] + p.shape[0]) - p.region[0])
+                     for i, p in enumerate(source.pieces)
+                     if p.region[0] < stop and p.region[0] + p.shape[0] > first]
+            out.append((first, stop, parts))
+    return out
+
+
+def whole_rows(piece: Piece, source: SourceTensor) -> bool:
+    """True when the piece holds complete rows (all dims but the first are whole)."""
     return all(o == 0 for o in piece.region[1:]) and piece.shape[1:] == source.shape[1:]
 
 
@@ -108,16 +138,19 @@ class RankRunner:
 
     def run(self) -> dict:
         collective = self.plan.transport == "collective" and self.rt.world_size > 1
-        tag = 0
+        tag = 0  # every (band, part) has a tag, numbered identically on all ranks
         try:
             for out_file, entry in schedule(self.plan):
                 source = self.catalogue.tensors[entry.tensor.source]
                 owner = out_file.rank
+                for first, stop, parts in bands(source):
+                    if owner == self.rt.rank:
+                        self._produce(out_file, entry, source, first, stop, parts, tag if collective else None)
+                    elif collective:
+                        self._send_parts(source, parts, owner, tag)
+                    tag += len(parts)
                 if owner == self.rt.rank:
-                    self._produce(out_file, entry, source, tag if collective else None)
-                elif collective:
-                    self._send_pieces(source, owner, tag)
-                tag += len(source.pieces)
+                    self._entry_done(out_file)
             self._drain(0)
         finally:
             self.reader.close()
@@ -126,40 +159,46 @@ class RankRunner:
                 "peak_rss_mb": round(peak_rss_mb, 1)}
 
     # ---- the owner's side
-    def _produce(self, out_file: OutputFile, entry: FileEntry, source: SourceTensor, tag: int | None):
+    def _produce(self, out_file, entry, source, first, stop, parts, tag):
         writer = self.writers.get(out_file.name)
         if writer is None:
             writer = self.writers[out_file.name] = SafetensorsWriter(os.path.join(self.staging, out_file.name), out_file)
         out = entry.tensor
-        # pieces in catalogue order, the order their senders send them
-        tags = [None if tag is None else tag + i for i in range(len(source.pieces))]
-        if all(row_block(p, source) for p in source.pieces):
-            row_bytes = math.prod(out.shape[1:]) * dtype_size(out.dtype)
-            for p, piece_tag in zip(source.pieces, tags):
-                block = self._get(p, piece_tag)
-                self._write(writer, entry.begin + p.region[0] * row_bytes, self._cast(block, out.dtype))
-        else:
-            full = torch.empty(source.shape, dtype=source.dtype)
-            for p, piece_tag in zip(source.pieces, tags):
-                block = self._get(p, piece_tag)
-                with self.timers.phase("assemble"):
-                    full[tuple(slice(o, o + n) for o, n in zip(p.region, p.shape))] = block
-            self._write(writer, entry.begin, self._cast(full, out.dtype))
+        row_bytes = math.prod(out.shape[1:]) * dtype_size(out.dtype)
+        at = entry.begin + first * row_bytes
+        if len(parts) == 1 and whole_rows(source.pieces[parts[0][0]], source):
+            block = self._get(source.pieces[parts[0][0]], *parts[0][1:], tag)
+            self._write(writer, at, self._cast(block, out.dtype))
+            return
+        band = torch.empty((stop - first,) + source.shape[1:] if source.shape else (), dtype=source.dtype)
+        for k, (i, lo, hi) in enumerate(parts):
+            p = source.pieces[i]
+            block = self._get(p, lo, hi, None if tag is None else tag + k)
+            with self.timers.phase("assemble"):
+                if not source.shape:
+                    band.copy_(block)
+                    continue
+                rows = slice(p.region[0] + lo - first, p.region[0] + hi - first)
+                band[(rows,) + tuple(slice(o, o + n) for o, n in zip(p.region[1:], p.shape[1:]))] = block
+        self._write(writer, at, self._cast(band, out.dtype))
+
+    def _entry_done(self, out_file: OutputFile) -> None:
         self.remaining[out_file.name] -= 1
         if self.remaining[out_file.name] == 0:
             with self.timers.phase("write"):
                 self.writers.pop(out_file.name).close()
             self.closed.append(out_file.name)
 
-    def _get(self, piece: Piece, tag: int | None) -> torch.Tensor:
+    def _get(self, piece: Piece, first: int, stop: int, tag: int | None) -> torch.Tensor:
         reader_rank = self.plan.readers.get(piece.file, self.rt.rank)
         if tag is None or reader_rank == self.rt.rank:
             with self.timers.phase("read"):
-                return self.reader.read(piece)
+                return self.reader.read_rows(piece, first, stop)
+        shape = (stop - first,) + piece.shape[1:] if piece.shape else ()
         with self.timers.phase("exchange"):
-            buf = torch.empty(piece.nbytes, dtype=torch.uint8, device=self.rt.device)
+            buf = torch.empty(math.prod(shape) * dtype_size(piece.dtype), dtype=torch.uint8, device=self.rt.device)
             dist.recv(buf, src=reader_rank, tag=tag)
-            return buf.cpu().view(piece.dtype).view(piece.shape)
+            return buf.cpu().view(piece.dtype).view(shape)
 
     def _cast(self, tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         if tensor.dtype == dtype:
@@ -174,16 +213,17 @@ class RankRunner:
         self.progress(n)
 
     # ---- the reader's side (collective transport)
-    def _send_pieces(self, source: SourceTensor, owner: int, tag: int) -> None:
-        for i, p in enumerate(source.pieces):
+    def _send_parts(self, source: SourceTensor, parts, owner: int, tag: int) -> None:
+        for k, (i, lo, hi) in enumerate(parts):
+            p = source.pieces[i]
             if self.plan.readers.get(p.file) != self.rt.rank:
                 continue
             with self.timers.phase("read"):
-                block = self.reader.read(p)
+                block = self.reader.read_rows(p, lo, hi)
             with self.timers.phase("exchange"):
                 data = block.reshape(-1).view(torch.uint8).to(self.rt.device)
                 self._drain(SEND_WINDOW_BYTES - data.numel())
-                self.in_flight.append((dist.isend(data, dst=owner, tag=tag + i), data))
+                self.in_flight.append((dist.isend(data, dst=owner, tag=tag + k), data))
                 self.in_flight_bytes += data.numel()
 
     def _drain(self, limit: int) -> None:

@@ -177,3 +177,16 @@ def test_overwrite_replaces_target_only_after_success(checkpoint, tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert not (out / "old.txt").exists()
     assert_bit_exact(load_file(ckpt / "reference" / "model.safetensors"), merged_tensors(out))
+
+
+@pytest.mark.parametrize("layout", ["llama_fsdp2_w2", "qwen2_fsdp_tp_w4", "qwen2_fsdp2_w4_uneven_tied"])
+def test_small_bands_stream_each_tensor_in_many_parts(layout, checkpoint, tmp_path, monkeypatch, capsys):
+    """With a 200-byte band every tensor is assembled and written in many row bands (the path
+    large tensors take), crossing piece boundaries and column-sharded pieces."""
+    from distmerge import gather
+    from distmerge.cli import main
+
+    monkeypatch.setattr(gather, "BAND_BYTES", 200)
+    ckpt = checkpoint(layout)
+    assert main(["merge", "--source", str(ckpt), "--target", str(tmp_path / "out"), "--no-progress"]) == 0
+    assert_bit_exact(load_file(ckpt / "reference" / "model.safetensors"), merged_tensors(tmp_path / "out"))
