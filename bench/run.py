@@ -27,7 +27,6 @@ ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
 MODEL = ["--model", "llama", "--hidden", "2048", "--layers", "8", "--heads", "16", "--kv-heads", "4",
          "--intermediate", "2816", "--vocab", "32000", "--meta-init", "--no-reference"]
-PG_ONLY = "import torch.distributed as d; d.init_process_group('gloo'); d.barrier(); d.destroy_process_group()"
 
 
 def free_port() -> int:
@@ -55,7 +54,7 @@ def source_files(ckpt: Path) -> list[str]:
 
 
 def floor(ckpt: Path, out_bytes: int, work: Path, ranks: int) -> float:
-    launch = [PY, "-c", "import torch"] if ranks == 1 else torchrun(ranks) + ["-c", PG_ONLY]
+    launch = [PY, "-c", "import torch"] if ranks == 1 else torchrun(ranks) + [str(ROOT / "bench" / "pg_only.py")]
     quiet = dict(stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     t = timed(launch, **quiet)
     t += timed(["cat"] + source_files(ckpt), **quiet)

@@ -16,6 +16,7 @@ import math
 import os
 import resource
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
 import torch
@@ -29,6 +30,7 @@ from .writer import SafetensorsWriter
 BAND_BYTES = 16 * 2**20         # rows of a tensor assembled, cast and written at a time
 IO_CHUNK = 8 * 2**20            # bytes per pread call (as the writer's pwrite)
 SEND_WINDOW_BYTES = 64 * 2**20  # bytes in flight per sending rank before it waits for the oldest send
+WRITES_IN_FLIGHT = 2            # bands handed to the writer thread and not yet written
 
 
 class Timers:
@@ -134,6 +136,10 @@ class RankRunner:
         self.in_flight: collections.deque = collections.deque()
         self.in_flight_bytes = 0
         self.written = 0
+        # write-behind: one thread writes band k while this thread reads and casts band k+1
+        # (pread/pwrite release the GIL); at most WRITES_IN_FLIGHT bands wait, which bounds memory
+        self.write_pool = ThreadPoolExecutor(1, thread_name_prefix="distmerge-write")
+        self.pending_writes: collections.deque = collections.deque()
         self.closed: list[str] = []   # the files this rank wrote, in the order it finished them
 
     def run(self) -> dict:
@@ -152,8 +158,10 @@ class RankRunner:
                 if owner == self.rt.rank:
                     self._entry_done(out_file)
             self._drain(0)
+            self._wait_writes(0)
         finally:
             self.reader.close()
+            self.write_pool.shutdown(wait=True)
         peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
         return {"bytes": self.written, "files": self.closed, "seconds": dict(self.timers.seconds),
                 "peak_rss_mb": round(peak_rss_mb, 1)}
@@ -185,6 +193,7 @@ class RankRunner:
     def _entry_done(self, out_file: OutputFile) -> None:
         self.remaining[out_file.name] -= 1
         if self.remaining[out_file.name] == 0:
+            self._wait_writes(0)
             with self.timers.phase("write"):
                 self.writers.pop(out_file.name).close()
             self.closed.append(out_file.name)
@@ -207,10 +216,22 @@ class RankRunner:
             return tensor.to(dtype)
 
     def _write(self, writer: SafetensorsWriter, begin: int, tensor: torch.Tensor) -> None:
-        with self.timers.phase("write"):
-            n = writer.write(begin, tensor)
-        self.written += n
-        self.progress(n)
+        self._wait_writes(WRITES_IN_FLIGHT - 1)
+        self.pending_writes.append(self.write_pool.submit(self._timed_write, writer, begin, tensor))
+
+    def _timed_write(self, writer: SafetensorsWriter, begin: int, tensor: torch.Tensor) -> int:
+        start = time.perf_counter()
+        n = writer.write(begin, tensor)
+        self.timers.seconds["write"] += time.perf_counter() - start  # only this thread adds "write"
+        return n
+
+    def _wait_writes(self, limit: int) -> None:
+        """Wait for the oldest writes until at most `limit` are pending; re-raises their errors."""
+        while len(self.pending_writes) > limit:
+            with self.timers.phase("wait-write"):
+                n = self.pending_writes.popleft().result()
+            self.written += n
+            self.progress(n)
 
     # ---- the reader's side (collective transport)
     def _send_parts(self, source: SourceTensor, parts, owner: int, tag: int) -> None:
