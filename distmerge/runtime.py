@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from .errors import MergeError
+
 
 @dataclass
 class Runtime:
@@ -45,8 +47,14 @@ def start(backend: str = "auto", timeout_s: float = 1800) -> Runtime:
     if world <= 1:
         return Runtime()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if backend == "auto":
-        backend = "nccl" if torch.cuda.is_available() and torch.cuda.device_count() > 0 else "gloo"
+        # NCCL needs a GPU of its own per rank; with more ranks per node than GPUs, use gloo
+        backend = "nccl" if gpus >= local_world else "gloo"
+    elif backend == "nccl" and gpus < local_world:
+        raise MergeError(f"--backend nccl needs one GPU per rank, but this node runs {local_world} ranks "
+                         f"and sees {gpus} GPU(s); use --nproc-per-node {gpus} or --backend gloo")
     kwargs = {}
     if backend == "nccl":
         torch.cuda.set_device(local_rank)

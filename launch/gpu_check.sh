@@ -10,7 +10,7 @@ python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.i
 run 2 tests/make_fsdp_checkpoint.py --out "$W/fsdp2" --optim-step > "$OUT/fixture.log" 2>&1 || { echo fixture failed; tail -20 "$OUT/fixture.log"; }
 run 4 tests/make_fsdp_checkpoint.py --out "$W/tp" --layout tp --model qwen2 >> "$OUT/fixture.log" 2>&1 || { echo tp fixture failed; tail -20 "$OUT/fixture.log"; }
 for fx in fsdp2 tp; do
-  for n in 1 2; do
+  for n in 1 2; do  # with one GPU, 2 ranks must fall back to gloo (auto) or be refused (nccl)
     echo "== nccl collective: $fx with $n rank(s)"
     run "$n" -m distmerge merge --source "$W/$fx" --target "$W/out_${fx}_$n" --backend nccl --transport collective \
       --max-shard-size 60KB --no-progress > "$OUT/nccl_${fx}_$n.log" 2>&1; rc=$?
@@ -23,8 +23,9 @@ run 2 tests/make_fsdp_checkpoint.py --out "$W/big" --hidden 2048 --layers 8 --he
   --intermediate 2816 --vocab 32000 --meta-init --no-reference > "$OUT/big.log" 2>&1 || tail -5 "$OUT/big.log"
 cat "$W"/big/*.pt > /dev/null
 for n in 1 2 4 8; do
-  sync; start=$(date +%s.%N)
+  sync; start=$(python3 -c "import time; print(time.time())")
   if [ "$n" = 1 ]; then python3 -m distmerge merge --source "$W/big" --target "$W/big_out_$n" --no-progress > "$OUT/scale_$n.log" 2>&1
   else run "$n" -m distmerge merge --source "$W/big" --target "$W/big_out_$n" --no-progress > "$OUT/scale_$n.log" 2>&1; fi
-  echo "$n rank(s): $(echo "$(date +%s.%N) - $start" | bc) s wall; $(grep -h 'merged' "$OUT/scale_$n.log")"
+  python3 -c "import sys, time; print(sys.argv[1], 'rank(s):', round(time.time() - float(sys.argv[2]), 2), 's wall')" "$n" "$start"
+  grep -h "merged\|rank [0-9]:" "$OUT/scale_$n.log" | tail -3
 done

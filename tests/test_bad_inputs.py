@@ -7,6 +7,7 @@ import shutil
 
 import pytest
 import torch
+import torch.distributed.tensor  # noqa: F401  lets these tests torch.load the DTensor rank files
 
 from distmerge.cli import main
 

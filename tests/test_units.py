@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.distributed.tensor import Replicate, Shard
-from torch.distributed.tensor.placement_types import _StridedShard
-
 from distmerge.errors import MergeError
 from distmerge.plan import balance, group_into_files, parse_size
 from distmerge.sources.fsdp import shard_region
+
+SHARD0 = ("shard", 0)
+STRIDED0 = ("strided", 0, 2)  # FSDP's _StridedShard(0, split_factor=2) over TP's Shard(0)
 
 
 def test_parse_size():
@@ -25,7 +25,7 @@ def test_shard_region_follows_torch_chunk(rows, world):
     chunks = torch.arange(rows).chunk(world) if rows else ()
     covered = []
     for rank in range(world):
-        offsets, sizes = shard_region((rows, 3), (world,), (rank,), (Shard(0),))
+        offsets, sizes = shard_region((rows, 3), (world,), (rank,), (SHARD0,))
         expected = chunks[rank].tolist() if rank < len(chunks) else []
         assert list(range(offsets[0], offsets[0] + sizes[0])) == expected
         assert sizes[1] == 3
@@ -38,11 +38,11 @@ def test_shard_region_fsdp_over_tp():
     seen = []
     for f in range(2):
         for t in range(2):
-            offsets, sizes = shard_region((64, 8), (2, 2), (f, t), (_StridedShard(0, split_factor=2), Shard(0)))
+            offsets, sizes = shard_region((64, 8), (2, 2), (f, t), (STRIDED0, SHARD0))
             assert offsets[0] == t * 32 + f * 16 and sizes == [16, 8]
             seen.append(offsets[0])
     assert sorted(seen) == [0, 16, 32, 48]
-    assert shard_region((64, 8), (2, 2), (1, 0), (Replicate(), Shard(1))) == ([0, 0], [64, 4])
+    assert shard_region((64, 8), (2, 2), (1, 0), (("replicate",), ("shard", 1))) == ([0, 0], [64, 4])
 
 
 def test_group_into_files_and_balance():
@@ -52,3 +52,20 @@ def test_group_into_files_and_balance():
     groups = group_into_files([T(4), T(4), T(10), T(1)], 8)
     assert [[t.nbytes for t in g] for g in groups] == [[4, 4], [10], [1]]
     assert balance([10, 8, 1], 2) == [0, 1, 1]
+
+
+def test_fast_metadata_reader_agrees_with_torch_load(checkpoint):
+    """The restricted unpickler and torch.load(weights_only=True) see the same tensors, offsets,
+    shapes, placements and mesh coordinates, in every fixture layout."""
+    import zipfile
+
+    from conftest import LAYOUTS
+    from distmerge.sources import torch_archive as ta
+
+    for layout in LAYOUTS:
+        for path in sorted(checkpoint(layout).glob("model_world_size_*.pt")):
+            with zipfile.ZipFile(path) as z:
+                offsets = ta._record_offsets(str(path), z)
+                pkl = next(n for n in z.namelist() if n.endswith("data.pkl"))
+                fast = ta._convert_fast(ta._FastUnpickler(z.read(pkl), pkl[: -len("data.pkl")], offsets).load(), str(path))
+            assert fast == ta._load_with_torch(str(path)), path

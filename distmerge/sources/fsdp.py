@@ -1,32 +1,22 @@
 """verl FSDP checkpoints: model_world_size_{W}_rank_{r}.pt + fsdp_config.json + huggingface/.
 
 Each rank file is a torch.save of the sharded model's state_dict(): DTensors (FSDP2, FSDP1 with a
-device mesh, HSDP, FSDP+TP) or plain tensors (a one-rank save). Files are loaded on the `meta`
-device with weights_only=True: no pickle code runs and no tensor data is read; torch records each
-storage's byte offset in the zip archive, which is all the run stage needs to pread the bytes.
+device mesh, HSDP, FSDP+TP) or plain tensors (a one-rank save). Only metadata is read (see
+torch_archive.py: no pickle code runs, no tensor data is read): each tensor's byte offset in the
+zip archive, shape, strides, and for a DTensor its global shape, placements and mesh coordinate.
 """
 from __future__ import annotations
 
 import json
-import logging
 import os
-import pickle
 import re
-import zipfile
 
-import torch
-import torch.distributed.tensor  # noqa: F401  registers DTensor & placements as safe globals
-from torch.distributed.tensor import DTensor, Replicate, Shard
-from torch.distributed.tensor.placement_types import _StridedShard
-
-from ..errors import MergeError, MergeIOError
-from ..model import Catalogue, Piece, SourceTensor, dtype_str
+from ..errors import MergeError
+from ..model import Catalogue, Piece, SourceTensor, dtype_size, dtype_str
+from .torch_archive import StoredDTensor, load_state_metadata
 
 RANK_FILE = re.compile(r"^model_world_size_(\d+)_rank_(\d+)\.pt$")
 FORMAT = "verl-fsdp"
-# torch warns on every DeviceMesh unpickled without process groups; we never use those groups
-logging.getLogger("torch.distributed.device_mesh").setLevel(logging.ERROR)
-
 
 def detect(source: str) -> bool:
     return any(RANK_FILE.match(n) for n in os.listdir(source))
@@ -66,26 +56,6 @@ def _rank_files(source: str) -> tuple[int, list[str]]:
     return world, [by_rank[r] for r in range(world)]
 
 
-def load_meta(path: str) -> dict:
-    """Load a rank file's state dict as meta tensors (no data read, no code executed)."""
-    try:
-        with zipfile.ZipFile(path) as z:  # catches truncation before torch does, with a clearer message
-            z.namelist()
-        return torch.load(path, map_location="meta", weights_only=True)
-    except pickle.UnpicklingError as e:
-        text = str(e)
-        if "ShardedTensor" in text:
-            raise MergeError(f"{path} holds FSDP1 ShardedTensors (FSDP1 saved without a device mesh); "
-                             "these cannot be read without the original process group. Re-save with "
-                             "FSDP(..., device_mesh=mesh) so that the state dict holds DTensors") from None
-        first = text.strip().splitlines()[0] if text.strip() else text
-        raise MergeError(f"refusing to load {path}: it needs pickle code that is not a plain tensor "
-                         f"or DTensor ({first}). distmerge never runs code from a checkpoint") from None
-    except (zipfile.BadZipFile, RuntimeError, EOFError, OSError) as e:
-        raise MergeIOError(f"cannot read {path}: {e}. The file is truncated or corrupt; "
-                           "copy it again from the training job's storage") from None
-
-
 def shard_region(shape, mesh_shape, coord, placements) -> tuple[list[int], list[int]]:
     """The block of a global tensor that the rank at `coord` of the mesh holds.
 
@@ -94,15 +64,13 @@ def shard_region(shape, mesh_shape, coord, placements) -> tuple[list[int], list[
     after the later mesh dims' shards (FSDP over TP), so it is applied last.
     """
     offsets, sizes = [0] * len(shape), list(shape)
-    order = [i for i, p in enumerate(placements) if not isinstance(p, _StridedShard)]
-    order += [i for i, p in enumerate(placements) if isinstance(p, _StridedShard)]
+    order = [i for i, p in enumerate(placements) if p[0] != "strided"]
+    order += [i for i, p in enumerate(placements) if p[0] == "strided"]
     for i in order:
         p = placements[i]
-        if isinstance(p, Replicate):
+        if p[0] == "replicate":
             continue
-        if not isinstance(p, (Shard, _StridedShard)):
-            raise MergeError(f"unsupported placement {p}; only Shard, _StridedShard and Replicate are merged")
-        d, n, c = p.dim, mesh_shape[i], coord[i]
+        d, n, c = p[1], mesh_shape[i], coord[i]
         chunk = -(-sizes[d] // n) if sizes[d] else 0  # torch.chunk: ceil-sized chunks
         start = min(c * chunk, sizes[d])
         offsets[d] += start
@@ -110,30 +78,23 @@ def shard_region(shape, mesh_shape, coord, placements) -> tuple[list[int], list[
     return offsets, sizes
 
 
-def _pieces_of(name: str, value, path: str) -> tuple[tuple[int, ...], torch.dtype, Piece] | None:
-    if isinstance(value, DTensor):
-        local = value._local_tensor
-        mesh = value.device_mesh
-        offsets, sizes = shard_region(tuple(value.shape), tuple(mesh.shape), mesh.get_coordinate(), value.placements)
-        if tuple(sizes) != tuple(local.shape):
+def _piece_of(name: str, value, path: str) -> tuple[tuple[int, ...], Piece]:
+    """The global shape of a stored tensor and the piece of it this file holds."""
+    if isinstance(value, StoredDTensor):
+        local = value.local
+        offsets, sizes = shard_region(value.shape, value.mesh_shape, value.coordinate, value.placements)
+        if tuple(sizes) != local.shape:
             raise MergeError(f"{path}: tensor {name} has placements {value.placements} on mesh "
-                             f"{tuple(mesh.shape)} that give a local block of {tuple(sizes)}, but the "
-                             f"file holds {tuple(local.shape)}; this sharding is not supported")
-        global_shape = tuple(value.shape)
-    elif isinstance(value, torch.Tensor):
-        local, offsets, global_shape = value, [0] * value.dim(), tuple(value.shape)
+                             f"{value.mesh_shape} that give a local block of {tuple(sizes)}, but the "
+                             f"file holds {local.shape}; this sharding is not supported")
+        global_shape = value.shape
     else:
-        return None
-    storage = local.untyped_storage()
-    base = getattr(storage, "_checkpoint_offset", None)
-    if base is None:
-        raise MergeError(f"{path}: cannot locate the bytes of {name}; the file was not written by torch.save")
-    itemsize = local.element_size()
-    piece = Piece(file=path, offset=base + local.storage_offset() * itemsize, shape=tuple(local.shape),
-                  strides=tuple(local.stride()), region=tuple(offsets), dtype=local.dtype)
-    if piece.numel and piece.offset + piece.span_elements * itemsize > base + storage.nbytes():
+        local, offsets, global_shape = value, [0] * len(value.shape), value.shape
+    piece = Piece(file=path, offset=local.offset, shape=local.shape, strides=local.strides,
+                  region=tuple(offsets), dtype=local.dtype)
+    if piece.numel and piece.offset + piece.span_elements * dtype_size(piece.dtype) > local.storage_end:
         raise MergeError(f"{path}: tensor {name} lies outside its stored record; the file is corrupt")
-    return global_shape, local.dtype, piece
+    return global_shape, piece
 
 
 def read_catalogue(source: str) -> Catalogue:
@@ -142,19 +103,13 @@ def read_catalogue(source: str) -> Catalogue:
     seen_regions: dict[str, set] = {}
     mesh_desc, mesh_ndim = "", 0
     for path in paths:
-        state = load_meta(path)
-        if not isinstance(state, dict):
-            raise MergeError(f"{path} does not hold a state dict (found {type(state).__name__})")
-        for raw_name, value in state.items():
-            got = _pieces_of(raw_name, value, path)
-            if got is None:
-                continue
-            shape, dtype, piece = got
-            if isinstance(value, DTensor) and value.device_mesh.ndim > mesh_ndim:  # describe the fullest mesh
-                mesh = value.device_mesh
-                mesh_ndim = mesh.ndim
-                names = mesh.mesh_dim_names or tuple(f"dim{i}" for i in range(mesh.ndim))
-                mesh_desc = " x ".join(f"{n}={s}" for n, s in zip(names, mesh.shape))
+        for raw_name, value in load_state_metadata(path).items():
+            shape, piece = _piece_of(raw_name, value, path)
+            dtype = piece.dtype
+            if isinstance(value, StoredDTensor) and len(value.mesh_shape) > mesh_ndim:  # describe the fullest mesh
+                mesh_ndim = len(value.mesh_shape)
+                names = value.mesh_dim_names or tuple(f"dim{i}" for i in range(mesh_ndim))
+                mesh_desc = " x ".join(f"{n}={s}" for n, s in zip(names, value.mesh_shape))
             name = strip_wrapper_prefixes(raw_name)
             known = tensors.get(name)
             if known is None:
@@ -168,7 +123,6 @@ def read_catalogue(source: str) -> Catalogue:
             if piece.numel and key not in seen_regions[name]:  # replicas (HSDP, TP) are read once
                 seen_regions[name].add(key)
                 known.pieces.append(piece)
-        del state
     for t in tensors.values():
         check_coverage(t)
     hf_dir = os.path.join(source, "huggingface")
