@@ -74,10 +74,48 @@ def distmerge(ckpt: Path, out: Path, ranks: int, transport: str, dtype: str) -> 
     return t, json.loads(summary.read_text())
 
 
+VERL_DEPS = ["tensordict>=0.8,<=0.10", "transformers>=5.5.3,<5.11", "ray", "omegaconf", "accelerate", "codetiming",
+             "hydra-core", "pandas", "datasets", "peft", "pyarrow", "tqdm", "safetensors", "numpy"]
+
+
+def verl_python(work: Path) -> str | None:
+    """A separate virtualenv with verl 0.9.x (its merger is the baseline); None when it cannot be installed."""
+    venv = work / "verl-venv"
+    py = venv / "bin" / "python"
+    check = [str(py), "-c", "import verl.model_merger"]
+    if py.exists() and subprocess.run(check, capture_output=True).returncode == 0:
+        return str(py)
+    print("installing verl into", venv, "...", flush=True)
+    steps = [[sys.executable, "-m", "venv", str(venv)],
+             [str(py), "-m", "pip", "install", "-q", "torch==2.13.0"],
+             [str(py), "-m", "pip", "install", "-q", "--no-deps", "verl>=0.9,<0.10"],
+             [str(py), "-m", "pip", "install", "-q"] + VERL_DEPS, check]
+    for step in steps:
+        proc = subprocess.run(step, capture_output=True, text=True)
+        if proc.returncode != 0:
+            print(f"verl baseline skipped: {' '.join(step[:4])} failed: {proc.stderr.strip()[-300:]}")
+            return None
+    return str(py)
+
+
+def verl_merge(py: str, ckpt: Path, out: Path) -> tuple[float, float]:
+    """verl's model_merger on the same checkpoint (it writes bf16); wall seconds and max RSS in MB."""
+    shutil.rmtree(out, ignore_errors=True)
+    subprocess.run(["sync"], check=True)
+    start = time.perf_counter()
+    proc = subprocess.run(["/usr/bin/time", "-f", "%M", py, "-m", "verl.model_merger", "merge", "--backend", "fsdp",
+                           "--local_dir", str(ckpt), "--target_dir", str(out)], capture_output=True, text=True, cwd=ROOT)
+    seconds = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise RuntimeError(proc.stderr[-2000:])
+    return seconds, int(proc.stderr.strip().splitlines()[-1]) / 1024
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--work", default=str(ROOT / "bench" / "work"))
     p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--no-verl", action="store_true", help="skip verl's model_merger baseline")
     args = p.parse_args()
     work = Path(args.work)
     ckpt = work / "ckpt"
@@ -106,6 +144,17 @@ def main():
             rows.append(row)
             print(f"{ranks} rank(s) {transport:10s} {dtype:4s}: {row['median_s']:.2f} s (floor {row['floor_s']:.2f} s, "
                   f"x{row['ratio']:.2f}), peak RSS/rank {row['peak_rss_mb']:.0f} MB", flush=True)
+    py = None if args.no_verl else verl_python(work)
+    if py:
+        runs = [verl_merge(py, ckpt, work / "verl-out") for _ in range(args.runs)]
+        seconds = statistics.median(t for t, _ in runs)
+        ours = next(r for r in rows if r["ranks"] == 1 and r["dtype"] == "bf16")
+        row = {"ranks": 1, "transport": "verl model_merger", "dtype": "bf16", "source_gb": src_bytes / 1e9,
+               "output_gb": ours["output_gb"], "median_s": seconds, "floor_s": ours["floor_s"],
+               "ratio": seconds / ours["floor_s"], "peak_rss_mb": max(m for _, m in runs), "times": [t for t, _ in runs]}
+        rows.append(row)
+        print(f"verl model_merger bf16: {seconds:.2f} s, peak RSS {row['peak_rss_mb']:.0f} MB; "
+              f"distmerge is {seconds / ours['median_s']:.1f}x faster in one process", flush=True)
     (ROOT / "bench" / "results.json").write_text(json.dumps(rows, indent=2))
     lines = ["| ranks | transport | dtype | output GB | distmerge s (median) | floor s | ratio | peak RSS / rank MB |",
              "|---|---|---|---|---|---|---|---|"]

@@ -224,20 +224,27 @@ def _placement(p: _Record) -> Placement:
     raise _Unsupported(f"placement {p.kind}")  # Partial: not a stored layout we can merge
 
 
+def _size(shape) -> int:
+    """A (possibly nested) layout shape flattened to its number of ranks."""
+    if isinstance(shape, (tuple, list)):
+        n = 1
+        for x in shape:
+            n *= _size(x)
+        return n
+    return int(shape)
+
+
 def _mesh_shape(mesh: _Record) -> tuple[int, ...]:
+    """Mesh dim sizes from the pickled layout (torch 2.13: _MeshLayout(axes=(_FlatLayout(shape, stride), ...)))."""
     layout = mesh.state.get("_layout")
-    if isinstance(layout, _Record):
-        shapes = []
-        for axis in layout.state.get("axes", layout.args[0] if layout.args else ()):
-            shape = axis.state.get("shape") if isinstance(axis, _Record) else None
-            if shape is None:
-                raise _Unsupported("mesh layout")
-            n = 1
-            for x in (shape if isinstance(shape, tuple) else (shape,)):
-                n *= int(x)
-            shapes.append(n)
-        return tuple(shapes)
-    raise _Unsupported("mesh without _layout")
+    if not isinstance(layout, _Record) or not isinstance(layout.state.get("axes"), tuple):
+        raise _Unsupported("mesh layout")
+    shapes = []
+    for axis in layout.state["axes"]:
+        if not isinstance(axis, _Record) or "shape" not in axis.state:
+            raise _Unsupported("mesh layout axis")
+        shapes.append(_size(axis.state["shape"]))
+    return tuple(shapes)
 
 
 def _convert_fast(state, path: str) -> dict:
@@ -254,10 +261,17 @@ def _convert_fast(state, path: str) -> dict:
             if not isinstance(local, _TensorRef) or coordinate is None:
                 raise _Unsupported("DTensor without local tensor or coordinate")
             names = mesh.state.get("_mesh_dim_names")
-            out[name] = StoredDTensor(local=_stored(local), shape=tuple(value.args[2]),
-                                      placements=tuple(_placement(p) for p in spec.state["placements"]),
-                                      mesh_shape=_mesh_shape(mesh), coordinate=tuple(coordinate),
-                                      mesh_dim_names=tuple(names) if names else None)
+            stored = StoredDTensor(local=_stored(local), shape=tuple(value.args[2]),
+                                   placements=tuple(_placement(p) for p in spec.state["placements"]),
+                                   mesh_shape=_mesh_shape(mesh), coordinate=tuple(coordinate),
+                                   mesh_dim_names=tuple(names) if names else None)
+            # another torch release may pickle meshes differently: anything inconsistent goes to torch.load
+            dims = len(stored.mesh_shape)
+            if not (dims == len(stored.placements) == len(stored.coordinate) >= 1
+                    and all(0 <= c < n for c, n in zip(stored.coordinate, stored.mesh_shape))
+                    and len(stored.local.shape) == len(stored.shape)):
+                raise _Unsupported("inconsistent DTensor metadata")
+            out[name] = stored
         elif isinstance(value, _Record):
             raise _Unsupported(value.kind)
     return out
