@@ -142,3 +142,50 @@ def test_bad_max_shard_size(checkpoint, tmp_path, capsys):
     code, err = merge(capsys, "--source", checkpoint("llama_fsdp2_w2"), "--target", tmp_path / "out",
                       "--max-shard-size", "lots")
     assert_refused(code, err, 2, "cannot read size 'lots'")
+
+
+# ---- not bad inputs, but cheap one-process checks of what the output directory holds
+
+
+def test_non_weight_hf_files_are_copied_and_weights_are_not(ckpt, tmp_path, capsys):
+    hf = ckpt / "huggingface"
+    (hf / "modeling_custom.py").write_text("# custom code of an auto_map model\n")
+    (hf / "chat_template.jinja").write_text("{{ messages }}")
+    (hf / "model.safetensors").write_bytes(b"stale weights that must not be copied")
+    code, err = merge(capsys, "--source", ckpt, "--target", tmp_path / "out")
+    assert code == 0, err
+    out = tmp_path / "out"
+    assert (out / "modeling_custom.py").read_text() == "# custom code of an auto_map model\n"
+    assert (out / "chat_template.jinja").exists() and (out / "generation_config.json").exists()
+    from safetensors.torch import load_file
+    assert "model.embed_tokens.weight" in load_file(out / "model.safetensors")  # ours, not the stale file
+
+
+def test_cast_touches_floating_tensors_only(checkpoint, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    src = tmp_path / "ckpt"
+    shutil.copytree(checkpoint("qwen2_single"), src)
+    rank_file = src / "model_world_size_1_rank_0.pt"
+    state = torch.load(rank_file, weights_only=True)
+    state["model.extra_ids"] = torch.arange(7, dtype=torch.int64)
+    state["model.extra_mask"] = torch.tensor([True, False, True])
+    torch.save(state, rank_file)
+    code, err = merge(capsys, "--source", src, "--target", tmp_path / "out", "--dtype", "bf16")
+    assert code == 0, err
+    merged = load_file(tmp_path / "out" / "model.safetensors")
+    assert torch.equal(merged["model.extra_ids"], torch.arange(7)) and merged["model.extra_ids"].dtype == torch.int64
+    assert merged["model.extra_mask"].tolist() == [True, False, True]
+    assert merged["model.norm.weight"].dtype == torch.bfloat16
+    assert torch.equal(merged["model.norm.weight"], state["model.norm.weight"].to(torch.bfloat16))
+
+
+def test_inspect_reads_metadata_and_prints_the_plan(checkpoint, capsys):
+    ckpt = checkpoint("qwen2_fsdp_tp_w4")
+    assert main(["inspect", str(ckpt), "--nproc", "3", "--max-shard-size", "50KB", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["format"] == "verl-fsdp" and info["world_size"] == 4 and info["mesh"] == "fsdp=2 x tp=2"
+    assert info["architecture"] == "Qwen2ForCausalLM"
+    assert {f["rank"] for f in info["plan"]["files"]} == {0, 1, 2}
+    assert main(["inspect", str(ckpt)]) == 0
+    assert "rank 0: model.safetensors" in capsys.readouterr().out
