@@ -69,3 +69,15 @@ def test_fast_metadata_reader_agrees_with_torch_load(checkpoint):
                 pkl = next(n for n in z.namelist() if n.endswith("data.pkl"))
                 fast = ta._convert_fast(ta._FastUnpickler(z.read(pkl), pkl[: -len("data.pkl")], offsets).load(), str(path))
             assert fast == ta._load_with_torch(str(path)), path
+
+
+def test_readme_documents_every_merge_option():
+    from pathlib import Path
+
+    from distmerge.cli import build_parser
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    merge = next(a for a in build_parser()._subparsers._group_actions[0].choices.items() if a[0] == "merge")[1]
+    options = [o for action in merge._actions for o in action.option_strings if o.startswith("--") and o != "--help"]
+    missing = [o for o in options if f"`{o}" not in readme]
+    assert not missing, f"README's options table lacks {missing}"
