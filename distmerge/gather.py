@@ -149,9 +149,10 @@ class RankRunner:
             for out_file, entry in schedule(self.plan):
                 source = self.catalogue.tensors[entry.tensor.source]
                 owner = out_file.rank
+                writer = self._writer(out_file) if owner == self.rt.rank else None
                 for first, stop, parts in bands(source):
-                    if owner == self.rt.rank:
-                        self._produce(out_file, entry, source, first, stop, parts, tag if collective else None)
+                    if writer is not None:
+                        self._produce(writer, entry, source, first, stop, parts, tag if collective else None)
                     elif collective:
                         self._send_parts(source, parts, owner, tag)
                     tag += len(parts)
@@ -167,10 +168,14 @@ class RankRunner:
                 "peak_rss_mb": round(peak_rss_mb, 1)}
 
     # ---- the owner's side
-    def _produce(self, out_file, entry, source, first, stop, parts, tag):
-        writer = self.writers.get(out_file.name)
-        if writer is None:
-            writer = self.writers[out_file.name] = SafetensorsWriter(os.path.join(self.staging, out_file.name), out_file)
+    def _writer(self, out_file: OutputFile) -> SafetensorsWriter:
+        if out_file.name not in self.writers:
+            self.writers[out_file.name] = SafetensorsWriter(os.path.join(self.staging, out_file.name), out_file)
+        return self.writers[out_file.name]
+
+    def _produce(self, writer: SafetensorsWriter, entry: FileEntry, source: SourceTensor, first: int, stop: int,
+                 parts: list, tag: int | None) -> None:
+        """Make rows [first, stop) of one output tensor from its parts and hand them to the writer."""
         out = entry.tensor
         row_bytes = math.prod(out.shape[1:]) * dtype_size(out.dtype)
         at = entry.begin + first * row_bytes
@@ -194,7 +199,7 @@ class RankRunner:
         self.remaining[out_file.name] -= 1
         if self.remaining[out_file.name] == 0:
             self._wait_writes(0)
-            with self.timers.phase("write"):
+            with self.timers.phase("close"):
                 self.writers.pop(out_file.name).close()
             self.closed.append(out_file.name)
 

@@ -161,7 +161,7 @@ def test_non_weight_hf_files_are_copied_and_weights_are_not(ckpt, tmp_path, caps
     assert "model.embed_tokens.weight" in load_file(out / "model.safetensors")  # ours, not the stale file
 
 
-def test_cast_touches_floating_tensors_only(checkpoint, tmp_path, capsys):
+def test_cast_touches_floating_tensors_only_and_empty_tensors_are_kept(checkpoint, tmp_path, capsys):
     from safetensors.torch import load_file
 
     src = tmp_path / "ckpt"
@@ -170,12 +170,14 @@ def test_cast_touches_floating_tensors_only(checkpoint, tmp_path, capsys):
     state = torch.load(rank_file, weights_only=True)
     state["model.extra_ids"] = torch.arange(7, dtype=torch.int64)
     state["model.extra_mask"] = torch.tensor([True, False, True])
+    state["model.extra_empty"] = torch.zeros(0, 4)
     torch.save(state, rank_file)
     code, err = merge(capsys, "--source", src, "--target", tmp_path / "out", "--dtype", "bf16")
     assert code == 0, err
     merged = load_file(tmp_path / "out" / "model.safetensors")
     assert torch.equal(merged["model.extra_ids"], torch.arange(7)) and merged["model.extra_ids"].dtype == torch.int64
     assert merged["model.extra_mask"].tolist() == [True, False, True]
+    assert merged["model.extra_empty"].shape == (0, 4)
     assert merged["model.norm.weight"].dtype == torch.bfloat16
     assert torch.equal(merged["model.norm.weight"], state["model.norm.weight"].to(torch.bfloat16))
 
