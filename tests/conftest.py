@@ -25,7 +25,15 @@ LAYOUTS = {
     "llama_hsdp_w4": (4, ["--model", "llama", "--layout", "hsdp"]),
     "qwen2_fsdp_tp_w4": (4, ["--model", "qwen2", "--layout", "tp"]),
     "qwen2_single": (1, ["--model", "qwen2", "--layout", "single"]),
+    # PyTorch DCP (dcp.save({"model": state_dict})) of FSDP2 and of FSDP2+TP models; source is OUT/dcp
+    "qwen2_dcp_fsdp2_w2": (2, ["--model", "qwen2", "--layout", "fsdp2", "--save", "dcp"]),
+    "llama_dcp_fsdp_tp_w4": (4, ["--model", "llama", "--layout", "tp", "--save", "dcp"]),
 }
+
+
+def source_dir(layout: str, ckpt: Path) -> Path:
+    """The directory a user passes as --source: DCP checkpoints sit in OUT/dcp beside OUT/huggingface."""
+    return ckpt / "dcp" if "_dcp_" in layout else ckpt
 
 
 def free_port() -> int:

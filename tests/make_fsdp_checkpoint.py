@@ -40,6 +40,9 @@ def parse_args():
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--meta-init", action="store_true", help="init on meta, then to_empty + seeded init (cheap for big models)")
     p.add_argument("--no-reference", action="store_true", help="skip reference weights and logits (benchmarks)")
+    p.add_argument("--save", choices=["verl", "dcp"], default="verl",
+                   help="verl: per-rank torch.save as verl does; dcp: torch.distributed.checkpoint.save of "
+                        "{'model': state_dict} into OUT/dcp (as accelerate and torchtitan do)")
     return p.parse_args()
 
 
@@ -192,12 +195,18 @@ def main():
 
     os.makedirs(args.out, exist_ok=True)
     state = sharded_state_dict(model, fsdp_version)
-    torch.save(state, os.path.join(args.out, f"model_world_size_{world}_rank_{rank}.pt"))
+    if args.save == "dcp":
+        import torch.distributed.checkpoint as dcp
+
+        dcp.save({"model": state}, checkpoint_id=os.path.join(args.out, "dcp"))
+    else:
+        torch.save(state, os.path.join(args.out, f"model_world_size_{world}_rank_{rank}.pt"))
     if not args.no_reference:
         full = full_state_dict(model, fsdp_version)
-    if rank == 0:
+    if rank == 0 and args.save == "verl":
         with open(os.path.join(args.out, "fsdp_config.json"), "w") as f:
             json.dump({"FSDP_version": fsdp_version, "world_size": world}, f, indent=4)
+    if rank == 0:
         hf_dir = os.path.join(args.out, "huggingface")
         config.save_pretrained(hf_dir)
         from transformers import GenerationConfig

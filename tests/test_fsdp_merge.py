@@ -11,7 +11,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from conftest import LAYOUTS, run_distmerge
+from conftest import LAYOUTS, run_distmerge, source_dir
 
 FIXED_INPUT = [[1, 5, 9, 2, 7, 3, 11, 4]]
 
@@ -77,7 +77,7 @@ def test_merge_matches_unsharded_model(layout, checkpoint, tmp_path):
     out = tmp_path / "hf"
     nproc = 1 if LAYOUTS[layout][0] == 1 else 2
     summary = tmp_path / "summary.json"
-    proc = run_distmerge(["merge", "--source", str(ckpt), "--target", str(out), "--max-shard-size", "60KB",
+    proc = run_distmerge(["merge", "--source", str(source_dir(layout, ckpt)), "--target", str(out), "--max-shard-size", "60KB",
                           "--summary-json", str(summary)], nproc=nproc)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "merged" in proc.stderr
@@ -95,16 +95,18 @@ def test_merge_matches_unsharded_model(layout, checkpoint, tmp_path):
     assert not any(p.name.endswith(".distmerge-staging") for p in out.parent.iterdir())
 
 
-@pytest.mark.parametrize("layout, shard_size", [("llama_fsdp2_w2", "30KB"), ("qwen2_fsdp2_w4_uneven_tied", "1KB")])
+@pytest.mark.parametrize("layout, shard_size", [("llama_fsdp2_w2", "30KB"), ("qwen2_fsdp2_w4_uneven_tied", "1KB"),
+                                                ("llama_dcp_fsdp_tp_w4", "30KB")])
 def test_output_is_the_same_for_any_rank_count_and_transport(layout, shard_size, checkpoint, tmp_path):
     ckpt = checkpoint(layout)
+    source = source_dir(layout, ckpt)
     digests = {}
     for nproc in (1, 2, 3, 4):
         for transport in ("direct", "collective"):
             if nproc == 1 and transport == "collective":
                 continue  # one process has nobody to exchange with
             out = tmp_path / f"m{nproc}-{transport}"
-            proc = run_distmerge(["merge", "--source", str(ckpt), "--target", str(out), "--max-shard-size", shard_size,
+            proc = run_distmerge(["merge", "--source", str(source), "--target", str(out), "--max-shard-size", shard_size,
                                   "--transport", transport, "--no-progress"], nproc=nproc)
             assert proc.returncode == 0, proc.stderr[-4000:]
             digests[(nproc, transport)] = digest(out)
@@ -179,7 +181,8 @@ def test_overwrite_replaces_target_only_after_success(checkpoint, tmp_path):
     assert_bit_exact(load_file(ckpt / "reference" / "model.safetensors"), merged_tensors(out))
 
 
-@pytest.mark.parametrize("layout", ["llama_fsdp2_w2", "qwen2_fsdp_tp_w4", "qwen2_fsdp2_w4_uneven_tied"])
+@pytest.mark.parametrize("layout", ["llama_fsdp2_w2", "qwen2_fsdp_tp_w4", "qwen2_fsdp2_w4_uneven_tied",
+                                    "llama_dcp_fsdp_tp_w4"])
 def test_small_bands_stream_each_tensor_in_many_parts(layout, checkpoint, tmp_path, monkeypatch, capsys):
     """With a 200-byte band every tensor is assembled and written in many row bands (the path
     large tensors take), crossing piece boundaries and column-sharded pieces."""
@@ -188,5 +191,5 @@ def test_small_bands_stream_each_tensor_in_many_parts(layout, checkpoint, tmp_pa
 
     monkeypatch.setattr(gather, "BAND_BYTES", 200)
     ckpt = checkpoint(layout)
-    assert main(["merge", "--source", str(ckpt), "--target", str(tmp_path / "out"), "--no-progress"]) == 0
+    assert main(["merge", "--source", str(source_dir(layout, ckpt)), "--target", str(tmp_path / "out"), "--no-progress"]) == 0
     assert_bit_exact(load_file(ckpt / "reference" / "model.safetensors"), merged_tensors(tmp_path / "out"))

@@ -64,8 +64,8 @@ def test_fast_metadata_reader_agrees_with_torch_load(checkpoint):
 
     for layout in LAYOUTS:
         for path in sorted(checkpoint(layout).glob("model_world_size_*.pt")):
-            with zipfile.ZipFile(path) as z:
-                offsets = ta._record_offsets(str(path), z)
+            with zipfile.ZipFile(path) as z, open(path, "rb") as f:
+                offsets = ta._record_offsets(f, z)
                 pkl = next(n for n in z.namelist() if n.endswith("data.pkl"))
                 fast = ta._convert_fast(ta._FastUnpickler(z.read(pkl), pkl[: -len("data.pkl")], offsets).load(), str(path))
             assert fast == ta._load_with_torch(str(path)), path

@@ -5,9 +5,9 @@ import os
 
 from ..errors import MergeError
 from ..model import Catalogue
-from . import fsdp
+from . import dcp, fsdp
 
-FORMATS = [fsdp]  # each module has detect(dir) -> bool and read_catalogue(dir) -> Catalogue
+FORMATS = [fsdp, dcp]  # each module has detect(dir) -> bool and read_catalogue(dir) -> Catalogue
 
 
 def read_source(source: str) -> Catalogue:
@@ -22,4 +22,4 @@ def read_source(source: str) -> Catalogue:
         if fmt.detect(source):
             return fmt.read_catalogue(source)
     raise MergeError(f"{source} is not a checkpoint distmerge knows: no model_world_size_W_rank_R.pt files "
-                     "(verl FSDP) found. Pass the directory that holds them")
+                     "(verl FSDP) and no .metadata (PyTorch DCP) found. Pass the directory that holds them")

@@ -9,6 +9,7 @@ results are turned into the same records. Either way: no pickle code from the fi
 from __future__ import annotations
 
 import collections
+import io
 import logging
 import pickle
 import struct
@@ -48,41 +49,112 @@ class _Unsupported(Exception):
     """The fast path met something it does not know; torch's loader decides."""
 
 
+FAST_PATH_MISSES = (_Unsupported, pickle.UnpicklingError, EOFError, AttributeError, TypeError, KeyError,
+                    IndexError, ValueError)
+
+
+def _read_archive(f, path: str, start: int = 0) -> tuple[bytes, str, dict]:
+    """The pickle, its record prefix and every record's (file offset, size) of the archive in f."""
+    with zipfile.ZipFile(f) as archive:
+        offsets = _record_offsets(f, archive, start)
+        pkl = next((n for n in archive.namelist() if n.endswith("/data.pkl") or n == "data.pkl"), None)
+        if pkl is None:
+            raise MergeError(f"{path} is not a torch.save archive (no data.pkl); it is not a checkpoint file")
+        return archive.read(pkl), pkl[: -len("data.pkl")], offsets
+
+
+def _io_error(path: str, e: Exception) -> MergeIOError:
+    return MergeIOError(f"cannot read {path}: {e}. The file is truncated or corrupt; "
+                        "copy it again from the training job's storage")
+
+
 def load_state_metadata(path: str) -> dict:
-    """name -> StoredTensor | StoredDTensor (other values are dropped)."""
+    """name -> StoredTensor | StoredDTensor for a torch.save'd state dict (other values are dropped)."""
     try:
-        with zipfile.ZipFile(path) as archive:
-            offsets = _record_offsets(path, archive)
-            pkl = next((n for n in archive.namelist() if n.endswith("/data.pkl") or n == "data.pkl"), None)
-            if pkl is None:
-                raise MergeError(f"{path} is not a torch.save archive (no data.pkl); it is not a checkpoint file")
-            data = archive.read(pkl)
-        prefix = pkl[: -len("data.pkl")]
+        with open(path, "rb") as f:
+            data, prefix, offsets = _read_archive(f, path)
         try:
-            state = _FastUnpickler(data, prefix, offsets).load()
-            return _convert_fast(state, path)
-        except (_Unsupported, pickle.UnpicklingError, EOFError, AttributeError, TypeError, KeyError,
-                IndexError, ValueError):
+            return _convert_fast(_FastUnpickler(data, prefix, offsets).load(), path)
+        except FAST_PATH_MISSES:
             pass
     except (zipfile.BadZipFile, EOFError, OSError, struct.error) as e:
-        raise MergeIOError(f"cannot read {path}: {e}. The file is truncated or corrupt; "
-                           "copy it again from the training job's storage") from None
+        raise _io_error(path, e) from None
     return _load_with_torch(path)
+
+
+class _Window(io.RawIOBase):
+    """Bytes [start, start + length) of a file, seekable: a torch.save blob inside a .distcp file."""
+
+    def __init__(self, f, start: int, length: int):
+        self.f, self.start, self.length, self.pos = f, start, length, 0
+
+    def seekable(self):
+        return True
+
+    def readable(self):
+        return True
+
+    def seek(self, pos, whence=0):
+        self.pos = {0: pos, 1: self.pos + pos, 2: self.length + pos}[whence]
+        return self.pos
+
+    def tell(self):
+        return self.pos
+
+    def readinto(self, b):
+        n = max(0, min(len(b), self.length - self.pos))
+        self.f.seek(self.start + self.pos)
+        got = self.f.readinto(memoryview(b)[:n])
+        self.pos += got
+        return got
+
+
+def load_tensor_blob(path: str, start: int, length: int) -> StoredTensor:
+    """Where the bytes of the one tensor torch.save'd at [start, start + length) of a file lie."""
+    try:
+        with open(path, "rb") as f:
+            window = _Window(f, start, length)
+            data, prefix, offsets = _read_archive(window, path, start)
+            try:
+                value = _FastUnpickler(data, prefix, offsets).load()
+                if isinstance(value, _TensorRef):
+                    return _stored(value)
+            except FAST_PATH_MISSES:
+                pass
+            window.seek(0)
+            blob = io.BytesIO(window.read(length))
+    except (zipfile.BadZipFile, EOFError, OSError, struct.error) as e:
+        raise _io_error(path, e) from None
+    try:
+        t = torch.load(blob, map_location="meta", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise MergeError(f"refusing to load a tensor at byte {start} of {path}: it is not a plain tensor ({e}). "
+                         "distmerge never runs code from a checkpoint") from None
+    except (RuntimeError, EOFError) as e:
+        raise _io_error(path, e) from None
+    if not isinstance(t, torch.Tensor):
+        raise MergeError(f"{path}: the item at byte {start} is not a tensor")
+    storage = t.untyped_storage()
+    base = start + storage._checkpoint_offset
+    return StoredTensor(offset=base + t.storage_offset() * t.element_size(), storage_end=base + storage.nbytes(),
+                        shape=tuple(t.shape), strides=tuple(t.stride()), dtype=t.dtype)
 
 
 # ---------------------------------------------------------------- the fast path
 
-def _record_offsets(path: str, archive: zipfile.ZipFile) -> dict[str, tuple[int, int]]:
-    """Archive member name -> (data offset in the file, size). torch stores members uncompressed."""
+def _record_offsets(f, archive: zipfile.ZipFile, start: int = 0) -> dict[str, tuple[int, int]]:
+    """Archive member name -> (data offset in the file, size). torch stores members uncompressed.
+    `f` is the archive's file (or window of a file starting at byte `start`)."""
     out = {}
-    with open(path, "rb") as f:
-        for info in archive.infolist():
-            if info.compress_type != zipfile.ZIP_STORED:
-                raise _Unsupported(info.filename)
-            f.seek(info.header_offset)
-            header = f.read(30)
-            name_len, extra_len = struct.unpack("<HH", header[26:30])
-            out[info.filename] = (info.header_offset + 30 + name_len + extra_len, info.file_size)
+    for info in archive.infolist():
+        if info.compress_type != zipfile.ZIP_STORED:
+            raise _Unsupported(info.filename)
+        f.seek(info.header_offset)
+        header = f.read(30)
+        if len(header) < 30:
+            raise zipfile.BadZipFile(f"truncated record {info.filename}")
+        name_len, extra_len = struct.unpack("<HH", header[26:30])
+        out[info.filename] = (start + info.header_offset + 30 + name_len + extra_len, info.file_size)
     return out
 
 
@@ -156,8 +228,6 @@ def _rebuild_from_type_v2(func, new_type, args, state):
 
 class _FastUnpickler(pickle.Unpickler):
     def __init__(self, data: bytes, prefix: str, offsets: dict):
-        import io
-
         super().__init__(io.BytesIO(data))
         self.prefix, self.offsets = prefix, offsets
         self.classes: dict[str, type] = {}

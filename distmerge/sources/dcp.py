@@ -1,0 +1,169 @@
+"""PyTorch DCP directories (torch.distributed.checkpoint.save): `.metadata` + `__{rank}_{i}.distcp`.
+
+The catalogue comes from `.metadata` alone: every tensor's global size, dtype and chunks, and for
+each chunk (file, byte offset, length). `.metadata` is a pickle, so it is read with a restricted
+unpickler that knows only DCP's metadata classes (as plain records) and refuses anything else.
+A chunk is either a torch.save blob (the default format: its tensor's bytes sit at a known offset
+inside it) or raw bytes; either way the run stage preads only the bytes of the rows it needs.
+File names never tell which shard is where: with fully-parallel saving any chunk may be in any file.
+"""
+from __future__ import annotations
+
+import io
+import math
+import os
+import pickle
+import re
+
+import torch
+
+from ..errors import MergeError, MergeIOError
+from ..model import Catalogue, Piece, SourceTensor, dtype_size, dtype_str
+from .fsdp import check_coverage
+from .torch_archive import FAST_PATH_MISSES, StoredTensor, _newobj_record, _Record, load_tensor_blob
+
+FORMAT = "dcp"
+SAVER_RANK = re.compile(r"^__(\d+)_\d+\.distcp$")  # only to report the world size, never to find a shard
+METADATA = ".metadata"
+_DCP_CLASSES = {"Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata",
+                "TensorProperties", "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING", "_StorageInfo",
+                "_StoragePrefix"}
+
+
+def detect(source: str) -> bool:
+    return os.path.isfile(os.path.join(source, METADATA))
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """DCP's metadata classes become records; torch dtypes and sizes become values; nothing else loads."""
+
+    def __init__(self, data: bytes):
+        super().__init__(io.BytesIO(data))
+        self.classes: dict[str, type] = {}
+
+    def find_class(self, module, name):
+        if module.startswith("torch.distributed.checkpoint") and name in _DCP_CLASSES:
+            if name not in self.classes:
+                self.classes[name] = _newobj_record(name)
+            return self.classes[name]
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        if module == "torch" and name == "Size":
+            return tuple
+        if module == "torch.serialization" and name == "_get_layout":
+            return str
+        if module == "pathlib" and name in ("PosixPath", "PurePosixPath", "Path", "WindowsPath", "PureWindowsPath"):
+            return lambda *parts: "/".join(map(str, parts))
+        if module == "collections" and name == "OrderedDict":
+            import collections
+
+            return collections.OrderedDict
+        raise pickle.UnpicklingError(f"{module}.{name} is not part of DCP metadata")
+
+
+def _field(record, name, position=None):
+    if name in record.state:
+        return record.state[name]
+    if position is not None and len(record.args) > position:
+        return record.args[position]
+    raise KeyError(f"{record.kind}.{name}")
+
+
+def read_metadata(path: str) -> tuple[dict, dict, list]:
+    """Tensors: fqn -> (size, dtype, [(chunk offsets, chunk sizes)]); storage: (fqn, chunk offsets) ->
+    (relative file, byte offset, length); and the names of non-tensor (bytes) entries."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise MergeIOError(f"cannot read {path}: {e.strerror}") from None
+    try:
+        meta = _MetadataUnpickler(data).load()
+        tensors, bytes_entries = {}, []
+        for fqn, entry in _field(meta, "state_dict_metadata", 0).items():
+            if entry.kind == "BytesStorageMetadata":
+                bytes_entries.append(fqn)
+                continue
+            if entry.kind != "TensorStorageMetadata":
+                raise KeyError(entry.kind)
+            props = _field(entry, "properties", 0)
+            dtype = props.state["value"][0] if "value" in props.state else _field(props, "dtype", 0)
+            chunks = [(tuple(_field(c, "offsets", 0)), tuple(_field(c, "sizes", 1))) for c in _field(entry, "chunks", 2)]
+            tensors[fqn] = (tuple(_field(entry, "size", 1)), dtype, chunks)
+        storage = {}
+        for index, info in _field(meta, "storage_data", 2).items():
+            key = (_field(index, "fqn", 0), tuple(_field(index, "offset", 1) or ()))
+            if info.state.get("transform_descriptors"):
+                raise MergeError(f"{path}: {key[0]} is stored with transforms {info.state['transform_descriptors']} "
+                                 "(e.g. compression), which distmerge does not read yet")
+            storage[key] = (str(_field(info, "relative_path", 0)), int(_field(info, "offset", 1)),
+                            int(_field(info, "length", 2)))
+    except MergeError:
+        raise
+    except (pickle.UnpicklingError, *FAST_PATH_MISSES) as e:
+        raise MergeError(f"{path} is not a readable DCP metadata file ({type(e).__name__}: {e}); it is corrupt or "
+                         "not from torch.distributed.checkpoint. Copy it again from the training job") from None
+    return tensors, storage, bytes_entries
+
+
+def strip_dcp_prefix(names: list[str]) -> dict[str, str]:
+    """dcp.save({"model": sd}) prefixes every key with 'model.'; an HF CausalLM then shows
+    'model.model.*' and 'model.lm_head.*'. Strip the prefix only when that is what we see."""
+    wrapped = names and all(n.startswith("model.") for n in names) and any(
+        n.startswith(("model.model.", "model.lm_head.")) for n in names)
+    return {n: (n[len("model."):] if wrapped else n) for n in names}
+
+
+def read_catalogue(source: str) -> Catalogue:
+    meta_path = os.path.join(source, METADATA)
+    entries, storage, bytes_entries = read_metadata(meta_path)
+    renamed = strip_dcp_prefix(list(entries))
+    tensors: dict[str, SourceTensor] = {}
+    files: dict[str, None] = {}
+    skipped = []
+    for fqn, (size, dtype, chunks) in entries.items():
+        if fqn.startswith(("optim.", "optimizer.", "lr_scheduler.", "dataloader.", "extra_state.")):
+            skipped.append(fqn)
+            continue
+        pieces = []
+        for offsets, sizes in chunks:
+            if math.prod(sizes) == 0:
+                continue
+            try:
+                relative, start, length = storage[(fqn, offsets)]
+            except KeyError:
+                raise MergeError(f"{meta_path} lists a chunk of {fqn} at {list(offsets)} but no storage for it; "
+                                 "the metadata is corrupt") from None
+            path = os.path.join(source, relative)
+            if not os.path.isfile(path):
+                raise MergeError(f"missing {path}, which holds {fqn} (and maybe more); copy the complete "
+                                 "checkpoint directory and rerun")
+            if os.path.getsize(path) < start + length:
+                raise MergeIOError(f"{path} has {os.path.getsize(path)} bytes but {fqn} is stored up to byte "
+                                   f"{start + length}; the file is truncated, copy it again")
+            files[path] = None
+            pieces.append(_piece(path, start, length, fqn, offsets, sizes, dtype))
+        t = tensors[renamed[fqn]] = SourceTensor(renamed[fqn], size, dtype, pieces)
+        check_coverage(t)
+    notes = [f"skipped {len(bytes_entries)} non-tensor entries"] if bytes_entries else []
+    notes += [f"skipped {len(skipped)} optimizer/scheduler tensors"] if skipped else []
+    hf_dir = next((d for d in (os.path.join(source, "huggingface"), os.path.join(os.path.dirname(os.path.abspath(source)), "huggingface"))
+                   if os.path.isdir(d)), None)
+    return Catalogue(format=FORMAT, source=source, files=list(files), tensors=tensors, hf_dir=hf_dir,
+                     world_size=len({SAVER_RANK.match(os.path.basename(f)).group(1) if SAVER_RANK.match(os.path.basename(f))
+                                     else f for f in files}),
+                     mesh="chunked (DCP)", notes=notes)
+
+
+def _piece(path, start, length, fqn, offsets, sizes, dtype) -> Piece:
+    raw_bytes = math.prod(sizes) * dtype_size(dtype)
+    if length == raw_bytes:  # raw-bytes format: contiguous row-major data
+        strides = tuple(math.prod(sizes[i + 1:]) for i in range(len(sizes)))
+        stored = StoredTensor(start, start + length, tuple(sizes), strides, dtype)
+    else:  # torch.save blob
+        stored = load_tensor_blob(path, start, length)
+    if stored.shape != tuple(sizes) or stored.dtype != dtype:
+        raise MergeError(f"{path}: the chunk of {fqn} at {list(offsets)} holds {list(stored.shape)} "
+                         f"{dtype_str(stored.dtype)}, the metadata says {list(sizes)} {dtype_str(dtype)}")
+    return Piece(file=path, offset=stored.offset, shape=stored.shape, strides=stored.strides,
+                 region=tuple(offsets), dtype=dtype)
