@@ -18,12 +18,13 @@ import resource
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 from .errors import MergeIOError
-from .model import Catalogue, FileEntry, OutputFile, Piece, Plan, SourceTensor, dtype_size
+from .model import Catalogue, FileEntry, OutputFile, OutputTensor, Piece, Plan, SourceTensor, dtype_size
 from .runtime import Runtime
 from .writer import SafetensorsWriter
 
@@ -54,17 +55,21 @@ class PieceReader:
     def __init__(self):
         self.fds: dict[str, int] = {}
 
-    def read_rows(self, piece: Piece, first: int, stop: int) -> torch.Tensor:
-        """Rows [first, stop) of the piece along dim 0 (the whole piece for a 0-d tensor)."""
+    def read_rows(self, piece: Piece, lead: tuple[int, ...], first: int, stop: int) -> torch.Tensor:
+        """piece[lead][first:stop] in the piece's own coordinates: `lead` fixes its leading dims,
+        rows run along the next dim (the whole piece for a 0-d tensor)."""
         fd = self.fds.get(piece.file)
         if fd is None:
             try:
                 fd = self.fds[piece.file] = os.open(piece.file, os.O_RDONLY)
             except OSError as e:
                 raise MergeIOError(f"cannot open {piece.file}: {e.strerror}") from None
-        shape = (stop - first,) + piece.shape[1:] if piece.shape else ()
-        offset = piece.offset + (first * piece.strides[0] * dtype_size(piece.dtype) if piece.shape else 0)
-        span = 1 + sum((n - 1) * st for n, st in zip(shape, piece.strides)) if math.prod(shape) else 0
+        d = len(lead)
+        shape = (stop - first,) + piece.shape[d + 1:] if piece.shape else ()
+        strides = piece.strides[d:]
+        skip = sum(i * st for i, st in zip(lead, piece.strides)) + (first * strides[0] if piece.shape else 0)
+        offset = piece.offset + skip * dtype_size(piece.dtype)
+        span = 1 + sum((n - 1) * st for n, st in zip(shape, strides)) if math.prod(shape) else 0
         nbytes = span * dtype_size(piece.dtype)
         buf = torch.empty(nbytes, dtype=torch.uint8)
         view, at = memoryview(buf.numpy()), offset
@@ -77,7 +82,7 @@ class PieceReader:
         values = buf.view(piece.dtype)
         if span == math.prod(shape):
             return values.view(shape)
-        return values.as_strided(shape, piece.strides).contiguous()
+        return values.as_strided(shape, strides).contiguous()
 
     def close(self) -> None:
         for fd in self.fds.values():
@@ -85,33 +90,54 @@ class PieceReader:
         self.fds.clear()
 
 
-def bands(source: SourceTensor) -> list[tuple[int, int, list[tuple[int, int, int]]]]:
-    """Cut a tensor into row bands along dim 0, each at most BAND_BYTES (at least one row) and each
-    inside one piece where the pieces are row blocks. Returns (first row, stop row, parts) where a
-    part is (piece index, first, stop) in the piece's own rows. A 0-d tensor is one band."""
-    if not source.shape:
-        return [(0, 1, [(i, 0, 1) for i in range(len(source.pieces))])]
-    rows = source.shape[0]
-    row_bytes = math.prod(source.shape[1:]) * dtype_size(source.dtype)
-    per_band = max(1, BAND_BYTES // max(row_bytes, 1))
-    cuts = {0, rows}
-    for p in source.pieces:
-        cuts.update((p.region[0], p.region[0] + p.shape[0]))
-    cuts = sorted(cuts)
-    out = []
-    for lo, hi in zip(cuts, cuts[1:]):
-        for first in range(lo, hi, per_band):
-            stop = min(first + per_band, hi)
-            parts = [(i, max(first, p.region[0]) - p.region[0], min(stop, p.region[0] + p.shape[0]) - p.region[0])
-                     for i, p in enumerate(source.pieces)
-                     if p.region[0] < stop and p.region[0] + p.shape[0] > first]
-            out.append((first, stop, parts))
-    return out
+@dataclass(frozen=True)
+class Band:
+    """Output rows [first, stop) of one tensor, all taken from one SourceRows part: rows
+    [src_first, src_first + stop - first) of source[index]. `reads` are the blocks that make it:
+    (piece number, the piece's own index for the leading dims, first row, stop row) in piece
+    coordinates."""
+
+    first: int
+    stop: int
+    source: SourceTensor
+    index: tuple[int, ...]
+    src_first: int
+    reads: tuple[tuple[int, tuple[int, ...], int, int], ...]
 
 
-def whole_rows(piece: Piece, source: SourceTensor) -> bool:
-    """True when the piece holds complete rows (all dims but the first are whole)."""
-    return all(o == 0 for o in piece.region[1:]) and piece.shape[1:] == source.shape[1:]
+def bands(out: OutputTensor, catalogue: Catalogue) -> list[Band]:
+    """Cut an output tensor into bands of at most BAND_BYTES (at least one row), each inside one
+    part and, where the pieces are row blocks, inside one piece. Identical on every rank."""
+    result, out_row = [], 0
+    for part in out.parts:
+        source = catalogue.tensors[part.source]
+        d = len(part.index)
+        if not source.shape:  # a 0-d tensor: one band of one "row"
+            result.append(Band(0, 1, source, (), 0, tuple((i, (), 0, 1) for i in range(len(source.pieces)))))
+            continue
+        held = [(i, p) for i, p in enumerate(source.pieces)
+                if all(o <= x < o + n for x, o, n in zip(part.index, p.region, p.shape))]
+        row_bytes = math.prod(source.shape[d + 1:]) * dtype_size(source.dtype)
+        per_band = max(1, BAND_BYTES // max(row_bytes, 1))
+        cuts = {part.start, part.stop}
+        for _, p in held:
+            cuts.update(r for r in (p.region[d], p.region[d] + p.shape[d]) if part.start < r < part.stop)
+        cuts = sorted(cuts)
+        for lo, hi in zip(cuts, cuts[1:]):
+            for first in range(lo, hi, per_band):
+                stop = min(first + per_band, hi)
+                reads = tuple((i, tuple(x - o for x, o in zip(part.index, p.region)),
+                               max(first, p.region[d]) - p.region[d], min(stop, p.region[d] + p.shape[d]) - p.region[d])
+                              for i, p in held if p.region[d] < stop and p.region[d] + p.shape[d] > first)
+                result.append(Band(out_row + first - part.start, out_row + stop - part.start, source, part.index,
+                                   first, reads))
+        out_row += part.stop - part.start
+    return result
+
+
+def whole_rows(piece: Piece, source: SourceTensor, d: int) -> bool:
+    """True when the piece spans every dim after the row dim d completely."""
+    return all(o == 0 for o in piece.region[d + 1:]) and piece.shape[d + 1:] == source.shape[d + 1:]
 
 
 def schedule(plan: Plan) -> list[tuple[OutputFile, FileEntry]]:
@@ -147,15 +173,14 @@ class RankRunner:
         tag = 0  # every (band, part) has a tag, numbered identically on all ranks
         try:
             for out_file, entry in schedule(self.plan):
-                source = self.catalogue.tensors[entry.tensor.source]
                 owner = out_file.rank
                 writer = self._writer(out_file) if owner == self.rt.rank else None
-                for first, stop, parts in bands(source):
+                for band in bands(entry.tensor, self.catalogue):
                     if writer is not None:
-                        self._produce(writer, entry, source, first, stop, parts, tag if collective else None)
+                        self._produce(writer, entry, band, tag if collective else None)
                     elif collective:
-                        self._send_parts(source, parts, owner, tag)
-                    tag += len(parts)
+                        self._send_parts(band, owner, tag)
+                    tag += len(band.reads)
                 if owner == self.rt.rank:
                     self._entry_done(out_file)
             self._drain(0)
@@ -173,27 +198,28 @@ class RankRunner:
             self.writers[out_file.name] = SafetensorsWriter(os.path.join(self.staging, out_file.name), out_file)
         return self.writers[out_file.name]
 
-    def _produce(self, writer: SafetensorsWriter, entry: FileEntry, source: SourceTensor, first: int, stop: int,
-                 parts: list, tag: int | None) -> None:
-        """Make rows [first, stop) of one output tensor from its parts and hand them to the writer."""
-        out = entry.tensor
+    def _produce(self, writer: SafetensorsWriter, entry: FileEntry, band: Band, tag: int | None) -> None:
+        """Make one band of an output tensor from its reads and hand it to the writer."""
+        out, source, d = entry.tensor, band.source, len(band.index)
         row_bytes = math.prod(out.shape[1:]) * dtype_size(out.dtype)
-        at = entry.begin + first * row_bytes
-        if len(parts) == 1 and whole_rows(source.pieces[parts[0][0]], source):
-            block = self._get(source.pieces[parts[0][0]], *parts[0][1:], tag)
+        at = entry.begin + band.first * row_bytes
+        tags = [None if tag is None else tag + k for k in range(len(band.reads))]
+        if len(band.reads) == 1 and whole_rows(source.pieces[band.reads[0][0]], source, d):
+            block = self._get(source.pieces[band.reads[0][0]], *band.reads[0][1:], tags[0])
             self._write(writer, at, self._cast(block, out.dtype))
             return
-        band = torch.empty((stop - first,) + source.shape[1:] if source.shape else (), dtype=source.dtype)
-        for k, (i, lo, hi) in enumerate(parts):
+        shape = (band.stop - band.first,) + source.shape[d + 1:] if source.shape else ()
+        assembled = torch.empty(shape, dtype=source.dtype)
+        for (i, lead, lo, hi), piece_tag in zip(band.reads, tags):
             p = source.pieces[i]
-            block = self._get(p, lo, hi, None if tag is None else tag + k)
+            block = self._get(p, lead, lo, hi, piece_tag)
             with self.timers.phase("assemble"):
                 if not source.shape:
-                    band.copy_(block)
+                    assembled.copy_(block)
                     continue
-                rows = slice(p.region[0] + lo - first, p.region[0] + hi - first)
-                band[(rows,) + tuple(slice(o, o + n) for o, n in zip(p.region[1:], p.shape[1:]))] = block
-        self._write(writer, at, self._cast(band, out.dtype))
+                rows = slice(p.region[d] + lo - band.src_first, p.region[d] + hi - band.src_first)
+                assembled[(rows,) + tuple(slice(o, o + n) for o, n in zip(p.region[d + 1:], p.shape[d + 1:]))] = block
+        self._write(writer, at, self._cast(assembled, out.dtype))
 
     def _entry_done(self, out_file: OutputFile) -> None:
         self.remaining[out_file.name] -= 1
@@ -203,12 +229,12 @@ class RankRunner:
                 self.writers.pop(out_file.name).close()
             self.closed.append(out_file.name)
 
-    def _get(self, piece: Piece, first: int, stop: int, tag: int | None) -> torch.Tensor:
+    def _get(self, piece: Piece, lead: tuple[int, ...], first: int, stop: int, tag: int | None) -> torch.Tensor:
         reader_rank = self.plan.readers.get(piece.file, self.rt.rank)
         if tag is None or reader_rank == self.rt.rank:
             with self.timers.phase("read"):
-                return self.reader.read_rows(piece, first, stop)
-        shape = (stop - first,) + piece.shape[1:] if piece.shape else ()
+                return self.reader.read_rows(piece, lead, first, stop)
+        shape = (stop - first,) + piece.shape[len(lead) + 1:] if piece.shape else ()
         with self.timers.phase("exchange"):
             buf = torch.empty(math.prod(shape) * dtype_size(piece.dtype), dtype=torch.uint8, device=self.rt.device)
             dist.recv(buf, src=reader_rank, tag=tag)
@@ -239,13 +265,13 @@ class RankRunner:
             self.progress(n)
 
     # ---- the reader's side (collective transport)
-    def _send_parts(self, source: SourceTensor, parts, owner: int, tag: int) -> None:
-        for k, (i, lo, hi) in enumerate(parts):
-            p = source.pieces[i]
+    def _send_parts(self, band: Band, owner: int, tag: int) -> None:
+        for k, (i, lead, lo, hi) in enumerate(band.reads):
+            p = band.source.pieces[i]
             if self.plan.readers.get(p.file) != self.rt.rank:
                 continue
             with self.timers.phase("read"):
-                block = self.reader.read_rows(p, lo, hi)
+                block = self.reader.read_rows(p, lead, lo, hi)
             with self.timers.phase("exchange"):
                 data = block.reshape(-1).view(torch.uint8).to(self.rt.device)
                 self._drain(SEND_WINDOW_BYTES - data.numel())

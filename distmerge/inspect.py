@@ -17,7 +17,7 @@ def inspect_source(source: str, nproc: int = 1, max_shard_size: str = "5GB", dty
     config = load_config(hf_config or catalogue.hf_dir, source)
     outputs = map_outputs(catalogue, config, cast_rule(dtype))
     plan = make_plan(catalogue, outputs, nproc, parse_size(max_shard_size), DEFAULT_TRANSPORT)
-    kept = {t.source for t in outputs}
+    kept = set().union(*(t.sources for t in outputs))
     dropped = [n for n in catalogue.tensors if n not in kept]
     dtypes = Counter()
     for t in catalogue.tensors.values():

@@ -83,18 +83,35 @@ class Catalogue:
     notes: list[str] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class SourceRows:
+    """Rows [start, stop) of source[index]: `index` fixes the leading dims (a stacked layer, an
+    expert), the next dim is the row dim. A 0-d source is one row with start=0, stop=1."""
+
+    source: str
+    index: tuple[int, ...] = ()
+    start: int = 0
+    stop: int = 0
+
+
 @dataclass
 class OutputTensor:
-    """One tensor of the HF checkpoint and the recipe that makes it from a source tensor."""
+    """One tensor of the HF checkpoint and its recipe: the concatenation, along the first dim, of
+    row ranges of source tensors (identity, a layer of a stacked tensor, a head group of a fused
+    QKV, the gate half of a fused gate/up, the first vocab_size rows of a padded embedding)."""
 
     name: str
     shape: tuple[int, ...]
     dtype: torch.dtype        # as written
-    source: str               # name of the source tensor
+    parts: list[SourceRows]
 
     @property
     def nbytes(self) -> int:
         return math.prod(self.shape) * dtype_size(self.dtype)
+
+    @property
+    def sources(self) -> set[str]:
+        return {p.source for p in self.parts}
 
 
 @dataclass

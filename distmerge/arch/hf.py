@@ -8,7 +8,7 @@ from __future__ import annotations
 import re
 
 from ..errors import MergeError
-from ..model import Catalogue, OutputTensor
+from ..model import Catalogue, OutputTensor, SourceRows
 
 LAYER = re.compile(r"\.layers\.(\d+)\.")
 HEADS = ("lm_head.weight", "score.weight", "v_head.weight")
@@ -47,5 +47,6 @@ def map_outputs(catalogue: Catalogue, config: dict, cast) -> list[OutputTensor]:
     outputs = []
     for name in hf_order(names):
         t = catalogue.tensors[name]
-        outputs.append(OutputTensor(name=name, shape=t.shape, dtype=cast(t.dtype), source=name))
+        rows = SourceRows(name, (), 0, t.shape[0] if t.shape else 1)
+        outputs.append(OutputTensor(name=name, shape=t.shape, dtype=cast(t.dtype), parts=[rows]))
     return outputs

@@ -25,9 +25,6 @@ from .torch_archive import FAST_PATH_MISSES, StoredTensor, _newobj_record, _Reco
 FORMAT = "dcp"
 SAVER_RANK = re.compile(r"^__(\d+)_\d+\.distcp$")  # only to report the world size, never to find a shard
 METADATA = ".metadata"
-_DCP_CLASSES = {"Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata",
-                "TensorProperties", "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING", "_StorageInfo",
-                "_StoragePrefix"}
 
 
 def detect(source: str) -> bool:
@@ -42,7 +39,8 @@ class _MetadataUnpickler(pickle.Unpickler):
         self.classes: dict[str, type] = {}
 
     def find_class(self, module, name):
-        if module.startswith("torch.distributed.checkpoint") and name in _DCP_CLASSES:
+        # any DCP (or Megatron) metadata class becomes an inert record: none of their code runs
+        if module.startswith(("torch.distributed.checkpoint", "megatron.core.dist_checkpointing")):
             if name not in self.classes:
                 self.classes[name] = _newobj_record(name)
             return self.classes[name]
@@ -92,7 +90,7 @@ def read_metadata(path: str) -> tuple[dict, dict, list]:
             tensors[fqn] = (tuple(_field(entry, "size", 1)), dtype, chunks)
         storage = {}
         for index, info in _field(meta, "storage_data", 2).items():
-            key = (_field(index, "fqn", 0), tuple(_field(index, "offset", 1) or ()))
+            key = (_field(index, "fqn", 0), tuple(index.state.get("offset") or ()))  # None for bytes entries
             if info.state.get("transform_descriptors"):
                 raise MergeError(f"{path}: {key[0]} is stored with transforms {info.state['transform_descriptors']} "
                                  "(e.g. compression), which distmerge does not read yet")

@@ -1,0 +1,150 @@
+"""Write a real megatron-core `torch_dist` checkpoint of a tiny GPT on CPU, under torchrun with gloo.
+
+    torchrun --nproc-per-node N tests/make_megatron_checkpoint.py --out DIR [--tp T --pp P] [--from REF]
+
+Without --from it builds a seeded TP1/PP1 model (run with one process), saves it, and records
+Megatron's own logits on a fixed input (DIR/reference/logits.pt). With --from REF it loads REF's
+checkpoint into a model of the requested TP/PP with dist_checkpointing.load and saves that:
+every layout holds the same logical model. DIR gets dist_ckpt/ + huggingface/ (verl's layout).
+
+megatron-core 0.16.1 needs a few patches to save on a CPU-only torch (see patch_for_cpu).
+"""
+import argparse
+import contextlib
+import json
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+FIXED_INPUT = [[1, 5, 9, 2, 7, 3, 11, 4]]
+
+
+def parse_args():
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", required=True)
+    p.add_argument("--from", dest="ref", help="reference checkpoint (dist_ckpt dir) to load and re-save")
+    p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--pp", type=int, default=1)
+    p.add_argument("--model", choices=["llama", "qwen2"], default="llama")
+    p.add_argument("--tie", action="store_true")
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--hidden", type=int, default=64)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--groups", type=int, default=2)
+    p.add_argument("--ffn", type=int, default=96)
+    p.add_argument("--vocab", type=int, default=128, help="HF vocab_size")
+    p.add_argument("--padded-vocab", type=int, default=None, help="rows of Megatron's embedding (>= vocab)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    return p.parse_args()
+
+
+def patch_for_cpu():
+    """Work around megatron-core 0.16.1's CUDA assumptions when saving on CPU."""
+    torch.cuda.current_device = lambda: torch.device("cpu")
+    torch.cuda.synchronize = lambda *a, **k: None
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    original = filesystem_async.FileSystemWriterAsync.preload_tensors  # a staticmethod
+
+    def preload_tensors(write_buckets, non_blocking=True):
+        return original(write_buckets, non_blocking=False)  # non_blocking calls torch.cuda.synchronize
+
+    filesystem_async.FileSystemWriterAsync.preload_tensors = staticmethod(preload_tensors)
+    from megatron.core import tensor_parallel
+
+    null_tracker = type("NullTracker", (), {"fork": lambda self, *a, **k: contextlib.nullcontext(),
+                                            "add": lambda self, *a, **k: None, "get_states": lambda self: {},
+                                            "set_states": lambda self, s: None})()
+    tensor_parallel.random.get_cuda_rng_tracker = lambda *a, **k: null_tracker
+    tensor_parallel.get_cuda_rng_tracker = lambda *a, **k: null_tracker
+
+
+def build(args):
+    import torch.nn.functional as F
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer import TransformerConfig
+    from megatron.core import parallel_state as ps
+
+    dtype = getattr(torch, args.dtype)
+    config = TransformerConfig(
+        num_layers=args.layers, hidden_size=args.hidden, num_attention_heads=args.heads,
+        num_query_groups=args.groups, ffn_hidden_size=args.ffn, kv_channels=args.hidden // args.heads,
+        normalization="RMSNorm", layernorm_epsilon=1e-6, gated_linear_unit=True, activation_func=F.silu,
+        add_bias_linear=False, add_qkv_bias=args.model == "qwen2", use_cpu_initialization=True,
+        params_dtype=dtype, bf16=dtype == torch.bfloat16, pipeline_dtype=dtype,
+        tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp,
+        hidden_dropout=0.0, attention_dropout=0.0, perform_initialization=True,
+    )
+    torch.manual_seed(0)
+    model = GPTModel(config, transformer_layer_spec=get_gpt_layer_local_spec(), vocab_size=args.padded_vocab or args.vocab,
+                     max_sequence_length=128, pre_process=ps.is_pipeline_first_stage(),
+                     post_process=ps.is_pipeline_last_stage(), share_embeddings_and_output_weights=args.tie,
+                     position_embedding_type="rope", rotary_base=10000)
+    if not args.ref:  # make every tensor distinct from its default init (norms are all ones)
+        with torch.no_grad():
+            gen = torch.Generator().manual_seed(1)
+            for p in model.parameters():
+                p.add_(torch.randn(p.shape, generator=gen).to(p.dtype) * 0.02)
+    return model.to(dtype)
+
+
+def hf_config(args):
+    from transformers import LlamaConfig, Qwen2Config
+
+    cls, arch = (LlamaConfig, "LlamaForCausalLM") if args.model == "llama" else (Qwen2Config, "Qwen2ForCausalLM")
+    return cls(architectures=[arch], hidden_size=args.hidden, num_attention_heads=args.heads,
+               num_key_value_heads=args.groups, head_dim=args.hidden // args.heads, intermediate_size=args.ffn,
+               num_hidden_layers=args.layers, vocab_size=args.vocab, tie_word_embeddings=args.tie,
+               rms_norm_eps=1e-6, rope_theta=10000.0, max_position_embeddings=128, bos_token_id=1, eos_token_id=2,
+               dtype=args.dtype)
+
+
+def main():
+    args = parse_args()
+    dist.init_process_group("gloo")
+    patch_for_cpu()
+    from megatron.core import dist_checkpointing
+    from megatron.core import parallel_state as ps
+
+    ps.initialize_model_parallel(tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp)
+    model = build(args)
+    ckpt = os.path.join(args.out, "dist_ckpt")
+    if args.ref:
+        state = dist_checkpointing.load(model.sharded_state_dict(), args.ref)
+        model.load_state_dict(state, strict=False)
+    os.makedirs(ckpt, exist_ok=True)
+    dist_checkpointing.save(model.sharded_state_dict(), ckpt)
+    if dist.get_rank() == 0:
+        hf_dir = os.path.join(args.out, "huggingface")
+        hf_config(args).save_pretrained(hf_dir)
+        sys.path.insert(0, os.path.dirname(__file__))
+        from make_fsdp_checkpoint import tiny_tokenizer
+
+        tiny_tokenizer().save_pretrained(hf_dir)
+    if not args.ref and dist.get_world_size() == 1:
+        ids = torch.tensor(FIXED_INPUT)
+        seq = ids.shape[1]
+        mask = torch.triu(torch.ones(1, 1, seq, seq, dtype=torch.bool), diagonal=1)  # True = masked
+        model.eval()
+        with torch.no_grad():
+            logits = model(input_ids=ids, position_ids=torch.arange(seq).unsqueeze(0), attention_mask=mask)
+        os.makedirs(os.path.join(args.out, "reference"), exist_ok=True)
+        torch.save(logits[..., : args.vocab].float(), os.path.join(args.out, "reference", "logits.pt"))
+    dist.barrier()
+    # megatron's checkpoint writer leaves a spawned multiprocessing manager behind; it would keep
+    # our stdout open (a caller reading it would wait forever). End it, then leave without
+    # interpreter teardown (gloo teardown with live helper threads aborts now and then).
+    import psutil
+
+    for child in psutil.Process().children(recursive=True):
+        child.kill()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    main()
