@@ -25,6 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="direct: each writer reads its pieces from the filesystem; "
                         "collective: each source file is read once and pieces are sent to their writer")
     m.add_argument("--hf-config", help="directory with config.json and tokenizer (default: SOURCE/huggingface)")
+    m.add_argument("--iteration", type=int, help="Megatron-LM: merge iter_N instead of the latest checkpointed one")
     m.add_argument("--overwrite", action="store_true", help="replace a non-empty target (only once the merge succeeded)")
     m.add_argument("--backend", default="auto", choices=["auto", "gloo", "nccl"],
                    help="process-group backend under torchrun (auto: nccl when GPUs are visible)")
@@ -39,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--max-shard-size", default="5GB")
     i.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
     i.add_argument("--hf-config")
+    i.add_argument("--iteration", type=int)
     i.add_argument("--json", action="store_true", help="machine-readable output")
     i.add_argument("--debug", action="store_true", help="show tracebacks")
     return parser
@@ -58,7 +60,7 @@ def main(argv=None) -> int:
         if args.command == "merge":
             result = run_merge(MergeOptions(source=args.source, target=args.target, dtype=args.dtype,
                                    max_shard_size=args.max_shard_size, transport=args.transport,
-                                   overwrite=args.overwrite, hf_config=args.hf_config, backend=args.backend,
+                                   overwrite=args.overwrite, hf_config=args.hf_config, iteration=args.iteration, backend=args.backend,
                                    timeout=args.timeout, progress=not args.no_progress))
             if args.summary_json and int(os.environ.get("RANK", "0")) == 0:
                 with open(args.summary_json, "w") as f:
@@ -67,7 +69,8 @@ def main(argv=None) -> int:
             from .inspect import inspect_source
 
             print(inspect_source(args.source, nproc=args.nproc, max_shard_size=args.max_shard_size,
-                                 dtype=args.dtype, hf_config=args.hf_config, as_json=args.json))
+                                 dtype=args.dtype, hf_config=args.hf_config, iteration=args.iteration,
+                                 as_json=args.json))
         return 0
     except MergeError as e:
         if args.debug:

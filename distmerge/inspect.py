@@ -12,8 +12,8 @@ from .sources import read_source
 
 
 def inspect_source(source: str, nproc: int = 1, max_shard_size: str = "5GB", dtype: str = "auto",
-                   hf_config: str | None = None, as_json: bool = False) -> str:
-    catalogue = read_source(source)
+                   hf_config: str | None = None, iteration: int | None = None, as_json: bool = False) -> str:
+    catalogue = read_source(source, iteration)
     config = load_config(hf_config or catalogue.hf_dir, source)
     outputs = map_outputs(catalogue, config, cast_rule(dtype))
     plan = make_plan(catalogue, outputs, nproc, parse_size(max_shard_size), DEFAULT_TRANSPORT)

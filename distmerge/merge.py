@@ -35,6 +35,7 @@ class MergeOptions:
     transport: str = DEFAULT_TRANSPORT
     overwrite: bool = False
     hf_config: str | None = None
+    iteration: int | None = None
     backend: str = "auto"
     timeout: float = 1800.0
     progress: bool = True
@@ -76,7 +77,7 @@ def run_merge(opts: MergeOptions) -> MergeResult:
     try:
         # detect -> map -> plan: metadata only, the same on every rank, so every rank stops at the
         # same bad input before anything is written
-        catalogue = read_source(opts.source)
+        catalogue = read_source(opts.source, opts.iteration)
         config = load_config(opts.hf_config or catalogue.hf_dir, opts.source)
         outputs = map_outputs(catalogue, config, cast)
         plan = make_plan(catalogue, outputs, rt.world_size, max_shard_size, opts.transport,

@@ -31,6 +31,20 @@ LAYOUTS = {
 }
 
 
+MEGATRON_MAKER = ROOT / "tests" / "make_megatron_checkpoint.py"
+LLAMA_MG = ["--model", "llama", "--padded-vocab", "136"]          # HF vocab 128: Megatron pads it
+QWEN2_MG = ["--model", "qwen2", "--tie", "--dtype", "bfloat16"]    # qkv bias, tied embeddings, bf16
+# name -> (nproc, maker arguments, reference layout it is re-saved from, or None for a reference)
+MEGATRON_LAYOUTS = {
+    "mg_llama_ref": (1, LLAMA_MG, None),
+    "mg_llama_tp2": (2, LLAMA_MG + ["--tp", "2"], "mg_llama_ref"),
+    "mg_llama_pp2": (2, LLAMA_MG + ["--pp", "2"], "mg_llama_ref"),
+    "mg_llama_tp2pp2": (4, LLAMA_MG + ["--tp", "2", "--pp", "2"], "mg_llama_ref"),
+    "mg_qwen2_ref": (1, QWEN2_MG, None),
+    "mg_qwen2_tp2": (2, QWEN2_MG + ["--tp", "2"], "mg_qwen2_ref"),
+}
+
+
 def source_dir(layout: str, ckpt: Path) -> Path:
     """The directory a user passes as --source: DCP checkpoints sit in OUT/dcp beside OUT/huggingface."""
     return ckpt / "dcp" if "_dcp_" in layout else ckpt
@@ -76,12 +90,15 @@ def checkpoint(tmp_path_factory):
 
     def make(name: str) -> Path:
         if name not in made:
-            nproc, extra = LAYOUTS[name]
             out = base / name
-            if nproc == 1:
-                cmd = [sys.executable, str(MAKER)]
+            if name in MEGATRON_LAYOUTS:  # megatron-core needs torchrun even for one process
+                nproc, extra, ref = MEGATRON_LAYOUTS[name]
+                if ref:
+                    extra = extra + ["--from", str(make(ref) / "dist_ckpt")]
+                cmd = torchrun_cmd(nproc) + [str(MEGATRON_MAKER)]
             else:
-                cmd = torchrun_cmd(nproc) + [str(MAKER)]
+                nproc, extra = LAYOUTS[name]
+                cmd = [sys.executable, str(MAKER)] if nproc == 1 else torchrun_cmd(nproc) + [str(MAKER)]
             proc = run(cmd + ["--out", str(out)] + extra)
             assert proc.returncode == 0, f"fixture {name} failed:\n{proc.stdout}\n{proc.stderr[-4000:]}"
             made[name] = out

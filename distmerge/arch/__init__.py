@@ -10,7 +10,7 @@ import os
 
 from ..errors import MergeError
 from ..model import Catalogue, OutputTensor
-from . import hf
+from . import hf, megatron_gpt
 
 
 def load_config(hf_dir: str | None, source: str) -> dict:
@@ -28,4 +28,6 @@ def load_config(hf_dir: str | None, source: str) -> dict:
 
 
 def map_outputs(catalogue: Catalogue, config: dict, cast) -> list[OutputTensor]:
+    if catalogue.format.startswith("megatron"):
+        return megatron_gpt.map_outputs(catalogue, config, cast)
     return hf.map_outputs(catalogue, config, cast)

@@ -5,12 +5,12 @@ import os
 
 from ..errors import MergeError
 from ..model import Catalogue
-from . import dcp, fsdp
+from . import dcp, fsdp, megatron
 
-FORMATS = [fsdp, dcp]  # each module has detect(dir) -> bool and read_catalogue(dir) -> Catalogue
+FORMATS = [fsdp, megatron, dcp]  # each module has detect(dir) -> bool and read_catalogue(dir) -> Catalogue
 
 
-def read_source(source: str) -> Catalogue:
+def read_source(source: str, iteration: int | None = None) -> Catalogue:
     if not os.path.exists(source):
         raise MergeError(f"source {source} does not exist")
     if not os.path.isdir(source):
@@ -18,8 +18,10 @@ def read_source(source: str) -> Catalogue:
                          "(e.g. checkpoints/global_step_100/actor)")
     if not os.listdir(source):
         raise MergeError(f"source {source} is empty; pass the directory that holds the checkpoint files")
+    if iteration is not None:  # Megatron-LM's iter_XXXXXXX directories
+        return megatron.read_catalogue(source, iteration)
     for fmt in FORMATS:
         if fmt.detect(source):
             return fmt.read_catalogue(source)
     raise MergeError(f"{source} is not a checkpoint distmerge knows: no model_world_size_W_rank_R.pt files "
-                     "(verl FSDP) and no .metadata (PyTorch DCP) found. Pass the directory that holds them")
+                     "(verl FSDP), no .metadata (PyTorch DCP) and no metadata.json / dist_ckpt / iter_* (Megatron torch_dist) found. Pass the directory that holds them")

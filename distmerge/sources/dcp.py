@@ -28,7 +28,8 @@ METADATA = ".metadata"
 
 
 def detect(source: str) -> bool:
-    return os.path.isfile(os.path.join(source, METADATA))
+    # a Megatron torch_dist checkpoint is DCP underneath, but has its own reader (megatron.py)
+    return os.path.isfile(os.path.join(source, METADATA)) and not os.path.isfile(os.path.join(source, "metadata.json"))
 
 
 class _MetadataUnpickler(pickle.Unpickler):
@@ -112,17 +113,18 @@ def strip_dcp_prefix(names: list[str]) -> dict[str, str]:
     return {n: (n[len("model."):] if wrapped else n) for n in names}
 
 
-def read_catalogue(source: str) -> Catalogue:
-    meta_path = os.path.join(source, METADATA)
+SKIPPED_PREFIXES = ("optim.", "optimizer.", "lr_scheduler.", "dataloader.", "extra_state.", "rng_state")
+
+
+def tensors_from_metadata(ckpt_dir: str, rename=lambda names: {n: n for n in names}):
+    """The SourceTensors of a DCP directory (metadata only), the data files, and notes on what was skipped."""
+    meta_path = os.path.join(ckpt_dir, METADATA)
     entries, storage, bytes_entries = read_metadata(meta_path)
-    renamed = strip_dcp_prefix(list(entries))
+    entries = {n: e for n, e in entries.items() if not n.startswith(SKIPPED_PREFIXES) and "._extra_state" not in n}
+    renamed = rename(list(entries))
     tensors: dict[str, SourceTensor] = {}
     files: dict[str, None] = {}
-    skipped = []
     for fqn, (size, dtype, chunks) in entries.items():
-        if fqn.startswith(("optim.", "optimizer.", "lr_scheduler.", "dataloader.", "extra_state.")):
-            skipped.append(fqn)
-            continue
         pieces = []
         for offsets, sizes in chunks:
             if math.prod(sizes) == 0:
@@ -132,7 +134,7 @@ def read_catalogue(source: str) -> Catalogue:
             except KeyError:
                 raise MergeError(f"{meta_path} lists a chunk of {fqn} at {list(offsets)} but no storage for it; "
                                  "the metadata is corrupt") from None
-            path = os.path.join(source, relative)
+            path = os.path.join(ckpt_dir, relative)
             if not os.path.isfile(path):
                 raise MergeError(f"missing {path}, which holds {fqn} (and maybe more); copy the complete "
                                  "checkpoint directory and rerun")
@@ -143,14 +145,23 @@ def read_catalogue(source: str) -> Catalogue:
             pieces.append(_piece(path, start, length, fqn, offsets, sizes, dtype))
         t = tensors[renamed[fqn]] = SourceTensor(renamed[fqn], size, dtype, pieces)
         check_coverage(t)
-    notes = [f"skipped {len(bytes_entries)} non-tensor entries"] if bytes_entries else []
-    notes += [f"skipped {len(skipped)} optimizer/scheduler tensors"] if skipped else []
-    hf_dir = next((d for d in (os.path.join(source, "huggingface"), os.path.join(os.path.dirname(os.path.abspath(source)), "huggingface"))
-                   if os.path.isdir(d)), None)
-    return Catalogue(format=FORMAT, source=source, files=list(files), tensors=tensors, hf_dir=hf_dir,
-                     world_size=len({SAVER_RANK.match(os.path.basename(f)).group(1) if SAVER_RANK.match(os.path.basename(f))
-                                     else f for f in files}),
-                     mesh="chunked (DCP)", notes=notes)
+    notes = [f"skipped {len(bytes_entries)} non-tensor entries (extra state)"] if bytes_entries else []
+    world = len({m.group(1) for m in (SAVER_RANK.match(os.path.basename(f)) for f in files) if m})
+    return tensors, list(files), notes, world
+
+
+def find_hf_dir(source: str) -> str | None:
+    """SOURCE/huggingface, or a huggingface/ beside SOURCE (verl: actor/dist_ckpt + actor/huggingface)."""
+    for d in (os.path.join(source, "huggingface"), os.path.join(os.path.dirname(os.path.abspath(source)), "huggingface")):
+        if os.path.isdir(d):
+            return d
+    return None
+
+
+def read_catalogue(source: str) -> Catalogue:
+    tensors, files, notes, world = tensors_from_metadata(source, strip_dcp_prefix)
+    return Catalogue(format=FORMAT, source=source, files=files, tensors=tensors, hf_dir=find_hf_dir(source),
+                     world_size=world, mesh="chunked (DCP)", notes=notes)
 
 
 def _piece(path, start, length, fqn, offsets, sizes, dtype) -> Piece:

@@ -1,0 +1,63 @@
+"""Megatron-core `torch_dist` checkpoints: DCP underneath plus metadata.json and common.pt.
+
+Layouts recognised (the source directory may be any of them):
+- the dist checkpoint itself: metadata.json {"sharded_backend": "torch_dist"}, .metadata, *.distcp;
+- verl: <step>/actor/dist_ckpt/ + <step>/actor/huggingface/ (pass <step>/actor or its dist_ckpt);
+- Megatron-LM: iter_XXXXXXX/ directories + latest_checkpointed_iteration.txt (latest unless --iteration).
+TP, PP, VPP and EP are already resolved into global tensors with a leading layer (and expert)
+axis, so no model, GPU or process group is needed. Optimizer, RNG and _extra_state entries are skipped.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+from ..errors import MergeError
+from ..model import Catalogue
+from .dcp import find_hf_dir, tensors_from_metadata
+
+FORMAT = "megatron-torch_dist"
+
+
+def _is_dist_ckpt(d: str) -> bool:
+    path = os.path.join(d, "metadata.json")
+    if not os.path.isfile(path):
+        return False
+    try:
+        with open(path) as f:
+            return json.load(f).get("sharded_backend") == "torch_dist"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def resolve(source: str, iteration: int | None = None) -> str | None:
+    """The dist checkpoint directory that `source` names, or None when it names none."""
+    if _is_dist_ckpt(source):
+        return source
+    if _is_dist_ckpt(os.path.join(source, "dist_ckpt")):
+        return os.path.join(source, "dist_ckpt")
+    tracker = os.path.join(source, "latest_checkpointed_iteration.txt")
+    if os.path.isfile(tracker) or iteration is not None:
+        if iteration is None:
+            with open(tracker) as f:
+                text = f.read().strip()
+            if not text.isdigit():
+                raise MergeError(f"{tracker} says {text!r}, not an iteration number; pass --iteration N")
+            iteration = int(text)
+        path = os.path.join(source, f"iter_{iteration:07d}")
+        if not _is_dist_ckpt(path):
+            raise MergeError(f"{path} is not a torch_dist checkpoint (no metadata.json with sharded_backend "
+                             "torch_dist); pick another --iteration")
+        return path
+    return None
+
+
+def detect(source: str) -> bool:
+    return resolve(source) is not None
+
+
+def read_catalogue(source: str, iteration: int | None = None) -> Catalogue:
+    ckpt = resolve(source, iteration)
+    tensors, files, notes, world = tensors_from_metadata(ckpt)
+    return Catalogue(format=FORMAT, source=source, files=files, tensors=tensors, hf_dir=find_hf_dir(source)
+                     or find_hf_dir(ckpt), world_size=world, mesh="resolved by dist_checkpointing", notes=notes)

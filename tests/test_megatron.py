@@ -1,0 +1,119 @@
+"""Megatron-core torch_dist checkpoints (written by real megatron-core on CPU) -> HF.
+
+Every layout of one model (TP1, TP2, PP2, TP2xPP2) must merge to the same bytes, and the merged
+model's logits must equal Megatron's own forward pass of the reference."""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import warnings
+
+import pytest
+import torch
+
+from conftest import run_distmerge
+from distmerge.cli import main
+
+FIXED_INPUT = [[1, 5, 9, 2, 7, 3, 11, 4]]
+
+
+def digest(out):
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(out.glob("*.safetensors"))}
+
+
+def logits_of(out, dtype=None):
+    from transformers import AutoModelForCausalLM
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True, dtype=dtype)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    with torch.no_grad():
+        return model.eval()(input_ids=torch.tensor(FIXED_INPUT)).logits.float()
+
+
+@pytest.mark.parametrize("family, layouts, tolerance", [
+    ("llama", ["mg_llama_ref", "mg_llama_tp2", "mg_llama_pp2", "mg_llama_tp2pp2"], 1e-5),
+    # bf16: HF and Megatron run bf16 matmuls with different kernels
+    ("qwen2", ["mg_qwen2_ref", "mg_qwen2_tp2"], 2e-2),
+])
+def test_every_layout_merges_to_the_same_bytes_and_megatron_logits(family, layouts, tolerance, checkpoint, tmp_path):
+    digests = {}
+    for layout in layouts:
+        for nproc in (1, 2):
+            out = tmp_path / f"{layout}-{nproc}"
+            proc = run_distmerge(["merge", "--source", str(checkpoint(layout)), "--target", str(out),
+                                  "--max-shard-size", "100KB", "--no-progress"], nproc=nproc)
+            assert proc.returncode == 0, proc.stderr[-4000:]
+            digests[(layout, nproc)] = digest(out)
+    first = next(iter(digests.values()))
+    assert len(first) > 1
+    for key, d in digests.items():
+        assert d == first, f"{key} differs from {layouts[0]}"
+    out = tmp_path / f"{layouts[0]}-1"
+    reference = torch.load(checkpoint(layouts[0]) / "reference" / "logits.pt")
+    torch.testing.assert_close(logits_of(out), reference, rtol=0, atol=tolerance)
+    config = json.loads((out / "config.json").read_text())
+    if family == "qwen2":
+        assert config.get("dtype", config.get("torch_dtype")) == "bfloat16"
+        index = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+        assert "lm_head.weight" not in index and "model.layers.0.self_attn.q_proj.bias" in index
+    else:
+        from safetensors import safe_open
+
+        path = out / json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]["model.embed_tokens.weight"]
+        with safe_open(path, "pt") as f:
+            assert f.get_slice("model.embed_tokens.weight").get_shape() == [128, 64]  # 136 padded rows trimmed
+
+
+@pytest.fixture
+def llama_copy(checkpoint, tmp_path):
+    src = tmp_path / "ckpt"
+    shutil.copytree(checkpoint("mg_llama_tp2"), src)
+    return src
+
+
+def edit_config(src, **changes):
+    path = src / "huggingface" / "config.json"
+    config = json.loads(path.read_text())
+    config.update(changes)
+    path.write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize("changes, needle", [
+    ({"num_key_value_heads": 4}, "num_key_value_heads=4"),
+    ({"architectures": ["GPT2LMHeadModel"]}, "GPT2LMHeadModel, which has no Megatron mapping"),
+    ({"vocab_size": 200}, "vocab_size=200"),
+    ({"num_hidden_layers": 3}, "num_hidden_layers=3"),
+])
+def test_config_that_disagrees_with_the_checkpoint_is_refused(changes, needle, llama_copy, tmp_path, capsys):
+    edit_config(llama_copy, **changes)
+    code = main(["merge", "--source", str(llama_copy), "--target", str(tmp_path / "out"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and needle in err and "Traceback" not in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+def test_iteration_directories_and_tracker_file(checkpoint, tmp_path, capsys):
+    run_dir = tmp_path / "megatron_run"
+    shutil.copytree(checkpoint("mg_llama_pp2") / "dist_ckpt", run_dir / "iter_0000500")
+    (run_dir / "latest_checkpointed_iteration.txt").write_text("500\n")
+    hf = checkpoint("mg_llama_pp2") / "huggingface"
+    code = main(["merge", "--source", str(run_dir), "--hf-config", str(hf), "--target", str(tmp_path / "out"),
+                 "--no-progress"])
+    assert code == 0, capsys.readouterr().err
+    assert (tmp_path / "out" / "model.safetensors").exists()
+
+
+def test_iteration_option_picks_an_older_checkpoint(checkpoint, tmp_path, capsys):
+    run_dir = tmp_path / "megatron_run"
+    shutil.copytree(checkpoint("mg_llama_ref") / "dist_ckpt", run_dir / "iter_0000100")
+    (run_dir / "latest_checkpointed_iteration.txt").write_text("200\n")  # iter 200 is gone
+    hf = str(checkpoint("mg_llama_ref") / "huggingface")
+    code = main(["merge", "--source", str(run_dir), "--hf-config", hf, "--target", str(tmp_path / "a"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and "iter_0000200" in err and "--iteration" in err, err
+    code = main(["merge", "--source", str(run_dir), "--hf-config", hf, "--iteration", "100",
+                 "--target", str(tmp_path / "b"), "--no-progress"])
+    assert code == 0, capsys.readouterr().err
