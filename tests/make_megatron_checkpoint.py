@@ -27,7 +27,9 @@ def parse_args():
     p.add_argument("--from", dest="ref", help="reference checkpoint (dist_ckpt dir) to load and re-save")
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--pp", type=int, default=1)
-    p.add_argument("--model", choices=["llama", "qwen2"], default="llama")
+    p.add_argument("--model", choices=["llama", "qwen2", "mixtral"], default="llama")
+    p.add_argument("--experts", type=int, default=4, help="MoE experts (mixtral)")
+    p.add_argument("--ep", type=int, default=1, help="expert parallel size")
     p.add_argument("--tie", action="store_true")
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--hidden", type=int, default=64)
@@ -69,6 +71,9 @@ def build(args):
     from megatron.core import parallel_state as ps
 
     dtype = getattr(torch, args.dtype)
+    moe = args.model == "mixtral"
+    moe_args = dict(num_moe_experts=args.experts, moe_router_topk=2, moe_ffn_hidden_size=args.ffn,
+                    moe_token_dispatcher_type="allgather", expert_model_parallel_size=args.ep) if moe else {}
     config = TransformerConfig(
         num_layers=args.layers, hidden_size=args.hidden, num_attention_heads=args.heads,
         num_query_groups=args.groups, ffn_hidden_size=args.ffn, kv_channels=args.hidden // args.heads,
@@ -76,10 +81,11 @@ def build(args):
         add_bias_linear=False, add_qkv_bias=args.model == "qwen2", use_cpu_initialization=True,
         params_dtype=dtype, bf16=dtype == torch.bfloat16, pipeline_dtype=dtype,
         tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp,
-        hidden_dropout=0.0, attention_dropout=0.0, perform_initialization=True,
+        hidden_dropout=0.0, attention_dropout=0.0, perform_initialization=True, **moe_args,
     )
     torch.manual_seed(0)
-    model = GPTModel(config, transformer_layer_spec=get_gpt_layer_local_spec(), vocab_size=args.padded_vocab or args.vocab,
+    spec = get_gpt_layer_local_spec(num_experts=args.experts, moe_grouped_gemm=False) if moe else get_gpt_layer_local_spec()
+    model = GPTModel(config, transformer_layer_spec=spec, vocab_size=args.padded_vocab or args.vocab,
                      max_sequence_length=128, pre_process=ps.is_pipeline_first_stage(),
                      post_process=ps.is_pipeline_last_stage(), share_embeddings_and_output_weights=args.tie,
                      position_embedding_type="rope", rotary_base=10000)
@@ -92,10 +98,12 @@ def build(args):
 
 
 def hf_config(args):
-    from transformers import LlamaConfig, Qwen2Config
+    from transformers import LlamaConfig, MixtralConfig, Qwen2Config
 
-    cls, arch = (LlamaConfig, "LlamaForCausalLM") if args.model == "llama" else (Qwen2Config, "Qwen2ForCausalLM")
-    return cls(architectures=[arch], hidden_size=args.hidden, num_attention_heads=args.heads,
+    cls, arch = {"llama": (LlamaConfig, "LlamaForCausalLM"), "qwen2": (Qwen2Config, "Qwen2ForCausalLM"),
+                 "mixtral": (MixtralConfig, "MixtralForCausalLM")}[args.model]
+    extra = dict(num_local_experts=args.experts, num_experts_per_tok=2) if args.model == "mixtral" else {}
+    return cls(architectures=[arch], **extra, hidden_size=args.hidden, num_attention_heads=args.heads,
                num_key_value_heads=args.groups, head_dim=args.hidden // args.heads, intermediate_size=args.ffn,
                num_hidden_layers=args.layers, vocab_size=args.vocab, tie_word_embeddings=args.tie,
                rms_norm_eps=1e-6, rope_theta=10000.0, max_position_embeddings=128, bos_token_id=1, eos_token_id=2,
@@ -109,7 +117,12 @@ def main():
     from megatron.core import dist_checkpointing
     from megatron.core import parallel_state as ps
 
-    ps.initialize_model_parallel(tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp)
+    ps.initialize_model_parallel(tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp,
+                                 expert_model_parallel_size=args.ep)
+    if args.model == "mixtral":  # MoE forward on CPU
+        from megatron.core.transformer.moe import moe_utils
+
+        moe_utils.te_general_gemm = None
     model = build(args)
     ckpt = os.path.join(args.out, "dist_ckpt")
     if args.ref:

@@ -34,6 +34,18 @@ class GateUp:
     pass
 
 
+@dataclass(frozen=True)
+class Router:
+    """mlp.router.weight [L, E, H] -> the family's router (gate) weight."""
+
+
+@dataclass(frozen=True)
+class Experts:
+    """Experts stacked twice, [L, E, rows, cols]: fc1 -> each expert's gate and up, fc2 -> its down."""
+
+    fc1: bool
+
+
 # per-layer keys (after "decoder.layers."); two spellings where local and TE specs differ
 LAYER_RULES = {
     "self_attention.linear_qkv.layer_norm_weight": Same("input_layernorm.weight"),
@@ -47,11 +59,20 @@ LAYER_RULES = {
     "pre_mlp_layernorm.weight": Same("post_attention_layernorm.weight"),
     "mlp.linear_fc1.weight": GateUp(),
     "mlp.linear_fc2.weight": Same("mlp.down_proj.weight"),
+    "mlp.router.weight": Router(),
+    "mlp.experts.experts.linear_fc1.weight": Experts(fc1=True),
+    "mlp.experts.experts.linear_fc2.weight": Experts(fc1=False),
+}
+# MoE names per family: router, expert prefix, and the expert's gate / up / down projections
+MOE_NAMES = {
+    "MixtralForCausalLM": ("block_sparse_moe.gate.weight", "block_sparse_moe.experts.{e}.", "w1", "w3", "w2"),
+    "Qwen2MoeForCausalLM": ("mlp.gate.weight", "mlp.experts.{e}.", "gate_proj", "up_proj", "down_proj"),
+    "Qwen3MoeForCausalLM": ("mlp.gate.weight", "mlp.experts.{e}.", "gate_proj", "up_proj", "down_proj"),
 }
 EMBEDDING = "embedding.word_embeddings.weight"
 HEAD = "output_layer.weight"
 FINAL_NORM = "decoder.final_layernorm.weight"
-ARCHITECTURES = {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"}
+ARCHITECTURES = {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", *MOE_NAMES}
 
 
 def _text_config(config: dict) -> dict:
@@ -66,7 +87,8 @@ def map_outputs(catalogue: Catalogue, config: dict, cast) -> list[OutputTensor]:
     cfg = _text_config(config)
     heads, groups = cfg["num_attention_heads"], cfg.get("num_key_value_heads") or cfg["num_attention_heads"]
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
-    layers, vocab, ffn = cfg["num_hidden_layers"], cfg["vocab_size"], cfg["intermediate_size"]
+    layers, vocab, ffn = cfg["num_hidden_layers"], cfg["vocab_size"], cfg.get("intermediate_size")
+    expert_ffn = cfg.get("moe_intermediate_size") or ffn
     tied = bool(cfg.get("tie_word_embeddings", False))
     tensors = catalogue.tensors
 
@@ -116,6 +138,29 @@ def map_outputs(catalogue: Catalogue, config: dict, cast) -> list[OutputTensor]:
                                        ("v_proj", q_rows + head_dim, head_dim)):
                     parts = [SourceRows(name, (i,), g * group + first, g * group + first + n) for g in range(groups)]
                     outputs.append(out(f"{prefix}self_attn.{proj}.{rule.suffix}", name, parts, (groups * n,) + rest))
+            elif isinstance(rule, (Router, Experts)):
+                if arch not in MOE_NAMES:
+                    raise MergeError(f"{name} is an MoE tensor but config.json's architecture {arch} is dense")
+                router, expert, gate, up, down = MOE_NAMES[arch]
+                if isinstance(rule, Router):
+                    outputs.append(out(prefix + router, name, [SourceRows(name, (i,), 0, t.shape[1])], t.shape[1:]))
+                    continue
+                experts = t.shape[1]
+                if experts != cfg.get("num_local_experts", cfg.get("num_experts")):
+                    raise MergeError(f"{name} stacks {experts} experts but config.json says "
+                                     f"{cfg.get('num_local_experts', cfg.get('num_experts'))}; the config is not this model's")
+                rest = t.shape[3:]
+                for e in range(experts):
+                    at = prefix + expert.format(e=e)
+                    if not rule.fc1:
+                        outputs.append(out(at + down + ".weight", name, [SourceRows(name, (i, e), 0, t.shape[2])], t.shape[2:]))
+                        continue
+                    if t.shape[2] != 2 * expert_ffn:
+                        raise MergeError(f"{name} has {t.shape[2]} rows per expert but config.json's expert "
+                                         f"intermediate size {expert_ffn} needs {2 * expert_ffn}")
+                    outputs.append(out(at + gate + ".weight", name, [SourceRows(name, (i, e), 0, expert_ffn)], (expert_ffn,) + rest))
+                    outputs.append(out(at + up + ".weight", name, [SourceRows(name, (i, e), expert_ffn, 2 * expert_ffn)],
+                                       (expert_ffn,) + rest))
             elif isinstance(rule, GateUp):
                 if t.shape[1] != 2 * ffn:
                     raise MergeError(f"{name} has {t.shape[1]} rows per layer but config.json's "
