@@ -1,4 +1,5 @@
-"""Benchmark: distmerge against the copy floor on a ~1.4 GB fp32 verl FSDP2 checkpoint.
+"""Benchmark: distmerge against the copy floor on a ~1.4 GB fp32 verl FSDP2 checkpoint and a
+~1.5 GB fp32 Megatron-core TP2xPP2 checkpoint of the same model, and verl's merger as a baseline.
 
     python bench/run.py                  # generate (once), then measure; ~5 minutes on 2 cores
     python bench/run.py --runs 5 --work /fast/disk/bench
@@ -25,6 +26,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
+MEGATRON_MODEL = ["--tp", "2", "--pp", "2", "--hidden", "2048", "--layers", "8", "--heads", "16", "--groups", "4",
+                  "--ffn", "2816", "--vocab", "32000"]
 MODEL = ["--model", "llama", "--hidden", "2048", "--layers", "8", "--heads", "16", "--kv-heads", "4",
          "--intermediate", "2816", "--vocab", "32000", "--meta-init", "--no-reference"]
 
@@ -50,7 +53,8 @@ def timed(cmd, **kw) -> float:
 
 
 def source_files(ckpt: Path) -> list[str]:
-    return sorted(str(p) for p in ckpt.glob("model_world_size_*.pt"))
+    """The data files a merge reads: verl rank files, or a Megatron checkpoint's .distcp files."""
+    return sorted(str(p) for p in ckpt.glob("model_world_size_*.pt")) or sorted(str(p) for p in ckpt.rglob("*.distcp"))
 
 
 def floor(ckpt: Path, out_bytes: int, work: Path, ranks: int) -> float:
@@ -111,6 +115,31 @@ def verl_merge(py: str, ckpt: Path, out: Path) -> tuple[float, float]:
     return seconds, int(proc.stderr.strip().splitlines()[-1]) / 1024
 
 
+def measure(label: str, ckpt: Path, work: Path, runs: int, configs, dtypes) -> list[dict]:
+    """Time each (ranks, transport) x dtype configuration `runs` times beside its floor."""
+    src_bytes = sum(os.path.getsize(f) for f in source_files(ckpt))
+    subprocess.run(["cat"] + source_files(ckpt), stdout=subprocess.DEVNULL, check=True)  # warm the page cache
+    rows = []
+    for dtype in dtypes:
+        for ranks, transport in configs:
+            times, floors, summaries = [], [], []
+            for _ in range(runs):
+                t, summary = distmerge(ckpt, work / "out", ranks, transport, dtype)
+                times.append(t)
+                summaries.append(summary)
+                floors.append(floor(ckpt, summary["bytes"], work, ranks))
+            best = summaries[times.index(statistics.median(times))] if runs % 2 else summaries[-1]
+            row = {"source": label, "ranks": ranks, "transport": transport, "dtype": dtype, "source_gb": src_bytes / 1e9,
+                   "output_gb": best["bytes"] / 1e9, "median_s": statistics.median(times),
+                   "floor_s": statistics.median(floors), "peak_rss_mb": max(max(s["peak_rss_mb"]) for s in summaries),
+                   "phases": best["phases"], "times": times}
+            row["ratio"] = row["median_s"] / row["floor_s"]
+            rows.append(row)
+            print(f"{label}: {ranks} rank(s) {transport:10s} {dtype:4s}: {row['median_s']:.2f} s (floor {row['floor_s']:.2f} s, "
+                  f"x{row['ratio']:.2f}), peak RSS/rank {row['peak_rss_mb']:.0f} MB", flush=True)
+    return rows
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--work", default=str(ROOT / "bench" / "work"))
@@ -123,43 +152,30 @@ def main():
         print("generating the benchmark checkpoint ...", flush=True)
         subprocess.run(torchrun(2) + [str(ROOT / "tests" / "make_fsdp_checkpoint.py"), "--out", str(ckpt)] + MODEL,
                        check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
-    src_bytes = sum(os.path.getsize(f) for f in source_files(ckpt))
-    subprocess.run(["cat"] + source_files(ckpt), stdout=subprocess.DEVNULL, check=True)  # warm the page cache
-    rows = []
-    configs = [(1, "direct"), (2, "direct"), (2, "collective")]
-    for dtype in ("auto", "bf16"):
-        for ranks, transport in configs:
-            times, floors, summaries = [], [], []
-            for _ in range(args.runs):
-                t, summary = distmerge(ckpt, work / "out", ranks, transport, dtype)
-                times.append(t)
-                summaries.append(summary)
-                floors.append(floor(ckpt, summary["bytes"], work, ranks))
-            best = summaries[times.index(statistics.median(times))] if args.runs % 2 else summaries[-1]
-            row = {"ranks": ranks, "transport": transport, "dtype": dtype, "source_gb": src_bytes / 1e9,
-                   "output_gb": best["bytes"] / 1e9, "median_s": statistics.median(times),
-                   "floor_s": statistics.median(floors), "peak_rss_mb": max(max(s["peak_rss_mb"]) for s in summaries),
-                   "phases": best["phases"], "times": times}
-            row["ratio"] = row["median_s"] / row["floor_s"]
-            rows.append(row)
-            print(f"{ranks} rank(s) {transport:10s} {dtype:4s}: {row['median_s']:.2f} s (floor {row['floor_s']:.2f} s, "
-                  f"x{row['ratio']:.2f}), peak RSS/rank {row['peak_rss_mb']:.0f} MB", flush=True)
+    rows = measure("verl FSDP2", ckpt, work, args.runs, [(1, "direct"), (2, "direct"), (2, "collective")], ("auto", "bf16"))
+    megatron = work / "megatron"
+    if not (megatron / "dist_ckpt" / "metadata.json").exists():
+        print("generating the Megatron TP2xPP2 benchmark checkpoint ...", flush=True)
+        subprocess.run(torchrun(4) + [str(ROOT / "tests" / "make_megatron_checkpoint.py"), "--out", str(megatron)]
+                       + MEGATRON_MODEL, check=True, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    rows += measure("Megatron TP2xPP2", megatron, work, args.runs, [(1, "direct"), (2, "direct")], ("auto",))
+    src_bytes = rows[0]["source_gb"] * 1e9
     py = None if args.no_verl else verl_python(work)
     if py:
         runs = [verl_merge(py, ckpt, work / "verl-out") for _ in range(args.runs)]
         seconds = statistics.median(t for t, _ in runs)
         ours = next(r for r in rows if r["ranks"] == 1 and r["dtype"] == "bf16")
-        row = {"ranks": 1, "transport": "verl model_merger", "dtype": "bf16", "source_gb": src_bytes / 1e9,
+        row = {"source": "verl FSDP2", "ranks": 1, "transport": "verl model_merger", "dtype": "bf16", "source_gb": src_bytes / 1e9,
                "output_gb": ours["output_gb"], "median_s": seconds, "floor_s": ours["floor_s"],
                "ratio": seconds / ours["floor_s"], "peak_rss_mb": max(m for _, m in runs), "times": [t for t, _ in runs]}
         rows.append(row)
         print(f"verl model_merger bf16: {seconds:.2f} s, peak RSS {row['peak_rss_mb']:.0f} MB; "
               f"distmerge is {seconds / ours['median_s']:.1f}x faster in one process", flush=True)
     (ROOT / "bench" / "results.json").write_text(json.dumps(rows, indent=2))
-    lines = ["| ranks | transport | dtype | output GB | distmerge s (median) | floor s | ratio | peak RSS / rank MB |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| checkpoint | ranks | transport | dtype | output GB | seconds (median) | floor s | ratio | peak RSS / rank MB |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['ranks']} | {r['transport']} | {r['dtype']} | {r['output_gb']:.2f} | {r['median_s']:.2f} | "
+        lines.append(f"| {r['source']} | {r['ranks']} | {r['transport']} | {r['dtype']} | {r['output_gb']:.2f} | {r['median_s']:.2f} | "
                      f"{r['floor_s']:.2f} | {r['ratio']:.2f} | {r['peak_rss_mb']:.0f} |")
     (ROOT / "bench" / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -7,7 +7,6 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 
-import torch
 import torch.distributed as dist
 
 from . import runtime as runtime_mod

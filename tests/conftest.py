@@ -40,6 +40,7 @@ MEGATRON_LAYOUTS = {
     "mg_llama_tp2": (2, LLAMA_MG + ["--tp", "2"], "mg_llama_ref"),
     "mg_llama_pp2": (2, LLAMA_MG + ["--pp", "2"], "mg_llama_ref"),
     "mg_llama_tp2pp2": (4, LLAMA_MG + ["--tp", "2", "--pp", "2"], "mg_llama_ref"),
+    "mg_llama_tp2dp2_fully_parallel": (4, LLAMA_MG + ["--tp", "2", "--fully-parallel"], "mg_llama_ref"),
     "mg_qwen2_ref": (1, QWEN2_MG, None),
     "mg_qwen2_tp2": (2, QWEN2_MG + ["--tp", "2"], "mg_qwen2_ref"),
     "mg_mixtral_ref": (1, ["--model", "mixtral"], None),                       # MoE: 4 experts, top-2
@@ -51,6 +52,16 @@ MEGATRON_LAYOUTS = {
 def source_dir(layout: str, ckpt: Path) -> Path:
     """The directory a user passes as --source: DCP checkpoints sit in OUT/dcp beside OUT/huggingface."""
     return ckpt / "dcp" if "_dcp_" in layout else ckpt
+
+
+class CodeRunningPickle:
+    """Pickles to a call of open(marker, "w"): unpickling it creates the marker file."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
 
 
 def free_port() -> int:

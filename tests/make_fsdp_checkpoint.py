@@ -17,7 +17,6 @@ import sys
 
 import torch
 import torch.distributed as dist
-import torch.nn as nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Shard
 
@@ -95,9 +94,7 @@ def build_model(args):
         with torch.no_grad():
             for p in model.parameters():
                 p.normal_(0, 0.02, generator=gen)
-            for b in model.buffers():  # rotary inv_freq: recompute
-                pass
-        model.model.rotary_emb.__init__(config=config)
+        model.model.rotary_emb.__init__(config=config)  # to_empty left its inv_freq buffer uninitialised
     else:
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
         with torch.no_grad():  # make every tensor distinct from its default init (norms are all ones)

@@ -11,7 +11,6 @@ megatron-core 0.16.1 needs a few patches to save on a CPU-only torch (see patch_
 """
 import argparse
 import contextlib
-import json
 import os
 import sys
 
@@ -30,6 +29,8 @@ def parse_args():
     p.add_argument("--model", choices=["llama", "qwen2", "mixtral"], default="llama")
     p.add_argument("--experts", type=int, default=4, help="MoE experts (mixtral)")
     p.add_argument("--ep", type=int, default=1, help="expert parallel size")
+    p.add_argument("--fully-parallel", action="store_true",
+                   help="spread each tensor's chunks over the data-parallel ranks (FullyParallelSaveStrategyWrapper)")
     p.add_argument("--tie", action="store_true")
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--hidden", type=int, default=64)
@@ -129,7 +130,14 @@ def main():
         state = dist_checkpointing.load(model.sharded_state_dict(), args.ref)
         model.load_state_dict(state, strict=False)
     os.makedirs(ckpt, exist_ok=True)
-    dist_checkpointing.save(model.sharded_state_dict(), ckpt)
+    strategy = None
+    if args.fully_parallel:
+        from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
+        from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelSaveStrategyWrapper
+
+        strategy = FullyParallelSaveStrategyWrapper(get_default_save_sharded_strategy(),
+                                                    ps.get_data_parallel_group(with_context_parallel=True))
+    dist_checkpointing.save(model.sharded_state_dict(), ckpt, sharded_strategy=strategy)
     if dist.get_rank() == 0:
         hf_dir = os.path.join(args.out, "huggingface")
         hf_config(args).save_pretrained(hf_dir)

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.distributed.tensor  # noqa: F401  lets these tests torch.load the DTensor rank files
 
+from conftest import CodeRunningPickle
 from distmerge.cli import main
 
 
@@ -106,19 +107,9 @@ def test_target_is_source_or_inside_it(ckpt, tmp_path, capsys):
     assert_refused(code, err, 2, "is the source", tmp_path=tmp_path)
 
 
-class Exploit:
-    """A pickle that would create a marker file when unpickled."""
-
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (open, (self.marker, "w"))
-
-
 def test_pickle_that_runs_code_is_refused(ckpt, tmp_path, capsys):
     marker = tmp_path / "pwned"
-    torch.save({"model.norm.weight": torch.ones(2), "evil": Exploit(str(marker))}, ckpt / "model_world_size_2_rank_1.pt")
+    torch.save({"model.norm.weight": torch.ones(2), "evil": CodeRunningPickle(marker)}, ckpt / "model_world_size_2_rank_1.pt")
     code, err = merge(capsys, "--source", ckpt, "--target", tmp_path / "out")
     assert not marker.exists(), "checkpoint code was executed"
     assert_refused(code, err, 2, "model_world_size_2_rank_1.pt", "never runs code", tmp_path=tmp_path)

@@ -6,6 +6,7 @@ import shutil
 
 import pytest
 
+from conftest import CodeRunningPickle
 from distmerge.cli import main
 
 
@@ -59,17 +60,9 @@ def test_metadata_that_does_not_parse(dcp_copy, tmp_path, capsys):
     assert_refused(code, err, 2, ".metadata", "not a readable DCP metadata file", tmp_path=tmp_path)
 
 
-class Exploit:
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (open, (self.marker, "w"))
-
-
 def test_metadata_pickle_that_runs_code_is_refused(dcp_copy, tmp_path, capsys):
     marker = tmp_path / "pwned"
-    (dcp_copy / ".metadata").write_bytes(pickle.dumps(Exploit(str(marker))))
+    (dcp_copy / ".metadata").write_bytes(pickle.dumps(CodeRunningPickle(marker)))
     code, err = merge(capsys, "--source", dcp_copy, "--target", tmp_path / "out")
     assert not marker.exists(), "code in .metadata was executed"
     assert_refused(code, err, 2, ".metadata", "io.open is not part of DCP metadata", tmp_path=tmp_path)

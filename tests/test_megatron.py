@@ -34,7 +34,7 @@ def logits_of(out, dtype=None):
 
 
 @pytest.mark.parametrize("family, layouts, tolerance", [
-    ("llama", ["mg_llama_ref", "mg_llama_tp2", "mg_llama_pp2", "mg_llama_tp2pp2"], 1e-5),
+    ("llama", ["mg_llama_ref", "mg_llama_tp2", "mg_llama_pp2", "mg_llama_tp2pp2", "mg_llama_tp2dp2_fully_parallel"], 1e-5),
     # bf16: HF and Megatron run bf16 matmuls with different kernels
     ("qwen2", ["mg_qwen2_ref", "mg_qwen2_tp2"], 2e-2),
     ("mixtral", ["mg_mixtral_ref", "mg_mixtral_ep2", "mg_mixtral_tp2ep2"], 1e-5),

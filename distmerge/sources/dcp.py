@@ -19,8 +19,8 @@ import torch
 
 from ..errors import MergeError, MergeIOError
 from ..model import Catalogue, Piece, SourceTensor, dtype_size, dtype_str
-from .fsdp import check_coverage
-from .torch_archive import FAST_PATH_MISSES, StoredTensor, _newobj_record, _Record, load_tensor_blob
+from .coverage import check_coverage
+from .torch_archive import FAST_PATH_MISSES, StoredTensor, record_class, load_tensor_blob
 
 FORMAT = "dcp"
 SAVER_RANK = re.compile(r"^__(\d+)_\d+\.distcp$")  # only to report the world size, never to find a shard
@@ -43,7 +43,7 @@ class _MetadataUnpickler(pickle.Unpickler):
         # any DCP (or Megatron) metadata class becomes an inert record: none of their code runs
         if module.startswith(("torch.distributed.checkpoint", "megatron.core.dist_checkpointing")):
             if name not in self.classes:
-                self.classes[name] = _newobj_record(name)
+                self.classes[name] = record_class(name)
             return self.classes[name]
         if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
             return getattr(torch, name)

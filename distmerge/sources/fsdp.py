@@ -13,6 +13,7 @@ import re
 
 from ..errors import MergeError
 from ..model import Catalogue, Piece, SourceTensor, dtype_size, dtype_str
+from .coverage import check_coverage
 from .torch_archive import StoredDTensor, load_state_metadata
 
 RANK_FILE = re.compile(r"^model_world_size_(\d+)_rank_(\d+)\.pt$")
@@ -136,20 +137,3 @@ def strip_wrapper_prefixes(name: str) -> str:
     for prefix in ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod."):
         name = name.replace(prefix, "")
     return name
-
-
-def check_coverage(t: SourceTensor) -> None:
-    """The pieces must tile the global tensor exactly: inside its bounds, together all of it."""
-    total = 0
-    for p in t.pieces:
-        if any(o + s > n for o, s, n in zip(p.region, p.shape, t.shape)):
-            raise MergeError(f"{p.file}: a piece of {t.name} at {list(p.region)} of shape {list(p.shape)} "
-                             f"lies outside the tensor's shape {list(t.shape)}")
-        total += p.numel
-    numel = 1
-    for n in t.shape:
-        numel *= n
-    if total != numel:
-        files = sorted({p.file for p in t.pieces})
-        raise MergeError(f"the pieces of tensor {t.name} cover {total} of its {numel} elements "
-                         f"(files: {', '.join(os.path.basename(f) for f in files)}); shards are missing or overlap")

@@ -170,7 +170,7 @@ class _Record:
         self.state = state if isinstance(state, dict) else {"value": state}
 
 
-def _newobj_record(kind: str) -> type:
+def record_class(kind: str) -> type:
     """A _Record subclass for one allowed class: NEWOBJ (cls.__new__(cls, *args)) and REDUCE
     (cls(*args)) both give a _Record of that kind holding the arguments."""
     def new(cls, *args):
@@ -255,7 +255,7 @@ class _FastUnpickler(pickle.Unpickler):
             return tuple
         if module.startswith("torch.distributed") and name in _DIST_CLASSES:
             if name not in self.classes:
-                self.classes[name] = _newobj_record(name)
+                self.classes[name] = record_class(name)
             return self.classes[name]
         raise _Unsupported(f"{module}.{name}")
 
@@ -372,8 +372,7 @@ def _load_with_torch(path: str) -> dict:
         raise MergeError(f"refusing to load {path}: it needs pickle code that is not a plain tensor "
                          f"or DTensor ({culprit}). distmerge never runs code from a checkpoint") from None
     except (RuntimeError, EOFError, OSError) as e:
-        raise MergeIOError(f"cannot read {path}: {e}. The file is truncated or corrupt; "
-                           "copy it again from the training job's storage") from None
+        raise _io_error(path, e) from None
     if not isinstance(state, dict):
         raise MergeError(f"{path} does not hold a state dict (found {type(state).__name__})")
 
