@@ -77,7 +77,8 @@ def run_merge(opts: MergeOptions) -> MergeResult:
         # detect -> map -> plan: metadata only, the same on every rank, so every rank stops at the
         # same bad input before anything is written
         catalogue = read_source(opts.source, opts.iteration)
-        config = load_config(opts.hf_config or catalogue.hf_dir, opts.source)
+        hf_dir = opts.hf_config or catalogue.hf_dir
+        config = load_config(hf_dir, opts.source)
         outputs = map_outputs(catalogue, config, cast)
         plan = make_plan(catalogue, outputs, rt.world_size, max_shard_size, opts.transport,
                          config_dtype=None if opts.dtype == "auto" else DTYPE_NAMES[opts.dtype])
@@ -108,7 +109,7 @@ def run_merge(opts: MergeOptions) -> MergeResult:
         # finish: rank 0 alone, after every rank's files are closed
         if rt.rank == 0:
             write_index(plan, staging)
-            copy_hf_files(opts.hf_config or catalogue.hf_dir, staging, config, plan)
+            copy_hf_files(hf_dir, staging, config, plan)
             shutil.rmtree(os.path.join(staging, ".progress"), ignore_errors=True)
             publish(staging, opts.target, opts.overwrite)
         rt.barrier()
