@@ -41,6 +41,8 @@ MEGATRON_LAYOUTS = {
     "mg_llama_pp2": (2, LLAMA_MG + ["--pp", "2"], "mg_llama_ref"),
     "mg_llama_tp2pp2": (4, LLAMA_MG + ["--tp", "2", "--pp", "2"], "mg_llama_ref"),
     "mg_llama_tp2dp2_fully_parallel": (4, LLAMA_MG + ["--tp", "2", "--fully-parallel"], "mg_llama_ref"),
+    # Megatron-LM's legacy format (mp_rank_TT_PPP/model_optim_rng.pt with an `args` Namespace)
+    "mg_llama_legacy_tp2pp2": (4, LLAMA_MG + ["--tp", "2", "--pp", "2", "--legacy"], "mg_llama_ref"),
     "mg_qwen2_ref": (1, QWEN2_MG, None),
     "mg_qwen2_tp2": (2, QWEN2_MG + ["--tp", "2"], "mg_qwen2_ref"),
     "mg_mixtral_ref": (1, ["--model", "mixtral"], None),                       # MoE: 4 experts, top-2

@@ -29,6 +29,8 @@ def parse_args():
     p.add_argument("--model", choices=["llama", "qwen2", "mixtral"], default="llama")
     p.add_argument("--experts", type=int, default=4, help="MoE experts (mixtral)")
     p.add_argument("--ep", type=int, default=1, help="expert parallel size")
+    p.add_argument("--legacy", action="store_true",
+                   help="save Megatron-LM's legacy format: iter_0000001/mp_rank_TT[_PPP]/model_optim_rng.pt")
     p.add_argument("--fully-parallel", action="store_true",
                    help="spread each tensor's chunks over the data-parallel ranks (FullyParallelSaveStrategyWrapper)")
     p.add_argument("--tie", action="store_true")
@@ -129,15 +131,31 @@ def main():
     if args.ref:
         state = dist_checkpointing.load(model.sharded_state_dict(), args.ref)
         model.load_state_dict(state, strict=False)
-    os.makedirs(ckpt, exist_ok=True)
+    if args.legacy:  # what Megatron-LM's save_checkpoint writes without --use-dist-ckpt
+        if ps.get_data_parallel_rank() == 0:
+            name = f"mp_rank_{ps.get_tensor_model_parallel_rank():02d}"
+            if args.pp > 1:
+                name += f"_{ps.get_pipeline_model_parallel_rank():03d}"
+            rank_dir = os.path.join(args.out, "iter_0000001", name)
+            os.makedirs(rank_dir, exist_ok=True)
+            megatron_args = argparse.Namespace(tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp,
+                                               params_dtype=getattr(torch, args.dtype), num_layers=args.layers)
+            torch.save({"model": model.state_dict(), "args": megatron_args, "checkpoint_version": 3.0, "iteration": 1},
+                       os.path.join(rank_dir, "model_optim_rng.pt"))
+        if dist.get_rank() == 0:
+            with open(os.path.join(args.out, "latest_checkpointed_iteration.txt"), "w") as f:
+                f.write("1")
+    else:
+        os.makedirs(ckpt, exist_ok=True)
     strategy = None
-    if args.fully_parallel:
+    if args.fully_parallel and not args.legacy:
         from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
         from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelSaveStrategyWrapper
 
         strategy = FullyParallelSaveStrategyWrapper(get_default_save_sharded_strategy(),
                                                     ps.get_data_parallel_group(with_context_parallel=True))
-    dist_checkpointing.save(model.sharded_state_dict(), ckpt, sharded_strategy=strategy)
+    if not args.legacy:
+        dist_checkpointing.save(model.sharded_state_dict(), ckpt, sharded_strategy=strategy)
     if dist.get_rank() == 0:
         hf_dir = os.path.join(args.out, "huggingface")
         hf_config(args).save_pretrained(hf_dir)

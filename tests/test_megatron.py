@@ -34,7 +34,8 @@ def logits_of(out, dtype=None):
 
 
 @pytest.mark.parametrize("family, layouts, tolerance", [
-    ("llama", ["mg_llama_ref", "mg_llama_tp2", "mg_llama_pp2", "mg_llama_tp2pp2", "mg_llama_tp2dp2_fully_parallel"], 1e-5),
+    ("llama", ["mg_llama_ref", "mg_llama_tp2", "mg_llama_pp2", "mg_llama_tp2pp2", "mg_llama_tp2dp2_fully_parallel",
+               "mg_llama_legacy_tp2pp2"], 1e-5),
     # bf16: HF and Megatron run bf16 matmuls with different kernels
     ("qwen2", ["mg_qwen2_ref", "mg_qwen2_tp2"], 2e-2),
     ("mixtral", ["mg_mixtral_ref", "mg_mixtral_ep2", "mg_mixtral_tp2ep2"], 1e-5),
@@ -118,3 +119,13 @@ def test_iteration_option_picks_an_older_checkpoint(checkpoint, tmp_path, capsys
     code = main(["merge", "--source", str(run_dir), "--hf-config", hf, "--iteration", "100",
                  "--target", str(tmp_path / "b"), "--no-progress"])
     assert code == 0, capsys.readouterr().err
+
+
+def test_legacy_checkpoint_with_a_missing_rank_is_refused(checkpoint, tmp_path, capsys):
+    src = tmp_path / "ckpt"
+    shutil.copytree(checkpoint("mg_llama_legacy_tp2pp2"), src)
+    shutil.rmtree(src / "iter_0000001" / "mp_rank_01_001")
+    code = main(["merge", "--source", str(src), "--target", str(tmp_path / "out"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and "lacks mp_rank_01_001" in err and "Traceback" not in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]

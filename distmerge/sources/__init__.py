@@ -5,9 +5,10 @@ import os
 
 from ..errors import MergeError
 from ..model import Catalogue
-from . import dcp, fsdp, megatron
+from . import dcp, fsdp, megatron, megatron_legacy
 
-FORMATS = [fsdp, megatron, dcp]  # each module has detect(dir) -> bool and read_catalogue(dir) -> Catalogue
+# order matters: a legacy Megatron-LM run also has latest_checkpointed_iteration.txt
+FORMATS = [fsdp, megatron_legacy, megatron, dcp]  # each module has detect(dir) -> bool and read_catalogue(dir) -> Catalogue
 
 
 def read_source(source: str, iteration: int | None = None) -> Catalogue:
@@ -19,6 +20,8 @@ def read_source(source: str, iteration: int | None = None) -> Catalogue:
     if not os.listdir(source):
         raise MergeError(f"source {source} is empty; pass the directory that holds the checkpoint files")
     if iteration is not None:  # Megatron-LM's iter_XXXXXXX directories
+        if megatron_legacy.resolve(source, iteration):
+            return megatron_legacy.read_catalogue(source, iteration)
         return megatron.read_catalogue(source, iteration)
     for fmt in FORMATS:
         if fmt.detect(source):

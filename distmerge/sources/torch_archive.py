@@ -68,18 +68,31 @@ def _io_error(path: str, e: Exception) -> MergeIOError:
                         "copy it again from the training job's storage")
 
 
-def load_state_metadata(path: str) -> dict:
-    """name -> StoredTensor | StoredDTensor for a torch.save'd state dict (other values are dropped)."""
+def load_state_metadata(path: str, key: str | None = None) -> dict:
+    """name -> StoredTensor | StoredDTensor for a torch.save'd state dict (other values are dropped).
+
+    With `key`, the state dict is the file's top-level dict's entry `key` (Megatron-LM's legacy
+    files: {"model": ..., "args": Namespace, ...}); the other entries may hold any class, which
+    the fast path reads as inert records (never calling it) and leaves alone."""
     try:
         with open(path, "rb") as f:
             data, prefix, offsets = _read_archive(f, path)
         try:
-            return _convert_fast(_FastUnpickler(data, prefix, offsets).load(), path)
+            state = _FastUnpickler(data, prefix, offsets, inert_unknown=key is not None).load()
+            return _convert_fast(_select(state, key, path), path)
         except FAST_PATH_MISSES:
             pass
     except (zipfile.BadZipFile, EOFError, OSError, struct.error) as e:
         raise _io_error(path, e) from None
-    return _load_with_torch(path)
+    return _load_with_torch(path, key)
+
+
+def _select(state, key: str | None, path: str):
+    if key is None:
+        return state
+    if not isinstance(state, dict) or not isinstance(state.get(key), dict):
+        raise MergeError(f"{path} has no state dict under {key!r}; it is not a Megatron-LM model checkpoint")
+    return state[key]
 
 
 class _Window(io.RawIOBase):
@@ -227,9 +240,9 @@ def _rebuild_from_type_v2(func, new_type, args, state):
 
 
 class _FastUnpickler(pickle.Unpickler):
-    def __init__(self, data: bytes, prefix: str, offsets: dict):
+    def __init__(self, data: bytes, prefix: str, offsets: dict, inert_unknown: bool = False):
         super().__init__(io.BytesIO(data))
-        self.prefix, self.offsets = prefix, offsets
+        self.prefix, self.offsets, self.inert_unknown = prefix, offsets, inert_unknown
         self.classes: dict[str, type] = {}
 
     def find_class(self, module, name):
@@ -253,7 +266,8 @@ class _FastUnpickler(pickle.Unpickler):
             return str
         if module == "torch" and name == "Size":
             return tuple
-        if module.startswith("torch.distributed") and name in _DIST_CLASSES:
+        if (module.startswith("torch.distributed") and name in _DIST_CLASSES) or self.inert_unknown:
+            # a stand-in that records its arguments: the real class (or function) is never called
             if name not in self.classes:
                 self.classes[name] = record_class(name)
             return self.classes[name]
@@ -349,7 +363,7 @@ def _convert_fast(state, path: str) -> dict:
 
 # ---------------------------------------------------------------- the fallback: torch's own safe loader
 
-def _load_with_torch(path: str) -> dict:
+def _load_with_torch(path: str, key: str | None = None) -> dict:
     import torch.distributed.tensor  # noqa: F401  registers DTensor and its placements as safe globals
     from torch.distributed.tensor import DTensor, Replicate, Shard
     from torch.distributed.tensor.placement_types import _StridedShard
@@ -373,6 +387,7 @@ def _load_with_torch(path: str) -> dict:
                          f"or DTensor ({culprit}). distmerge never runs code from a checkpoint") from None
     except (RuntimeError, EOFError, OSError) as e:
         raise _io_error(path, e) from None
+    state = _select(state, key, path)
     if not isinstance(state, dict):
         raise MergeError(f"{path} does not hold a state dict (found {type(state).__name__})")
 
