@@ -129,3 +129,17 @@ def test_legacy_checkpoint_with_a_missing_rank_is_refused(checkpoint, tmp_path, 
     err = capsys.readouterr().err
     assert code == 2 and "lacks mp_rank_01_001" in err and "Traceback" not in err, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+def test_a_tensor_no_rule_maps_is_refused_by_name(checkpoint, tmp_path, capsys):
+    src = tmp_path / "ckpt"
+    shutil.copytree(checkpoint("mg_llama_legacy_tp2pp2"), src)
+    for rank_file in (src / "iter_0000001").glob("mp_rank_*/model_optim_rng.pt"):
+        state = torch.load(rank_file, weights_only=False)  # our own fixture: trusted
+        for layer in (0, 1):  # both local layers of each pipeline stage
+            state["model"][f"decoder.layers.{layer}.mystery_adapter.weight"] = torch.zeros(2, 2)
+        torch.save(state, rank_file)
+    code = main(["merge", "--source", str(src), "--target", str(tmp_path / "out"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and "no rule maps" in err and "decoder.layers.mystery_adapter.weight" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]

@@ -21,4 +21,5 @@ def check_coverage(t: SourceTensor) -> None:
     if total != numel:
         files = sorted({p.file for p in t.pieces})
         raise MergeError(f"the pieces of tensor {t.name} cover {total} of its {numel} elements "
-                         f"(files: {', '.join(os.path.basename(f) for f in files)}); shards are missing or overlap")
+                         f"(files: {', '.join(os.path.join(os.path.basename(os.path.dirname(f)), os.path.basename(f)) for f in files)}); "
+                         "shards are missing or overlap")
