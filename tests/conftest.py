@@ -48,6 +48,9 @@ MEGATRON_LAYOUTS = {
     "mg_mixtral_ref": (1, ["--model", "mixtral"], None),                       # MoE: 4 experts, top-2
     "mg_mixtral_ep2": (2, ["--model", "mixtral", "--ep", "2"], "mg_mixtral_ref"),
     "mg_mixtral_tp2ep2": (4, ["--model", "mixtral", "--tp", "2", "--ep", "2"], "mg_mixtral_ref"),
+    # Qwen2-MoE: qkv bias, shared expert with its sigmoid gate, no top-k renormalisation
+    "mg_qwen2moe_ref": (1, ["--model", "qwen2_moe"], None),
+    "mg_qwen2moe_tp2ep2": (4, ["--model", "qwen2_moe", "--tp", "2", "--ep", "2"], "mg_qwen2moe_ref"),
 }
 
 

@@ -26,7 +26,7 @@ def parse_args():
     p.add_argument("--from", dest="ref", help="reference checkpoint (dist_ckpt dir) to load and re-save")
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--pp", type=int, default=1)
-    p.add_argument("--model", choices=["llama", "qwen2", "mixtral"], default="llama")
+    p.add_argument("--model", choices=["llama", "qwen2", "mixtral", "qwen2_moe"], default="llama")
     p.add_argument("--experts", type=int, default=4, help="MoE experts (mixtral)")
     p.add_argument("--ep", type=int, default=1, help="expert parallel size")
     p.add_argument("--legacy", action="store_true",
@@ -74,14 +74,17 @@ def build(args):
     from megatron.core import parallel_state as ps
 
     dtype = getattr(torch, args.dtype)
-    moe = args.model == "mixtral"
+    moe = args.model in ("mixtral", "qwen2_moe")
     moe_args = dict(num_moe_experts=args.experts, moe_router_topk=2, moe_ffn_hidden_size=args.ffn,
                     moe_token_dispatcher_type="allgather", expert_model_parallel_size=args.ep) if moe else {}
+    if args.model == "qwen2_moe":  # shared expert with a sigmoid gate; softmax over all experts, no renormalisation
+        moe_args.update(moe_shared_expert_intermediate_size=2 * args.ffn, moe_shared_expert_gate=True,
+                        moe_router_pre_softmax=True)
     config = TransformerConfig(
         num_layers=args.layers, hidden_size=args.hidden, num_attention_heads=args.heads,
         num_query_groups=args.groups, ffn_hidden_size=args.ffn, kv_channels=args.hidden // args.heads,
         normalization="RMSNorm", layernorm_epsilon=1e-6, gated_linear_unit=True, activation_func=F.silu,
-        add_bias_linear=False, add_qkv_bias=args.model == "qwen2", use_cpu_initialization=True,
+        add_bias_linear=False, add_qkv_bias=args.model in ("qwen2", "qwen2_moe"), use_cpu_initialization=True,
         params_dtype=dtype, bf16=dtype == torch.bfloat16, pipeline_dtype=dtype,
         tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp,
         hidden_dropout=0.0, attention_dropout=0.0, perform_initialization=True, **moe_args,
@@ -101,11 +104,16 @@ def build(args):
 
 
 def hf_config(args):
-    from transformers import LlamaConfig, MixtralConfig, Qwen2Config
+    from transformers import LlamaConfig, MixtralConfig, Qwen2Config, Qwen2MoeConfig
 
     cls, arch = {"llama": (LlamaConfig, "LlamaForCausalLM"), "qwen2": (Qwen2Config, "Qwen2ForCausalLM"),
-                 "mixtral": (MixtralConfig, "MixtralForCausalLM")}[args.model]
+                 "mixtral": (MixtralConfig, "MixtralForCausalLM"),
+                 "qwen2_moe": (Qwen2MoeConfig, "Qwen2MoeForCausalLM")}[args.model]
     extra = dict(num_local_experts=args.experts, num_experts_per_tok=2) if args.model == "mixtral" else {}
+    if args.model == "qwen2_moe":
+        extra = dict(num_experts=args.experts, num_experts_per_tok=2, moe_intermediate_size=args.ffn,
+                     shared_expert_intermediate_size=2 * args.ffn, norm_topk_prob=False, decoder_sparse_step=1,
+                     mlp_only_layers=[])
     return cls(architectures=[arch], **extra, hidden_size=args.hidden, num_attention_heads=args.heads,
                num_key_value_heads=args.groups, head_dim=args.hidden // args.heads, intermediate_size=args.ffn,
                num_hidden_layers=args.layers, vocab_size=args.vocab, tie_word_embeddings=args.tie,
@@ -122,7 +130,7 @@ def main():
 
     ps.initialize_model_parallel(tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp,
                                  expert_model_parallel_size=args.ep)
-    if args.model == "mixtral":  # MoE forward on CPU
+    if args.model in ("mixtral", "qwen2_moe"):  # MoE forward on CPU
         from megatron.core.transformer.moe import moe_utils
 
         moe_utils.te_general_gemm = None

@@ -39,6 +39,7 @@ def logits_of(out, dtype=None):
     # bf16: HF and Megatron run bf16 matmuls with different kernels
     ("qwen2", ["mg_qwen2_ref", "mg_qwen2_tp2"], 2e-2),
     ("mixtral", ["mg_mixtral_ref", "mg_mixtral_ep2", "mg_mixtral_tp2ep2"], 1e-5),
+    ("qwen2_moe", ["mg_qwen2moe_ref", "mg_qwen2moe_tp2ep2"], 1e-5),
 ])
 def test_every_layout_merges_to_the_same_bytes_and_megatron_logits(family, layouts, tolerance, checkpoint, tmp_path):
     digests = {}

@@ -31,7 +31,11 @@ class QKV:
 
 @dataclass(frozen=True)
 class GateUp:
-    pass
+    """A fused [gate (F rows); up (F rows)], F from config key `size`."""
+
+    gate: str = "mlp.gate_proj.weight"
+    up: str = "mlp.up_proj.weight"
+    size: str = "intermediate_size"
 
 
 @dataclass(frozen=True)
@@ -62,6 +66,11 @@ LAYER_RULES = {
     "mlp.router.weight": Router(),
     "mlp.experts.experts.linear_fc1.weight": Experts(fc1=True),
     "mlp.experts.experts.linear_fc2.weight": Experts(fc1=False),
+    # Qwen2-MoE's shared expert and its sigmoid gate
+    "mlp.shared_experts.linear_fc1.weight": GateUp("mlp.shared_expert.gate_proj.weight",
+                                                   "mlp.shared_expert.up_proj.weight", "shared_expert_intermediate_size"),
+    "mlp.shared_experts.linear_fc2.weight": Same("mlp.shared_expert.down_proj.weight"),
+    "mlp.shared_experts.gate_weight": Same("mlp.shared_expert_gate.weight"),
 }
 # MoE names per family: router, expert prefix, and the expert's gate / up / down projections
 MOE_NAMES = {
@@ -87,8 +96,8 @@ def map_outputs(catalogue: Catalogue, config: dict, cast) -> list[OutputTensor]:
     cfg = _text_config(config)
     heads, groups = cfg["num_attention_heads"], cfg.get("num_key_value_heads") or cfg["num_attention_heads"]
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
-    layers, vocab, ffn = cfg["num_hidden_layers"], cfg["vocab_size"], cfg.get("intermediate_size")
-    expert_ffn = cfg.get("moe_intermediate_size") or ffn
+    layers, vocab = cfg["num_hidden_layers"], cfg["vocab_size"]
+    expert_ffn = cfg.get("moe_intermediate_size") or cfg.get("intermediate_size")
     tied = bool(cfg.get("tie_word_embeddings", False))
     tensors = catalogue.tensors
 
@@ -162,11 +171,12 @@ def map_outputs(catalogue: Catalogue, config: dict, cast) -> list[OutputTensor]:
                     outputs.append(out(at + up + ".weight", name, [SourceRows(name, (i, e), expert_ffn, 2 * expert_ffn)],
                                        (expert_ffn,) + rest))
             elif isinstance(rule, GateUp):
-                if t.shape[1] != 2 * ffn:
+                size = cfg.get(rule.size)
+                if t.shape[1] != 2 * (size or 0):
                     raise MergeError(f"{name} has {t.shape[1]} rows per layer but config.json's "
-                                     f"intermediate_size={ffn} needs {2 * ffn}; the config is not this model's")
-                outputs.append(out(prefix + "mlp.gate_proj.weight", name, [SourceRows(name, (i,), 0, ffn)], (ffn,) + rest))
-                outputs.append(out(prefix + "mlp.up_proj.weight", name, [SourceRows(name, (i,), ffn, 2 * ffn)], (ffn,) + rest))
+                                     f"{rule.size}={size} needs {2 * (size or 0)}; the config is not this model's")
+                outputs.append(out(prefix + rule.gate, name, [SourceRows(name, (i,), 0, size)], (size,) + rest))
+                outputs.append(out(prefix + rule.up, name, [SourceRows(name, (i,), size, 2 * size)], (size,) + rest))
     if FINAL_NORM in tensors:
         t = tensors[FINAL_NORM]
         outputs.append(out("model.norm.weight", FINAL_NORM, [SourceRows(FINAL_NORM, (), 0, t.shape[0])], t.shape))
