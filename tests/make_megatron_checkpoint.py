@@ -26,7 +26,7 @@ def parse_args():
     p.add_argument("--from", dest="ref", help="reference checkpoint (dist_ckpt dir) to load and re-save")
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--pp", type=int, default=1)
-    p.add_argument("--model", choices=["llama", "qwen2", "mixtral", "qwen2_moe"], default="llama")
+    p.add_argument("--model", choices=["llama", "qwen2", "qwen3", "mixtral", "qwen2_moe"], default="llama")
     p.add_argument("--experts", type=int, default=4, help="MoE experts (mixtral)")
     p.add_argument("--ep", type=int, default=1, help="expert parallel size")
     p.add_argument("--legacy", action="store_true",
@@ -87,10 +87,12 @@ def build(args):
         add_bias_linear=False, add_qkv_bias=args.model in ("qwen2", "qwen2_moe"), use_cpu_initialization=True,
         params_dtype=dtype, bf16=dtype == torch.bfloat16, pipeline_dtype=dtype,
         tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp,
-        hidden_dropout=0.0, attention_dropout=0.0, perform_initialization=True, **moe_args,
+        hidden_dropout=0.0, attention_dropout=0.0, perform_initialization=True, qk_layernorm=args.model == "qwen3",
+        **moe_args,
     )
     torch.manual_seed(0)
-    spec = get_gpt_layer_local_spec(num_experts=args.experts, moe_grouped_gemm=False) if moe else get_gpt_layer_local_spec()
+    spec = get_gpt_layer_local_spec(num_experts=args.experts if moe else None, moe_grouped_gemm=False,
+                                    qk_layernorm=args.model == "qwen3")
     model = GPTModel(config, transformer_layer_spec=spec, vocab_size=args.padded_vocab or args.vocab,
                      max_sequence_length=128, pre_process=ps.is_pipeline_first_stage(),
                      post_process=ps.is_pipeline_last_stage(), share_embeddings_and_output_weights=args.tie,
@@ -104,10 +106,10 @@ def build(args):
 
 
 def hf_config(args):
-    from transformers import LlamaConfig, MixtralConfig, Qwen2Config, Qwen2MoeConfig
+    from transformers import LlamaConfig, MixtralConfig, Qwen2Config, Qwen2MoeConfig, Qwen3Config
 
     cls, arch = {"llama": (LlamaConfig, "LlamaForCausalLM"), "qwen2": (Qwen2Config, "Qwen2ForCausalLM"),
-                 "mixtral": (MixtralConfig, "MixtralForCausalLM"),
+                 "qwen3": (Qwen3Config, "Qwen3ForCausalLM"), "mixtral": (MixtralConfig, "MixtralForCausalLM"),
                  "qwen2_moe": (Qwen2MoeConfig, "Qwen2MoeForCausalLM")}[args.model]
     extra = dict(num_local_experts=args.experts, num_experts_per_tok=2) if args.model == "mixtral" else {}
     if args.model == "qwen2_moe":

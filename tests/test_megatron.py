@@ -38,6 +38,7 @@ def logits_of(out, dtype=None):
                "mg_llama_legacy_tp2pp2"], 1e-5),
     # bf16: HF and Megatron run bf16 matmuls with different kernels
     ("qwen2", ["mg_qwen2_ref", "mg_qwen2_tp2"], 2e-2),
+    ("qwen3", ["mg_qwen3_ref", "mg_qwen3_tp2"], 1e-5),
     ("mixtral", ["mg_mixtral_ref", "mg_mixtral_ep2", "mg_mixtral_tp2ep2"], 1e-5),
     ("qwen2_moe", ["mg_qwen2moe_ref", "mg_qwen2moe_tp2ep2"], 1e-5),
 ])
