@@ -98,7 +98,8 @@ class SourceRows:
 class OutputTensor:
     """One tensor of the HF checkpoint and its recipe: the concatenation, along the first dim, of
     row ranges of source tensors (identity, a layer of a stacked tensor, a head group of a fused
-    QKV, the gate half of a fused gate/up, the first vocab_size rows of a padded embedding)."""
+    QKV, the gate half of a fused gate/up, the first vocab_size rows of a padded embedding).
+    No parts means zeros: a bias the HF class has and the source model computes without."""
 
     name: str
     shape: tuple[int, ...]

@@ -45,6 +45,9 @@ MEGATRON_LAYOUTS = {
     "mg_llama_legacy_tp2pp2": (4, LLAMA_MG + ["--tp", "2", "--pp", "2", "--legacy"], "mg_llama_ref"),
     "mg_qwen2_ref": (1, QWEN2_MG, None),
     "mg_qwen2_tp2": (2, QWEN2_MG + ["--tp", "2"], "mg_qwen2_ref"),
+    # a value model (verl's critic): output_layer [1, H] -> Qwen2ForTokenClassification's score
+    "mg_critic_ref": (1, ["--model", "qwen2", "--value-head"], None),
+    "mg_critic_tp2": (2, ["--model", "qwen2", "--value-head", "--tp", "2"], "mg_critic_ref"),
     "mg_qwen3_ref": (1, ["--model", "qwen3"], None),                          # q_norm / k_norm
     "mg_qwen3_tp2": (2, ["--model", "qwen3", "--tp", "2"], "mg_qwen3_ref"),
     "mg_mixtral_ref": (1, ["--model", "mixtral"], None),                       # MoE: 4 experts, top-2

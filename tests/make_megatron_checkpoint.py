@@ -29,6 +29,8 @@ def parse_args():
     p.add_argument("--model", choices=["llama", "qwen2", "qwen3", "mixtral", "qwen2_moe"], default="llama")
     p.add_argument("--experts", type=int, default=4, help="MoE experts (mixtral)")
     p.add_argument("--ep", type=int, default=1, help="expert parallel size")
+    p.add_argument("--value-head", action="store_true",
+                   help="a critic: replace the output layer by a [1, hidden] value head (as verl's critic)")
     p.add_argument("--legacy", action="store_true",
                    help="save Megatron-LM's legacy format: iter_0000001/mp_rank_TT[_PPP]/model_optim_rng.pt")
     p.add_argument("--fully-parallel", action="store_true",
@@ -97,12 +99,24 @@ def build(args):
                      max_sequence_length=128, pre_process=ps.is_pipeline_first_stage(),
                      post_process=ps.is_pipeline_last_stage(), share_embeddings_and_output_weights=args.tie,
                      position_embedding_type="rope", rotary_base=10000)
+    if args.value_head and ps.is_pipeline_last_stage():
+        model.output_layer = ValueHead(args.hidden)
     if not args.ref:  # make every tensor distinct from its default init (norms are all ones)
         with torch.no_grad():
             gen = torch.Generator().manual_seed(1)
             for p in model.parameters():
                 p.add_(torch.randn(p.shape, generator=gen).to(p.dtype) * 0.02)
     return model.to(dtype)
+
+
+class ValueHead(torch.nn.Linear):
+    """A critic's value head [1, hidden], replicated over TP, called the way GPTModel calls its output layer."""
+
+    def __init__(self, hidden):
+        super().__init__(hidden, 1, bias=False)
+
+    def forward(self, x, weight=None, runtime_gather_output=None):
+        return super().forward(x), None
 
 
 def hf_config(args):
@@ -112,6 +126,8 @@ def hf_config(args):
                  "qwen3": (Qwen3Config, "Qwen3ForCausalLM"), "mixtral": (MixtralConfig, "MixtralForCausalLM"),
                  "qwen2_moe": (Qwen2MoeConfig, "Qwen2MoeForCausalLM")}[args.model]
     extra = dict(num_local_experts=args.experts, num_experts_per_tok=2) if args.model == "mixtral" else {}
+    if args.value_head:
+        arch, extra = arch.replace("ForCausalLM", "ForTokenClassification"), dict(extra, num_labels=1)
     if args.model == "qwen2_moe":
         extra = dict(num_experts=args.experts, num_experts_per_tok=2, moe_intermediate_size=args.ffn,
                      shared_expert_intermediate_size=2 * args.ffn, norm_topk_prob=False, decoder_sparse_step=1,
@@ -181,7 +197,8 @@ def main():
         with torch.no_grad():
             logits = model(input_ids=ids, position_ids=torch.arange(seq).unsqueeze(0), attention_mask=mask)
         os.makedirs(os.path.join(args.out, "reference"), exist_ok=True)
-        torch.save(logits[..., : args.vocab].float(), os.path.join(args.out, "reference", "logits.pt"))
+        logits = logits if args.value_head else logits[..., : args.vocab]
+        torch.save(logits.float(), os.path.join(args.out, "reference", "logits.pt"))
     dist.barrier()
     # megatron's checkpoint writer leaves a spawned multiprocessing manager behind; it would keep
     # our stdout open (a caller reading it would wait forever). End it, then leave without

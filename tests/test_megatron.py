@@ -145,3 +145,24 @@ def test_a_tensor_no_rule_maps_is_refused_by_name(checkpoint, tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and "no rule maps" in err and "decoder.layers.mystery_adapter.weight" in err, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+def test_value_model_becomes_token_classification_with_equal_values(checkpoint, tmp_path):
+    from transformers import AutoModelForTokenClassification
+
+    outs = []
+    for layout in ("mg_critic_ref", "mg_critic_tp2"):
+        out = tmp_path / layout
+        proc = run_distmerge(["merge", "--source", str(checkpoint(layout)), "--target", str(out), "--no-progress"], nproc=2)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        outs.append(digest(out))
+    assert outs[0] == outs[1]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model, info = AutoModelForTokenClassification.from_pretrained(tmp_path / "mg_critic_tp2", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    with torch.no_grad():
+        values = model.eval()(input_ids=torch.tensor(FIXED_INPUT)).logits
+    reference = torch.load(checkpoint("mg_critic_ref") / "reference" / "logits.pt")
+    assert values.shape == reference.shape == (1, len(FIXED_INPUT[0]), 1)
+    torch.testing.assert_close(values, reference, rtol=0, atol=1e-5)

@@ -89,9 +89,12 @@ def _text_config(config: dict) -> dict:
 
 
 def map_outputs(catalogue: Catalogue, config: dict, cast) -> list[OutputTensor]:
-    arch = (config.get("architectures") or ["?"])[0]
+    declared = (config.get("architectures") or ["?"])[0]
+    # a value model (verl's critic: output_layer [1, H]) is the same network with a `score` head
+    value_model = declared.endswith("ForTokenClassification")
+    arch = declared.replace("ForTokenClassification", "ForCausalLM")
     if arch not in ARCHITECTURES:
-        raise MergeError(f"config.json names architecture {arch}, which has no Megatron mapping "
+        raise MergeError(f"config.json names architecture {declared}, which has no Megatron mapping "
                          f"(supported: {', '.join(sorted(ARCHITECTURES))}); pass --hf-config with a matching config")
     cfg = _text_config(config)
     heads, groups = cfg["num_attention_heads"], cfg.get("num_key_value_heads") or cfg["num_attention_heads"]
@@ -180,7 +183,16 @@ def map_outputs(catalogue: Catalogue, config: dict, cast) -> list[OutputTensor]:
     if FINAL_NORM in tensors:
         t = tensors[FINAL_NORM]
         outputs.append(out("model.norm.weight", FINAL_NORM, [SourceRows(FINAL_NORM, (), 0, t.shape[0])], t.shape))
-    if not tied:
+    if value_model:
+        labels = len(config.get("id2label") or {}) or 1
+        if HEAD not in tensors or tensors[HEAD].shape[0] != labels:
+            raise MergeError(f"config.json describes a value model ({declared}, {labels} label(s)) but "
+                             f"{catalogue.source} has {HEAD} of shape {list(tensors[HEAD].shape) if HEAD in tensors else 'none'}")
+        t = tensors[HEAD]
+        outputs.append(out("score.weight", HEAD, [SourceRows(HEAD, (), 0, labels)], t.shape))
+        # HF's score layer has a bias; the Megatron value head has none: it is exactly zero
+        outputs.append(OutputTensor("score.bias", (labels,), cast(t.dtype), []))
+    elif not tied:
         if HEAD not in tensors:
             raise MergeError(f"config.json has tie_word_embeddings=false but {catalogue.source} holds no {HEAD}")
         parts, shape = vocab_rows(HEAD)
