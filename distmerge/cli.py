@@ -16,8 +16,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     m = sub.add_parser("merge", help="merge a sharded checkpoint into a Hugging Face directory")
-    m.add_argument("--source", required=True, help="checkpoint directory (e.g. global_step_100/actor)")
-    m.add_argument("--target", required=True, help="output directory; must be empty or absent unless --overwrite")
+    m.add_argument("--config", metavar="FILE", help="a YAML preset (see configs/); flags on the command line override it")
+    m.add_argument("--source", help="checkpoint directory (e.g. global_step_100/actor); required")
+    m.add_argument("--target", help="output directory; must be empty or absent unless --overwrite; required")
     m.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
                    help="auto keeps the source bytes exactly; others cast floating tensors only")
     m.add_argument("--max-shard-size", default="5GB", help="largest output file, e.g. 5GB, 500MB, 2GiB")
@@ -34,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--summary-json", metavar="PATH", help="write the result (files, bytes, seconds per phase and rank) as JSON")
     m.add_argument("--debug", action="store_true", help="show tracebacks")
 
+    parser.merge_parser = m
     i = sub.add_parser("inspect", help="print what a checkpoint holds and the merge plan; reads metadata only")
     i.add_argument("source")
     i.add_argument("--nproc", type=int, default=1, help="ranks to plan for")
@@ -53,8 +55,52 @@ def setup_logging() -> None:
                         else "[distmerge] %(message)s", stream=sys.stderr)
 
 
+def load_preset(path: str, merge_parser: argparse.ArgumentParser) -> dict:
+    """A YAML preset's options, checked like flags: unknown keys and values outside the choices are errors."""
+    import yaml
+
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+    except OSError as e:
+        raise MergeError(f"cannot read --config {path}: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise MergeError(f"--config {path} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise MergeError(f"--config {path} must be a mapping of option: value")
+    actions = {a.dest: a for a in merge_parser._actions if a.dest not in ("help", "config")}
+    preset = {}
+    for key, value in data.items():
+        dest = str(key).replace("-", "_")
+        if dest not in actions:
+            raise MergeError(f"--config {path}: unknown key {key!r}; known keys: {', '.join(sorted(actions))}")
+        action = actions[dest]
+        if action.type is not None and value is not None:
+            value = action.type(value)
+        if action.choices and value not in action.choices:
+            raise MergeError(f"--config {path}: {key}: {value!r} is not one of {', '.join(map(str, action.choices))}")
+        preset[dest] = value
+    return preset
+
+
+def parse(argv) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "merge":
+        if args.config:
+            parser.merge_parser.set_defaults(**load_preset(args.config, parser.merge_parser))
+            args = parser.parse_args(argv)  # flags given on the command line win over the preset
+        if not args.source or not args.target:
+            parser.merge_parser.error("--source and --target are required (on the command line or in --config)")
+    return args
+
+
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = parse(argv)
+    except MergeError as e:
+        print(f"distmerge: error: {e}", file=sys.stderr)
+        return e.exit_code
     setup_logging()
     try:
         if args.command == "merge":
