@@ -81,7 +81,7 @@ def make_plan(catalogue: Catalogue, outputs: list[OutputTensor], world_size: int
         files.append(OutputFile(name=name, rank=owner, entries=entries, header=safetensors_header(entries)))
 
     held = Counter()
-    for name in set().union(set(), *(t.sources for t in outputs)):
+    for name in set().union(*(t.sources for t in outputs)):
         for p in catalogue.tensors[name].pieces:
             held[p.file] += p.nbytes
     sources = [f for f in catalogue.files if held[f]]

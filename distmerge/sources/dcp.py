@@ -9,6 +9,7 @@ File names never tell which shard is where: with fully-parallel saving any chunk
 """
 from __future__ import annotations
 
+import collections
 import io
 import math
 import os
@@ -54,8 +55,6 @@ class _MetadataUnpickler(pickle.Unpickler):
         if module == "pathlib" and name in ("PosixPath", "PurePosixPath", "Path", "WindowsPath", "PureWindowsPath"):
             return lambda *parts: "/".join(map(str, parts))
         if module == "collections" and name == "OrderedDict":
-            import collections
-
             return collections.OrderedDict
         raise pickle.UnpicklingError(f"{module}.{name} is not part of DCP metadata")
 

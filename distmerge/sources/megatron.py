@@ -30,20 +30,26 @@ def _is_dist_ckpt(d: str) -> bool:
         return False
 
 
+def latest_iteration(source: str) -> int | None:
+    """The iteration Megatron-LM's latest_checkpointed_iteration.txt names, None without the file."""
+    tracker = os.path.join(source, "latest_checkpointed_iteration.txt")
+    if not os.path.isfile(tracker):
+        return None
+    with open(tracker) as f:
+        text = f.read().strip()
+    if not text.isdigit():
+        raise MergeError(f"{tracker} says {text!r}, not an iteration number; pass --iteration N")
+    return int(text)
+
+
 def resolve(source: str, iteration: int | None = None) -> str | None:
     """The dist checkpoint directory that `source` names, or None when it names none."""
     if _is_dist_ckpt(source):
         return source
     if _is_dist_ckpt(os.path.join(source, "dist_ckpt")):
         return os.path.join(source, "dist_ckpt")
-    tracker = os.path.join(source, "latest_checkpointed_iteration.txt")
-    if os.path.isfile(tracker) or iteration is not None:
-        if iteration is None:
-            with open(tracker) as f:
-                text = f.read().strip()
-            if not text.isdigit():
-                raise MergeError(f"{tracker} says {text!r}, not an iteration number; pass --iteration N")
-            iteration = int(text)
+    iteration = iteration if iteration is not None else latest_iteration(source)
+    if iteration is not None:
         path = os.path.join(source, f"iter_{iteration:07d}")
         if not _is_dist_ckpt(path):
             raise MergeError(f"{path} is not a torch_dist checkpoint (no metadata.json with sharded_backend "

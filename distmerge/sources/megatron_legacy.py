@@ -18,6 +18,8 @@ from collections import defaultdict
 from ..errors import MergeError
 from ..model import Catalogue, Piece, SourceTensor, dtype_size
 from .coverage import check_coverage
+from .dcp import find_hf_dir
+from .megatron import latest_iteration
 from .torch_archive import StoredTensor, load_state_metadata
 
 FORMAT = "megatron-legacy"
@@ -33,11 +35,7 @@ def resolve(source: str, iteration: int | None = None) -> str | None:
         return os.path.isdir(d) and any(RANK_DIR.match(n) for n in os.listdir(d))
     if has_ranks(source):
         return source
-    tracker = os.path.join(source, "latest_checkpointed_iteration.txt")
-    if iteration is None and os.path.isfile(tracker):
-        with open(tracker) as f:
-            text = f.read().strip()
-        iteration = int(text) if text.isdigit() else None
+    iteration = iteration if iteration is not None else latest_iteration(source)
     if iteration is not None and has_ranks(os.path.join(source, f"iter_{iteration:07d}")):
         return os.path.join(source, f"iter_{iteration:07d}")
     return None
@@ -88,9 +86,8 @@ def read_catalogue(source: str, iteration: int | None = None) -> Catalogue:
     for name, parts in blocks.items():
         tensors[name] = _stack(name, parts, tp, layer_total)
         check_coverage(tensors[name])
-    hf_dir = next((d for d in (os.path.join(source, "huggingface"), os.path.join(iter_dir, "huggingface"))
-                   if os.path.isdir(d)), None)
-    return Catalogue(format=FORMAT, source=source, files=sorted(files.values()), tensors=tensors, hf_dir=hf_dir,
+    return Catalogue(format=FORMAT, source=source, files=sorted(files.values()), tensors=tensors,
+                     hf_dir=find_hf_dir(source) or find_hf_dir(iter_dir),
                      world_size=tp * pp, mesh=f"tp={tp} x pp={pp}")
 
 
