@@ -29,6 +29,10 @@ LAYOUTS = {
     "qwen2_dcp_fsdp2_w2": (2, ["--model", "qwen2", "--layout", "fsdp2", "--save", "dcp"]),
     "llama_dcp_fsdp_tp_w4": (4, ["--model", "llama", "--layout", "tp", "--save", "dcp"]),
 }
+# layouts distmerge must refuse with a message: FSDP1 without a device mesh saves ShardedTensors
+REFUSED_LAYOUTS = {
+    "llama_fsdp1_nomesh_w2": (2, ["--model", "llama", "--layout", "fsdp1_nomesh", "--no-reference"]),
+}
 
 
 MEGATRON_MAKER = ROOT / "tests" / "make_megatron_checkpoint.py"
@@ -121,7 +125,7 @@ def checkpoint(tmp_path_factory):
                     extra = extra + ["--from", str(make(ref) / "dist_ckpt")]
                 cmd = torchrun_cmd(nproc) + [str(MEGATRON_MAKER)]
             else:
-                nproc, extra = LAYOUTS[name]
+                nproc, extra = {**LAYOUTS, **REFUSED_LAYOUTS}[name]
                 cmd = [sys.executable, str(MAKER)] if nproc == 1 else torchrun_cmd(nproc) + [str(MAKER)]
             proc = run(cmd + ["--out", str(out)] + extra)
             assert proc.returncode == 0, f"fixture {name} failed:\n{proc.stdout}\n{proc.stderr[-4000:]}"

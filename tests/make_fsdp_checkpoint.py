@@ -27,7 +27,7 @@ def parse_args():
     p = argparse.ArgumentParser()
     p.add_argument("--out", required=True)
     p.add_argument("--model", choices=["llama", "qwen2"], default="llama")
-    p.add_argument("--layout", choices=["fsdp2", "fsdp1", "hsdp", "tp", "single"], default="fsdp2")
+    p.add_argument("--layout", choices=["fsdp2", "fsdp1", "fsdp1_nomesh", "hsdp", "tp", "single"], default="fsdp2")
     p.add_argument("--hidden", type=int, default=64)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--kv-heads", type=int, default=2)
@@ -140,11 +140,11 @@ def wrap(model, args, world):
             fully_shard(layer, mesh=mesh["fsdp"])
         fully_shard(model, mesh=mesh["fsdp"])
         return model, 2
-    if args.layout == "fsdp1":
+    if args.layout in ("fsdp1", "fsdp1_nomesh"):  # without a mesh FSDP1 saves ShardedTensors
         from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
         from torch.distributed.fsdp import ShardingStrategy
 
-        mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("fsdp",))
+        mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("fsdp",)) if args.layout == "fsdp1" else None
         model = FSDP(model, device_mesh=mesh, use_orig_params=True, device_id=torch.device("cpu"),
                      sharding_strategy=ShardingStrategy.FULL_SHARD)
         return model, 1

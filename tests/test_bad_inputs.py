@@ -182,3 +182,10 @@ def test_inspect_reads_metadata_and_prints_the_plan(checkpoint, capsys):
     assert {f["rank"] for f in info["plan"]["files"]} == {0, 1, 2}
     assert main(["inspect", str(ckpt)]) == 0
     assert "rank 0: model.safetensors" in capsys.readouterr().out
+
+
+def test_fsdp1_sharded_tensors_are_refused_with_the_fix(checkpoint, tmp_path, capsys):
+    src = tmp_path / "ckpt"
+    shutil.copytree(checkpoint("llama_fsdp1_nomesh_w2"), src)
+    code, err = merge(capsys, "--source", src, "--target", tmp_path / "out")
+    assert_refused(code, err, 2, "model_world_size_2_rank_0.pt", "ShardedTensors", "device_mesh=mesh", tmp_path=tmp_path)
