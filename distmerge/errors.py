@@ -12,3 +12,9 @@ class MergeIOError(MergeError):
     """Reading or writing failed (disk full, permission, truncated file)."""
 
     exit_code = 4
+
+
+class MergeLockedError(MergeError):
+    """Another merge holds the target (or left a stale lock)."""
+
+    exit_code = 5

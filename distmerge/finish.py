@@ -10,7 +10,7 @@ import json
 import os
 import shutil
 
-from .errors import MergeError, MergeIOError
+from .errors import MergeError, MergeIOError, MergeLockedError
 from .model import Plan, dtype_str
 
 INCOMPLETE = ".distmerge-incomplete"
@@ -41,6 +41,59 @@ def check_target(target: str, source: str, overwrite: bool) -> None:
         parent = os.path.dirname(parent)
     if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
         raise MergeIOError(f"cannot write in {parent} (no write permission); choose a --target you may write to")
+
+
+def lock_path(target: str) -> str:
+    target = os.path.abspath(target)
+    return os.path.join(os.path.dirname(target), f".{os.path.basename(target)}.distmerge-lock")
+
+
+def acquire_lock(target: str) -> str:
+    """Rank 0: one merge per target. The lock file (pid, host, start time) is created atomically;
+    a lock whose pid is dead on this host is stale and reported with the command that clears it."""
+    import json
+    import socket
+    import time
+
+    path = lock_path(target)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+        try:
+            with open(path) as f:
+                holder = json.load(f)
+        except (OSError, ValueError):
+            holder = {}
+        pid, host = holder.get("pid"), holder.get("host")
+        if host == socket.gethostname() and isinstance(pid, int) and not _alive(pid):
+            raise MergeLockedError(f"{path} is a stale lock: its merge (pid {pid} on {host}) is gone. "
+                                   f"Clear it with: rm {path}") from None
+        raise MergeLockedError(f"another merge (pid {pid} on {host}, since {holder.get('started', '?')}) is writing "
+                               f"{target}; wait for it to finish, or if it is dead: rm {path}") from None
+    except OSError as e:
+        raise MergeIOError(f"cannot create {path}: {e.strerror}; choose a --target you may write to") from None
+    with os.fdopen(fd, "w") as f:
+        json.dump({"pid": os.getpid(), "host": socket.gethostname(),
+                   "started": time.strftime("%Y-%m-%d %H:%M:%S")}, f)
+    return path
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def release_lock(path: str) -> None:
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
 
 
 def prepare_staging(target: str) -> str:

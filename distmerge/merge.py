@@ -12,7 +12,8 @@ import torch.distributed as dist
 from . import runtime as runtime_mod
 from .arch import load_config, map_outputs
 from .errors import MergeError
-from .finish import check_target, copy_hf_files, prepare_staging, publish, staging_dir, write_index
+from .finish import (acquire_lock, check_target, copy_hf_files, prepare_staging, publish, release_lock, staging_dir,
+                     write_index)
 from .gather import RankRunner
 from .model import DTYPE_NAMES
 from .plan import make_plan, parse_size
@@ -73,6 +74,7 @@ def run_merge(opts: MergeOptions) -> MergeResult:
     max_shard_size = parse_size(opts.max_shard_size)
     cast = cast_rule(opts.dtype)
     rt = runtime_mod.start(opts.backend, opts.timeout)
+    lock = None
     try:
         # detect -> map -> plan: metadata only, the same on every rank, so every rank stops at the
         # same bad input before anything is written
@@ -87,6 +89,7 @@ def run_merge(opts: MergeOptions) -> MergeResult:
             log.info("%s: %s, %d tensors, mesh %s; writing %d file(s) with %d rank(s), transport %s",
                      opts.source, catalogue.format, len(catalogue.tensors), catalogue.mesh,
                      len(plan.files), rt.world_size, plan.transport if rt.world_size > 1 else "direct")
+            lock = acquire_lock(opts.target)
             prepare_staging(opts.target)
         rt.barrier()
         staging = staging_dir(opts.target)
@@ -114,6 +117,8 @@ def run_merge(opts: MergeOptions) -> MergeResult:
             publish(staging, opts.target, opts.overwrite)
         rt.barrier()
     finally:
+        if lock:
+            release_lock(lock)
         rt.close()
     seconds = time.perf_counter() - start
     result = MergeResult(target=opts.target, files=[f.name for f in plan.files], bytes=plan.total_bytes,

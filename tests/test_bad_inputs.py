@@ -189,3 +189,30 @@ def test_fsdp1_sharded_tensors_are_refused_with_the_fix(checkpoint, tmp_path, ca
     shutil.copytree(checkpoint("llama_fsdp1_nomesh_w2"), src)
     code, err = merge(capsys, "--source", src, "--target", tmp_path / "out")
     assert_refused(code, err, 2, "model_world_size_2_rank_0.pt", "ShardedTensors", "device_mesh=mesh", tmp_path=tmp_path)
+
+
+def test_a_second_merge_into_the_same_target_is_refused(checkpoint, tmp_path, capsys):
+    import os
+    import socket
+
+    lock = tmp_path / ".out.distmerge-lock"
+    lock.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": "now"}))  # alive
+    code, err = merge(capsys, "--source", checkpoint("llama_fsdp2_w2"), "--target", tmp_path / "out")
+    assert code == 5 and f"pid {os.getpid()}" in err and "Traceback" not in err, err
+    assert not (tmp_path / "out").exists() and lock.exists()
+
+
+def test_a_stale_lock_is_reported_with_the_command_that_clears_it(checkpoint, tmp_path, capsys):
+    import socket
+    import subprocess
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    lock = tmp_path / ".out.distmerge-lock"
+    lock.write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname(), "started": "then"}))
+    code, err = merge(capsys, "--source", checkpoint("llama_fsdp2_w2"), "--target", tmp_path / "out")
+    assert code == 5 and "stale lock" in err and f"rm {lock}" in err, err
+    lock.unlink()
+    code, err = merge(capsys, "--source", checkpoint("llama_fsdp2_w2"), "--target", tmp_path / "out")
+    assert code == 0, err
+    assert not lock.exists(), "the lock must be released after a merge"
