@@ -9,19 +9,17 @@ File names never tell which shard is where: with fully-parallel saving any chunk
 """
 from __future__ import annotations
 
-import collections
 import io
 import math
 import os
 import pickle
 import re
 
-import torch
 
 from ..errors import MergeError, MergeIOError
 from ..model import Catalogue, Piece, SourceTensor, dtype_size, dtype_str
 from .coverage import check_coverage
-from .torch_archive import FAST_PATH_MISSES, StoredTensor, record_class, load_tensor_blob
+from .torch_archive import FAST_PATH_MISSES, RecordClasses, StoredTensor, load_tensor_blob, plain_global
 
 FORMAT = "dcp"
 SAVER_RANK = re.compile(r"^__(\d+)_\d+\.distcp$")  # only to report the world size, never to find a shard
@@ -38,24 +36,17 @@ class _MetadataUnpickler(pickle.Unpickler):
 
     def __init__(self, data: bytes):
         super().__init__(io.BytesIO(data))
-        self.classes: dict[str, type] = {}
+        self.classes = RecordClasses()
 
     def find_class(self, module, name):
         # any DCP (or Megatron) metadata class becomes an inert record: none of their code runs
         if module.startswith(("torch.distributed.checkpoint", "megatron.core.dist_checkpointing")):
-            if name not in self.classes:
-                self.classes[name] = record_class(name)
             return self.classes[name]
-        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
-            return getattr(torch, name)
-        if module == "torch" and name == "Size":
-            return tuple
-        if module == "torch.serialization" and name == "_get_layout":
-            return str
+        plain = plain_global(module, name)
+        if plain is not None:
+            return plain
         if module == "pathlib" and name in ("PosixPath", "PurePosixPath", "Path", "WindowsPath", "PureWindowsPath"):
             return lambda *parts: "/".join(map(str, parts))
-        if module == "collections" and name == "OrderedDict":
-            return collections.OrderedDict
         raise pickle.UnpicklingError(f"{module}.{name} is not part of DCP metadata")
 
 

@@ -194,6 +194,28 @@ def record_class(kind: str) -> type:
     return type(f"_{kind}", (_Record,), {"__new__": new, "__init__": lambda self, *args: None, "kind": kind})
 
 
+class RecordClasses(dict):
+    """One record class per allowed class name, made on first use (an unpickler's cache)."""
+
+    def __missing__(self, name: str) -> type:
+        self[name] = record_class(name)
+        return self[name]
+
+
+def plain_global(module: str, name: str):
+    """The value-like globals every metadata unpickler here accepts (dtypes, sizes, layouts,
+    ordered dicts), as harmless values or constructors; None for anything else."""
+    if module == "collections" and name == "OrderedDict":
+        return collections.OrderedDict
+    if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+        return getattr(torch, name)
+    if module == "torch" and name == "Size":
+        return tuple
+    if module == "torch.serialization" and name == "_get_layout":
+        return str
+    return None
+
+
 _DIST_CLASSES = {"DTensor", "DTensorSpec", "TensorMeta", "ShardOrderEntry", "DeviceMesh", "_MeshLayout",
                  "_FlatLayout", "Shard", "_StridedShard", "Replicate", "Partial", "_Partial"}
 _STORAGE_DTYPES = {"DoubleStorage": torch.float64, "FloatStorage": torch.float32, "HalfStorage": torch.float16,
@@ -243,11 +265,12 @@ class _FastUnpickler(pickle.Unpickler):
     def __init__(self, data: bytes, prefix: str, offsets: dict, inert_unknown: bool = False):
         super().__init__(io.BytesIO(data))
         self.prefix, self.offsets, self.inert_unknown = prefix, offsets, inert_unknown
-        self.classes: dict[str, type] = {}
+        self.classes = RecordClasses()
 
     def find_class(self, module, name):
-        if module == "collections" and name == "OrderedDict":
-            return collections.OrderedDict
+        plain = plain_global(module, name)
+        if plain is not None:
+            return plain
         if module == "torch._utils" and name == "_rebuild_tensor_v2":
             return _rebuild_tensor_v2
         if module == "torch._utils" and name in ("_rebuild_parameter", "_rebuild_parameter_with_state"):
@@ -256,20 +279,12 @@ class _FastUnpickler(pickle.Unpickler):
             return _rebuild_wrapper_subclass
         if module == "torch._tensor" and name == "_rebuild_from_type_v2":
             return _rebuild_from_type_v2
-        if module == "torch.serialization" and name == "_get_layout":
-            return str
         if module == "torch" and name in _STORAGE_DTYPES:
             return _STORAGE_DTYPES[name]
-        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
-            return getattr(torch, name)
         if module == "torch" and name == "device":
             return str
-        if module == "torch" and name == "Size":
-            return tuple
         if (module.startswith("torch.distributed") and name in _DIST_CLASSES) or self.inert_unknown:
             # a stand-in that records its arguments: the real class (or function) is never called
-            if name not in self.classes:
-                self.classes[name] = record_class(name)
             return self.classes[name]
         raise _Unsupported(f"{module}.{name}")
 
