@@ -1,14 +1,19 @@
-"""Command line: `distmerge merge|inspect`, parsed into one options object."""
+"""Command line: `distmerge merge|inspect|verify`, parsed into one options object."""
 from __future__ import annotations
 
 import argparse
 import json
 import logging
 import os
+import signal
 import sys
 
-from .errors import MergeError
+import torch.distributed as dist
+
+from .errors import MergeAbortedError, MergeError, MergeVerifyError
 from .merge import DEFAULT_TRANSPORT, TRANSPORTS, MergeOptions, run_merge
+
+log = logging.getLogger("distmerge")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,6 +33,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--hf-config", help="directory with config.json and tokenizer (default: SOURCE/huggingface)")
     m.add_argument("--iteration", type=int, help="Megatron-LM: merge iter_N instead of the latest checkpointed one")
     m.add_argument("--overwrite", action="store_true", help="replace a non-empty target (only once the merge succeeded)")
+    m.add_argument("--resume", action="store_true",
+                   help="continue a crashed run of the same merge: keep its finished files whose hashes check out")
+    m.add_argument("--verify", action="store_true",
+                   help="run `distmerge verify`'s self-check on the result before publishing it (exit 3 if it fails)")
     m.add_argument("--backend", default="auto", choices=["auto", "gloo", "nccl"],
                    help="process-group backend under torchrun (auto: nccl when GPUs are visible)")
     m.add_argument("--timeout", type=float, default=1800.0, help="seconds any collective may wait")
@@ -45,14 +54,65 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--iteration", type=int)
     i.add_argument("--json", action="store_true", help="machine-readable output")
     i.add_argument("--debug", action="store_true", help="show tracebacks")
+
+    v = sub.add_parser("verify", help="check a merged directory (exit 0 if it is sound, 3 if not)")
+    v.add_argument("target", nargs="?", help="merged HF directory to check")
+    v.add_argument("--reference", metavar="HF_DIR", help="compare every tensor with this HF directory's")
+    v.add_argument("--source", metavar="CKPT", help="compare a sharded checkpoint with --reference, writing nothing")
+    v.add_argument("--atol", type=float, help="absolute tolerance (default: bit-identical)")
+    v.add_argument("--rtol", type=float, help="relative tolerance (default: bit-identical)")
+    v.add_argument("--logits", action="store_true", help="also load both models and compare logits on a fixed prompt")
+    v.add_argument("--hf-config", help="with --source: config directory (default: SOURCE/huggingface)")
+    v.add_argument("--iteration", type=int, help="with --source: Megatron-LM iteration")
+    v.add_argument("--json", action="store_true", help="machine-readable output")
+    v.add_argument("--debug", action="store_true", help="show tracebacks")
     return parser
 
 
+class RankFormatter(logging.Formatter):
+    """`[distmerge rank R] message` under torchrun, `[distmerge] message` alone; errors read
+    `distmerge: error: message` as argparse's do."""
+
+    def __init__(self, rank: int, world: int):
+        super().__init__()
+        self.tag = f"distmerge rank {rank}" if world > 1 else "distmerge"
+        self.rank_note = f" [rank {rank}]" if world > 1 else ""
+
+    def format(self, record: logging.LogRecord) -> str:
+        if record.levelno >= logging.ERROR:
+            return f"distmerge: error: {record.getMessage()}{self.rank_note}"
+        if record.levelno >= logging.WARNING:
+            return f"[{self.tag}] warning: {record.getMessage()}"
+        return f"[{self.tag}] {record.getMessage()}"
+
+
+class StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is now (pytest swaps it per test)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
 def setup_logging() -> None:
-    rank = int(os.environ.get("RANK", "0"))
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
-                        format=f"[distmerge rank {rank}] %(message)s" if int(os.environ.get("WORLD_SIZE", "1")) > 1
-                        else "[distmerge] %(message)s", stream=sys.stderr)
+    """Rank 0 logs progress; the other ranks only warnings and errors."""
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    handler = StderrHandler()
+    handler.setFormatter(RankFormatter(rank, world))
+    log.handlers[:] = [handler]
+    log.propagate = False
+    log.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+
+
+def on_sigterm(signum, frame):
+    """torchrun stops the other workers with SIGTERM when one fails: unwind, so the lock is
+    released and the staging directory stays marked incomplete for --resume."""
+    raise MergeAbortedError(f"stopped by signal {signal.Signals(signum).name}; the partial output stays "
+                            "marked incomplete: rerun the same command with --resume to finish it")
 
 
 def load_preset(path: str, merge_parser: argparse.ArgumentParser) -> dict:
@@ -96,18 +156,20 @@ def parse(argv) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
+    setup_logging()
     try:
         args = parse(argv)
     except MergeError as e:
-        print(f"distmerge: error: {e}", file=sys.stderr)
+        log.error("%s", e)
         return e.exit_code
-    setup_logging()
     try:
         if args.command == "merge":
-            result = run_merge(MergeOptions(source=args.source, target=args.target, dtype=args.dtype,
-                                   max_shard_size=args.max_shard_size, transport=args.transport,
-                                   overwrite=args.overwrite, hf_config=args.hf_config, iteration=args.iteration, backend=args.backend,
-                                   timeout=args.timeout, progress=not args.no_progress))
+            signal.signal(signal.SIGTERM, on_sigterm)
+            result = run_merge(MergeOptions(
+                source=args.source, target=args.target, dtype=args.dtype, max_shard_size=args.max_shard_size,
+                transport=args.transport, overwrite=args.overwrite, resume=args.resume, verify=args.verify,
+                hf_config=args.hf_config, iteration=args.iteration, backend=args.backend, timeout=args.timeout,
+                progress=not args.no_progress))
             if args.summary_json and int(os.environ.get("RANK", "0")) == 0:
                 with open(args.summary_json, "w") as f:
                     json.dump(result.to_dict(), f, indent=2)
@@ -117,10 +179,41 @@ def main(argv=None) -> int:
             print(inspect_source(args.source, nproc=args.nproc, max_shard_size=args.max_shard_size,
                                  dtype=args.dtype, hf_config=args.hf_config, iteration=args.iteration,
                                  as_json=args.json))
+        elif args.command == "verify":
+            return run_verify(args)
         return 0
     except MergeError as e:
         if args.debug:
             raise
         if int(os.environ.get("RANK", "0")) == 0 or not e.all_ranks:
-            print(f"distmerge: error: {e}", file=sys.stderr)
+            log.error("%s", e)
         return e.exit_code
+    except dist.DistError as e:
+        if args.debug:
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        log.error("lost contact with another rank (%s); that rank's own message says why. The partial output "
+                  "stays marked incomplete: rerun with --resume", first[:200])
+        return MergeAbortedError.exit_code
+
+
+def run_verify(args) -> int:
+    from .verify import check_merged, compare_logits, compare_source_with_reference, compare_with_reference
+
+    if args.source:
+        if not args.reference or args.target:
+            raise MergeError("verify --source CKPT needs --reference HF_DIR and no TARGET")
+        report = compare_source_with_reference(args.source, args.reference, args.atol, args.rtol,
+                                               args.hf_config, args.iteration)
+    else:
+        if not args.target:
+            raise MergeError("verify needs a TARGET directory (or --source CKPT --reference HF_DIR)")
+        if args.logits and not args.reference:
+            raise MergeError("--logits compares with a model: give --reference HF_DIR")
+        report = check_merged(args.target)
+        if args.reference:
+            compare_with_reference(args.target, args.reference, args.atol, args.rtol, report)
+        if args.logits:
+            compare_logits(args.target, args.reference, args.atol, args.rtol, report)
+    print(json.dumps(report.to_dict(), indent=2) if args.json else report.render())
+    return 0 if report.ok else MergeVerifyError.exit_code

@@ -18,3 +18,14 @@ class MergeLockedError(MergeError):
     """Another merge holds the target (or left a stale lock)."""
 
     exit_code = 5
+
+
+class MergeVerifyError(MergeError):
+    """A verification found a difference or a damaged file."""
+
+    exit_code = 3
+
+
+class MergeAbortedError(MergeIOError):
+    """The run was interrupted: another rank died, or this one got SIGTERM/SIGINT. The staging
+    directory stays, marked incomplete, for `--resume`."""

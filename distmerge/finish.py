@@ -7,11 +7,15 @@ generation config and tokenizer files, removes the marker and renames staging ->
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 
 from .errors import MergeError, MergeIOError, MergeLockedError
+from .integrity import DONE, HASH, JOB, done_record, hash_file, read_json, write_json
 from .model import Plan, dtype_str
+
+log = logging.getLogger("distmerge")
 
 INCOMPLETE = ".distmerge-incomplete"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".distcp")
@@ -96,19 +100,60 @@ def release_lock(path: str) -> None:
         pass
 
 
-def prepare_staging(target: str) -> str:
-    """Rank 0: a fresh staging directory with the incomplete marker (a crashed run's is replaced)."""
-    staging = staging_dir(target)
+def prepare_staging(target: str, job: dict, resume: bool) -> list[str]:
+    """Rank 0: the staging directory with the incomplete marker and the job record. A crashed
+    run's directory is continued with --resume (if it is the same merge) or replaced."""
+    staging, warnings = staging_dir(target), []
+    if os.path.exists(staging):
+        earlier = read_json(os.path.join(staging, JOB))
+        if resume:
+            same = earlier is not None and all(earlier.get(k) == job[k] for k in ("source_files", "output_headers"))
+            if not same:
+                raise MergeError(f"cannot --resume: the incomplete merge in {staging} was made from another source "
+                                 "or with other options (--dtype, --max-shard-size, --hf-config mapping); "
+                                 "rerun the same command as the crashed run, or rerun without --resume to start over")
+            return warnings
+        warnings.append(f"replaced the incomplete merge in {staging} (pass --resume to continue one instead)")
+    elif resume:
+        warnings.append(f"--resume: no incomplete merge in {staging}; starting from the beginning")
+    for w in warnings:
+        log.warning("%s", w)
     try:
         if os.path.exists(staging):
             shutil.rmtree(staging)
         os.makedirs(staging)
         with open(os.path.join(staging, INCOMPLETE), "w") as f:
             f.write("distmerge has not finished writing this directory; it is not a usable checkpoint\n")
+        write_json(os.path.join(staging, JOB), job)
     except OSError as e:
         raise MergeIOError(f"cannot create staging directory {staging}: {e.strerror}; "
                            "choose a --target on a writable filesystem") from None
-    return staging
+    return warnings
+
+
+def verified_done_files(plan: Plan, staging: str, rank: int) -> dict[str, str]:
+    """--resume: which of this rank's planned files a crashed run finished, each checked again:
+    its done record, its size, its header bytes and its content hash must all match."""
+    kept = {}
+    for f in plan.files_of(rank):
+        record = done_record(staging, f.name)
+        path = os.path.join(staging, f.name)
+        if record is None or record.get("bytes") != f.size or not os.path.isfile(path) \
+                or os.path.getsize(path) != f.size:
+            continue
+        with open(path, "rb") as fh:
+            if fh.read(len(f.header)) != f.header:
+                continue
+        if hash_file(path) == record.get(HASH):
+            kept[f.name] = record[HASH]
+    return kept
+
+
+def remove_run_records(staging: str) -> None:
+    """The records only a running or resumed merge needs; the manifest keeps the hashes."""
+    shutil.rmtree(os.path.join(staging, ".progress"), ignore_errors=True)
+    shutil.rmtree(os.path.join(staging, DONE), ignore_errors=True)
+    os.remove(os.path.join(staging, JOB))
 
 
 def write_index(plan: Plan, staging: str) -> None:

@@ -17,13 +17,14 @@ import os
 import resource
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 from .errors import MergeIOError
+from .integrity import record_done
 from .model import Catalogue, FileEntry, OutputFile, OutputTensor, Piece, Plan, SourceTensor, dtype_size
 from .runtime import Runtime
 from .writer import SafetensorsWriter
@@ -140,6 +141,27 @@ def whole_rows(piece: Piece, source: SourceTensor, d: int) -> bool:
     return all(o == 0 for o in piece.region[d + 1:]) and piece.shape[d + 1:] == source.shape[d + 1:]
 
 
+def assemble(band: Band, get, phase=lambda name: nullcontext()) -> torch.Tensor:
+    """The band's rows of its source part, from its reads: get(k, piece, lead, first, stop) returns
+    the k-th read's block. A band read from one piece of whole rows is that block itself."""
+    source, d = band.source, len(band.index)
+    if len(band.reads) == 1 and whole_rows(source.pieces[band.reads[0][0]], source, d):
+        i, lead, lo, hi = band.reads[0]
+        return get(0, source.pieces[i], lead, lo, hi)
+    shape = (band.stop - band.first,) + source.shape[d + 1:] if source.shape else ()
+    assembled = torch.empty(shape, dtype=source.dtype)
+    for k, (i, lead, lo, hi) in enumerate(band.reads):
+        p = source.pieces[i]
+        block = get(k, p, lead, lo, hi)
+        with phase("assemble"):
+            if not source.shape:
+                assembled.copy_(block)
+                continue
+            rows = slice(p.region[d] + lo - band.src_first, p.region[d] + hi - band.src_first)
+            assembled[(rows,) + tuple(slice(o, o + n) for o, n in zip(p.region[d + 1:], p.shape[d + 1:]))] = block
+    return assembled
+
+
 def schedule(plan: Plan) -> list[tuple[OutputFile, FileEntry]]:
     """All ranks' work in one global order, interleaved so that every rank's k-th tensor comes
     around the same point: ranks write in parallel and sends never wait on a rank far behind."""
@@ -151,8 +173,10 @@ def schedule(plan: Plan) -> list[tuple[OutputFile, FileEntry]]:
 
 
 class RankRunner:
-    def __init__(self, plan: Plan, catalogue: Catalogue, staging: str, runtime: Runtime, progress):
+    def __init__(self, plan: Plan, catalogue: Catalogue, staging: str, runtime: Runtime, progress,
+                 skip: set[str] = frozenset()):
         self.plan, self.catalogue, self.staging = plan, catalogue, staging
+        self.skip = skip  # files a --resume kept: no rank reads, sends or writes their pieces
         self.rt = runtime
         self.progress = progress
         self.reader = PieceReader()
@@ -167,12 +191,16 @@ class RankRunner:
         self.write_pool = ThreadPoolExecutor(1, thread_name_prefix="distmerge-write")
         self.pending_writes: collections.deque = collections.deque()
         self.closed: list[str] = []   # the files this rank wrote, in the order it finished them
+        self.hashes: dict[str, str] = {}
 
     def run(self) -> dict:
         collective = self.plan.transport == "collective" and self.rt.world_size > 1
         tag = 0  # every (band, part) has a tag, numbered identically on all ranks
         try:
             for out_file, entry in schedule(self.plan):
+                if out_file.name in self.skip:
+                    tag += sum(len(band.reads) for band in bands(entry.tensor, self.catalogue))
+                    continue
                 owner = out_file.rank
                 writer = self._writer(out_file) if owner == self.rt.rank else None
                 for band in bands(entry.tensor, self.catalogue):
@@ -191,8 +219,8 @@ class RankRunner:
             self.reader.close()
             self.write_pool.shutdown(wait=True)
         peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-        return {"bytes": self.written, "files": self.closed, "seconds": dict(self.timers.seconds),
-                "peak_rss_mb": round(peak_rss_mb, 1)}
+        return {"bytes": self.written, "files": self.closed, "hashes": self.hashes,
+                "seconds": dict(self.timers.seconds), "peak_rss_mb": round(peak_rss_mb, 1)}
 
     # ---- the owner's side
     def _writer(self, out_file: OutputFile) -> SafetensorsWriter:
@@ -202,33 +230,22 @@ class RankRunner:
 
     def _produce(self, writer: SafetensorsWriter, entry: FileEntry, band: Band, tag: int | None) -> None:
         """Make one band of an output tensor from its reads and hand it to the writer."""
-        out, source, d = entry.tensor, band.source, len(band.index)
+        out = entry.tensor
         row_bytes = math.prod(out.shape[1:]) * dtype_size(out.dtype)
-        at = entry.begin + band.first * row_bytes
-        tags = [None if tag is None else tag + k for k in range(len(band.reads))]
-        if len(band.reads) == 1 and whole_rows(source.pieces[band.reads[0][0]], source, d):
-            block = self._get(source.pieces[band.reads[0][0]], *band.reads[0][1:], tags[0])
-            self._write(writer, at, self._cast(block, out.dtype))
-            return
-        shape = (band.stop - band.first,) + source.shape[d + 1:] if source.shape else ()
-        assembled = torch.empty(shape, dtype=source.dtype)
-        for (i, lead, lo, hi), piece_tag in zip(band.reads, tags):
-            p = source.pieces[i]
-            block = self._get(p, lead, lo, hi, piece_tag)
-            with self.timers.phase("assemble"):
-                if not source.shape:
-                    assembled.copy_(block)
-                    continue
-                rows = slice(p.region[d] + lo - band.src_first, p.region[d] + hi - band.src_first)
-                assembled[(rows,) + tuple(slice(o, o + n) for o, n in zip(p.region[d + 1:], p.shape[d + 1:]))] = block
-        self._write(writer, at, self._cast(assembled, out.dtype))
+
+        def get(k, piece, lead, lo, hi):
+            return self._get(piece, lead, lo, hi, None if tag is None else tag + k)
+
+        block = assemble(band, get, self.timers.phase)
+        self._write(writer, entry.begin + band.first * row_bytes, self._cast(block, out.dtype))
 
     def _entry_done(self, out_file: OutputFile) -> None:
         self.remaining[out_file.name] -= 1
         if self.remaining[out_file.name] == 0:
             self._wait_writes(0)
             with self.timers.phase("close"):
-                self.writers.pop(out_file.name).close()
+                digest = self.hashes[out_file.name] = self.writers.pop(out_file.name).close()
+                record_done(self.staging, out_file.name, out_file.size, digest)
             self.closed.append(out_file.name)
 
     def _get(self, piece: Piece, lead: tuple[int, ...], first: int, stop: int, tag: int | None) -> torch.Tensor:

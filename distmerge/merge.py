@@ -2,19 +2,16 @@
 from __future__ import annotations
 
 import logging
-import os
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 
-import torch.distributed as dist
-
 from . import runtime as runtime_mod
 from .arch import load_config, map_outputs
-from .errors import MergeError
-from .finish import (acquire_lock, check_target, copy_hf_files, prepare_staging, publish, release_lock, staging_dir,
-                     write_index)
+from .errors import MergeError, MergeVerifyError
+from .finish import (acquire_lock, check_target, copy_hf_files, prepare_staging, publish, release_lock,
+                     remove_run_records, staging_dir, verified_done_files, write_index)
 from .gather import RankRunner
+from .integrity import fingerprint, write_manifest
 from .model import DTYPE_NAMES
 from .plan import make_plan, parse_size
 from .progress import Progress
@@ -34,6 +31,8 @@ class MergeOptions:
     max_shard_size: str = "5GB"
     transport: str = DEFAULT_TRANSPORT
     overwrite: bool = False
+    resume: bool = False
+    verify: bool = False
     hf_config: str | None = None
     iteration: int | None = None
     backend: str = "auto"
@@ -49,6 +48,10 @@ class MergeResult:
     tensors: int
     ranks: int
     seconds: float
+    hashes: dict[str, str] = field(default_factory=dict)           # file -> xxh3-128 of its bytes
+    kept: list[str] = field(default_factory=list)                  # files a --resume kept (verified)
+    warnings: list[str] = field(default_factory=list)
+    verified: bool | None = None                                   # the --verify self-check passed
     phases: list[dict] = field(default_factory=list)   # per rank: {"read": s, "write": s, ...}
     files_by_rank: list[list[str]] = field(default_factory=list)  # what each rank actually wrote
     peak_rss_mb: list[float] = field(default_factory=list)        # per rank, at the end of its writes
@@ -74,7 +77,7 @@ def run_merge(opts: MergeOptions) -> MergeResult:
     max_shard_size = parse_size(opts.max_shard_size)
     cast = cast_rule(opts.dtype)
     rt = runtime_mod.start(opts.backend, opts.timeout)
-    lock = None
+    lock, warnings = None, []
     try:
         # detect -> map -> plan: metadata only, the same on every rank, so every rank stops at the
         # same bad input before anything is written
@@ -85,37 +88,54 @@ def run_merge(opts: MergeOptions) -> MergeResult:
         plan = make_plan(catalogue, outputs, rt.world_size, max_shard_size, opts.transport,
                          config_dtype=None if opts.dtype == "auto" else DTYPE_NAMES[opts.dtype])
         check_target(opts.target, opts.source, opts.overwrite)
-        if rt.rank == 0:
+        job = fingerprint(catalogue, plan)
+
+        def take_target():  # rank 0 alone; its refusal reaches every rank
+            nonlocal lock
             log.info("%s: %s, %d tensors, mesh %s; writing %d file(s) with %d rank(s), transport %s",
                      opts.source, catalogue.format, len(catalogue.tensors), catalogue.mesh,
                      len(plan.files), rt.world_size, plan.transport if rt.world_size > 1 else "direct")
             lock = acquire_lock(opts.target)
-            prepare_staging(opts.target)
-        rt.barrier()
+            warnings.extend(prepare_staging(opts.target, job, opts.resume))
+        rt.on_rank0(take_target)
         staging = staging_dir(opts.target)
 
-        # run
+        # run: a --resume keeps the files a crashed run finished (each rank checks its own)
+        kept = rt.gather_dicts(verified_done_files(plan, staging, rt.rank) if opts.resume else {})
         progress = Progress(staging, rt.rank, rt.world_size, plan.total_bytes, opts.progress)
+        progress(sum(f.data_bytes for f in plan.files_of(rt.rank) if f.name in kept))
         try:
-            stats = RankRunner(plan, catalogue, staging, rt, progress).run()
+            stats = RankRunner(plan, catalogue, staging, rt, progress, skip=set(kept)).run()
         except MergeError as e:
             e.all_ranks = False  # this rank's own failure: it must speak for itself
             raise
         finally:
             progress.close(plan.total_bytes)
-        all_stats = [None] * rt.world_size
-        if rt.world_size > 1:
-            dist.all_gather_object(all_stats, stats)
-        else:
-            all_stats = [stats]
+        all_stats = rt.gather_objects(stats)
+        hashes = dict(kept)
+        for s in all_stats:
+            hashes.update(s["hashes"])
 
         # finish: rank 0 alone, after every rank's files are closed
-        if rt.rank == 0:
+        verified = None
+
+        def finish():
+            nonlocal verified
             write_index(plan, staging)
             copy_hf_files(hf_dir, staging, config, plan)
-            shutil.rmtree(os.path.join(staging, ".progress"), ignore_errors=True)
+            write_manifest(staging, plan, hashes)
+            if opts.verify:
+                from .verify import check_merged
+                report = check_merged(staging, allow_incomplete=True)
+                log.info("%s", report.render())
+                if not report.ok:
+                    raise MergeVerifyError(f"--verify found problems in the merged files, so {opts.target} "
+                                           f"was not published; they are in {staging}: "
+                                           + "; ".join(report.problems[:5]))
+                verified = True
+            remove_run_records(staging)
             publish(staging, opts.target, opts.overwrite)
-        rt.barrier()
+        rt.on_rank0(finish)
     finally:
         if lock:
             release_lock(lock)
@@ -123,10 +143,14 @@ def run_merge(opts: MergeOptions) -> MergeResult:
     seconds = time.perf_counter() - start
     result = MergeResult(target=opts.target, files=[f.name for f in plan.files], bytes=plan.total_bytes,
                          tensors=sum(len(f.entries) for f in plan.files), ranks=rt.world_size,
-                         seconds=seconds, phases=[s["seconds"] for s in all_stats],
+                         seconds=seconds, hashes=hashes, kept=sorted(kept), warnings=warnings, verified=verified,
+                         phases=[s["seconds"] for s in all_stats],
                          files_by_rank=[s["files"] for s in all_stats],
                          peak_rss_mb=[s["peak_rss_mb"] for s in all_stats])
     if rt.rank == 0:
+        if kept:
+            log.info("resumed: kept %d verified file(s) of the earlier run, wrote %d", len(kept),
+                     len(plan.files) - len(kept))
         log.info("merged %.3f GB into %d file(s) in %s with %d rank(s) in %.2f s (%.2f GB/s)",
                  result.bytes / 1e9, len(result.files), opts.target, rt.world_size, seconds,
                  result.bytes / 1e9 / max(seconds, 1e-9))

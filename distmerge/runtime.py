@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from .errors import MergeError
+from .errors import MergeAbortedError, MergeError
 
 
 @dataclass
@@ -33,6 +33,40 @@ class Runtime:
     def barrier(self) -> None:
         if self.world_size > 1:
             dist.barrier()
+
+    def on_rank0(self, fn) -> None:
+        """Run fn on rank 0 alone; a refusal there (MergeError) is raised on every rank, so all
+        ranks stop together with one message instead of waiting on rank 0 forever."""
+        error = None
+        if self.rank == 0:
+            try:
+                fn()
+            except MergeError as e:
+                error = e
+            except BaseException:
+                if self.world_size > 1:
+                    dist.broadcast_object_list([MergeAbortedError("rank 0 failed; its message says why")], src=0)
+                raise
+        if self.world_size > 1:
+            box = [error]
+            dist.broadcast_object_list(box, src=0)
+            error = box[0]
+        if error is not None:
+            raise error
+
+    def gather_objects(self, obj) -> list:
+        """Every rank's obj, in rank order, on every rank."""
+        if self.world_size == 1:
+            return [obj]
+        out = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def gather_dicts(self, d: dict) -> dict:
+        merged = {}
+        for part in self.gather_objects(d):
+            merged.update(part)
+        return merged
 
     def close(self) -> None:
         if self.owns_group and dist.is_initialized():

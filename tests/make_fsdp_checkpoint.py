@@ -7,7 +7,7 @@ It saves exactly what verl's FSDPCheckpointManager saves:
   fsdp_config.json                   ({"FSDP_version": 1|2, "world_size": W})
   huggingface/                       (config, generation config, tokenizer)
 and, for the tests, the ground truth taken from the live sharded model:
-  reference/model.safetensors        (every tensor gathered with full_tensor())
+  reference/model.safetensors        (every tensor gathered with full_tensor()) + config.json
   reference/logits.pt                (logits of the original model on a fixed input)
 """
 import argparse
@@ -220,6 +220,7 @@ def main():
         if config.tie_word_embeddings:
             full.pop("lm_head.weight", None)
         save_file(full, os.path.join(ref_dir, "model.safetensors"), metadata={"format": "pt"})
+        config.save_pretrained(ref_dir)  # a complete HF directory, for `distmerge verify --reference`
         plain = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, args.dtype))
         missing, unexpected = plain.load_state_dict(full, strict=False)
         assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)

@@ -78,7 +78,7 @@ def test_merge_matches_unsharded_model(layout, checkpoint, tmp_path):
     nproc = 1 if LAYOUTS[layout][0] == 1 else 2
     summary = tmp_path / "summary.json"
     proc = run_distmerge(["merge", "--source", str(source_dir(layout, ckpt)), "--target", str(out), "--max-shard-size", "60KB",
-                          "--summary-json", str(summary)], nproc=nproc)
+                          "--summary-json", str(summary), "--verify"], nproc=nproc)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "merged" in proc.stderr
     assert_bit_exact(load_file(ckpt / "reference" / "model.safetensors"), merged_tensors(out))
@@ -87,6 +87,9 @@ def test_merge_matches_unsharded_model(layout, checkpoint, tmp_path):
     written = [f for files in result["files_by_rank"] for f in files]
     assert sorted(written) == sorted(result["files"]) == sorted(p.name for p in out.glob("*.safetensors"))
     assert len(result["files_by_rank"]) == nproc
+    assert result["verified"] is True and "result: OK" in proc.stderr  # the self-check ran before publishing
+    from distmerge.integrity import hash_file
+    assert result["hashes"] == {f: hash_file(out / f) for f in result["files"]}
     assert_loads_with_equal_logits(ckpt, out)
     config = json.loads((out / "config.json").read_text())
     assert config.get("dtype", config.get("torch_dtype")) == "float32"

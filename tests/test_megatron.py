@@ -48,8 +48,9 @@ def test_every_layout_merges_to_the_same_bytes_and_megatron_logits(family, layou
         for nproc in (1, 2):
             out = tmp_path / f"{layout}-{nproc}"
             proc = run_distmerge(["merge", "--source", str(checkpoint(layout)), "--target", str(out),
-                                  "--max-shard-size", "100KB", "--no-progress"], nproc=nproc)
+                                  "--max-shard-size", "100KB", "--no-progress", "--verify"], nproc=nproc)
             assert proc.returncode == 0, proc.stderr[-4000:]
+            assert "result: OK" in proc.stderr  # the self-check: key set and shapes of the HF class
             digests[(layout, nproc)] = digest(out)
     first = next(iter(digests.values()))
     assert len(first) > 1

@@ -1,0 +1,83 @@
+"""Integrity records: a content hash of every file written, the manifest beside the index, and
+the job record that lets `--resume` tell a crashed run of the same merge from another one.
+
+xxh3-128 hashes at ~29 GB/s on one core here (blake2b: 1.5 GB/s), so hashing while writing costs
+about 50 ms per 1.4 GB; see README "Benchmark".
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import xxhash
+
+from .model import Catalogue, Plan
+
+HASH = "xxh3_128"
+MANIFEST = "distmerge-manifest.json"   # beside the index in the published target
+JOB = ".distmerge-job.json"            # in the staging directory: what this merge is
+DONE = ".done"                         # in the staging directory: one record per finished file
+READ_CHUNK = 8 * 2**20
+
+
+def new_hash():
+    return xxhash.xxh3_128()
+
+
+def hash_file(path: str) -> str:
+    """Hash a whole file, reading it in 8 MiB chunks (bounded memory)."""
+    h = new_hash()
+    with open(path, "rb", buffering=0) as f:
+        buf = bytearray(READ_CHUNK)
+        view = memoryview(buf)
+        while n := f.readinto(buf):
+            h.update(view[:n])
+    return h.hexdigest()
+
+
+def fingerprint(catalogue: Catalogue, plan: Plan) -> dict:
+    """What makes two merges the same: the source files (name, size, mtime) and every output
+    header (names, dtypes, shapes, offsets: it captures --dtype and --max-shard-size). The rank
+    count and transport are left out: they do not change a byte of the output."""
+    source = new_hash()
+    for path in sorted(catalogue.files):
+        st = os.stat(path)
+        source.update(f"{os.path.relpath(path, catalogue.source)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    headers = new_hash()
+    for f in plan.files:
+        headers.update(f.name.encode() + b"\0" + f.header)
+    return {"source": os.path.abspath(catalogue.source), "source_files": source.hexdigest(),
+            "output_headers": headers.hexdigest(), "files": len(plan.files)}
+
+
+def write_json(path: str, data: dict) -> None:
+    """Write-then-rename, so a reader never sees half a record."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=2, sort_keys=True)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def read_json(path: str) -> dict | None:
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def record_done(staging: str, name: str, size: int, digest: str) -> None:
+    os.makedirs(os.path.join(staging, DONE), exist_ok=True)
+    write_json(os.path.join(staging, DONE, name + ".json"), {"bytes": size, HASH: digest})
+
+
+def done_record(staging: str, name: str) -> dict | None:
+    return read_json(os.path.join(staging, DONE, name + ".json"))
+
+
+def write_manifest(staging: str, plan: Plan, hashes: dict[str, str]) -> None:
+    """Only what the output is (no source paths), so equal outputs have equal manifests."""
+    files = {f.name: {"bytes": f.size, HASH: hashes[f.name]} for f in plan.files}
+    write_json(os.path.join(staging, MANIFEST), {"format": "distmerge-manifest/1", "hash": HASH, "files": files})

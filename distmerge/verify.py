@@ -1,0 +1,431 @@
+"""`distmerge verify`: check a merged directory on its own, against a reference HF directory, or
+check a sharded source against a reference without writing anything.
+
+Everything reads tensors a band of rows at a time, so memory stays bounded; only `--logits`
+loads whole models (two of them, with transformers, on CPU).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from .errors import MergeError
+from .finish import INCOMPLETE
+from .integrity import HASH, MANIFEST, hash_file
+from .model import SAFETENSORS_DTYPES, dtype_size
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+DTYPES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+COMPARE_BYTES = 16 * 2**20   # rows compared at a time
+WORST_SHOWN = 10
+
+
+@dataclass
+class Report:
+    subject: str
+    checks: list[list[str]] = field(default_factory=list)    # [check, "ok" | "skipped: why" | "FAILED"]
+    problems: list[str] = field(default_factory=list)
+    compared: list[dict] = field(default_factory=list)       # per tensor: name, equal, max_abs, max_rel
+    logits: dict | None = None
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def check(self, name: str, problems: list[str], skipped: str | None = None) -> None:
+        self.problems.extend(problems)
+        self.checks.append([name, f"skipped: {skipped}" if skipped else ("FAILED" if problems else "ok")])
+
+    def render(self) -> str:
+        lines = [f"verify {self.subject}"]
+        lines += [f"  {status:<8} {name}" if status in ("ok", "FAILED") else f"  {'-':<8} {name} ({status})"
+                  for name, status in self.checks]
+        if self.compared:
+            worst = sorted(self.compared, key=lambda c: (c["equal"], -c["max_abs"]))[:WORST_SHOWN]
+            equal = sum(c["equal"] for c in self.compared)
+            lines.append(f"  tensors compared: {len(self.compared)}, bit-identical: {equal}; worst:")
+            lines.append(f"    {'tensor':<48} {'identical':>9} {'max abs diff':>13} {'max rel diff':>13}")
+            lines += [f"    {c['name']:<48} {str(c['equal']):>9} {c['max_abs']:>13.3e} {c['max_rel']:>13.3e}"
+                      for c in worst]
+        if self.logits:
+            lines.append(f"  logits: max abs diff {self.logits['max_abs']:.3e} over {self.logits['tokens']} tokens")
+        lines += [f"  problem: {p}" for p in self.problems[:50]]
+        if len(self.problems) > 50:
+            lines.append(f"  ... and {len(self.problems) - 50} more problems")
+        lines.append("  result: " + ("OK" if self.ok else f"FAILED ({len(self.problems)} problem(s))"))
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "ok": self.ok}
+
+
+# ---- reading safetensors headers (our own parse: every defect gets a message naming the file)
+def read_header(path: str) -> tuple[dict, int]:
+    """The header of a safetensors file and where its data starts; ValueError says what is wrong."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise ValueError(f"{path} is {size} bytes, too short for a safetensors header")
+        n = struct.unpack("<Q", head)[0]
+        if n > size - 8 or n > 100 * 2**20:
+            raise ValueError(f"{path}: header length {n} does not fit in the file ({size} bytes)")
+        try:
+            header = json.loads(f.read(n))
+        except ValueError:
+            raise ValueError(f"{path}: the header is not valid JSON") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{path}: the header is not a JSON object")
+    header.pop("__metadata__", None)
+    return header, 8 + n
+
+
+def header_problems(path: str, header: dict, data_start: int) -> list[str]:
+    """Every tensor has a known dtype, a byte length that matches its shape, and lies inside the
+    file without overlapping another; the data fills the file exactly."""
+    problems, spans = [], []
+    data_len = os.path.getsize(path) - data_start
+    for name, info in header.items():
+        try:
+            dtype, shape, (begin, end) = DTYPES[info["dtype"]], info["shape"], info["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            problems.append(f"{path}: tensor {name} has a malformed entry {info!r}")
+            continue
+        if end - begin != math.prod(shape) * dtype_size(dtype):
+            problems.append(f"{path}: tensor {name} {info['dtype']}{shape} needs {math.prod(shape) * dtype_size(dtype)}"
+                            f" bytes but spans {end - begin}")
+        if not 0 <= begin <= end <= data_len:
+            problems.append(f"{path}: tensor {name} lies at bytes {begin}..{end}, outside the data ({data_len} bytes)")
+        spans.append((begin, end, name))
+    spans.sort()
+    for (b0, e0, n0), (b1, e1, n1) in zip(spans, spans[1:]):
+        if b1 < e0:
+            problems.append(f"{path}: tensors {n0} and {n1} overlap")
+    if spans and max(e for _, e, _ in spans) != data_len:
+        problems.append(f"{path}: data is {data_len} bytes but the tensors end at {max(e for _, e, _ in spans)}")
+    return problems
+
+
+def weight_files(directory: str) -> tuple[list[str], dict | None]:
+    """The weight files of an HF directory and its index (None for a single model.safetensors)."""
+    index_path = os.path.join(directory, INDEX)
+    if os.path.exists(index_path):
+        try:
+            with open(index_path) as f:
+                index = json.load(f)
+            return sorted(set(index["weight_map"].values())), index
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise MergeError(f"{index_path} cannot be read ({e}); it is not a valid index") from None
+    if os.path.exists(os.path.join(directory, SINGLE)):
+        return [SINGLE], None
+    raise MergeError(f"{directory} has neither {INDEX} nor {SINGLE}; it is not a safetensors HF checkpoint")
+
+
+# ---- the self-check
+def check_merged(target: str, allow_incomplete: bool = False, load_with_transformers: bool = True) -> Report:
+    if not os.path.isdir(target):
+        raise MergeError(f"{target} is not a directory; pass the merged output directory")
+    report = Report(target)
+    if not allow_incomplete:
+        marked = os.path.exists(os.path.join(target, INCOMPLETE))
+        report.check("not marked incomplete", [f"{target} holds {INCOMPLETE}: a merge did not finish writing it; "
+                                               "rerun the merge with --resume"] if marked else [])
+    files, index = weight_files(target)
+
+    missing = [f for f in files if not os.path.isfile(os.path.join(target, f))]
+    report.check("every file in the index exists", [f"{os.path.join(target, f)} is listed in the index but missing"
+                                                     for f in missing])
+    headers, problems = {}, []
+    for name in files:
+        if name in missing:
+            continue
+        path = os.path.join(target, name)
+        try:
+            header, data_start = read_header(path)
+        except ValueError as e:
+            problems.append(str(e))
+            continue
+        headers[name] = header
+        problems += header_problems(path, header, data_start)
+    report.check("every header parses and every tensor lies inside its file", problems)
+
+    problems, seen = [], {}
+    for name, header in headers.items():
+        for tensor in header:
+            if tensor in seen:
+                problems.append(f"tensor {tensor} is stored twice: in {seen[tensor]} and {name}")
+            seen[tensor] = name
+    if index is not None:
+        weight_map = index["weight_map"]
+        problems += [f"the index maps {t} to {f}, but it is stored in {seen.get(t, 'no file')}"
+                     for t, f in weight_map.items() if seen.get(t) != f and f not in missing]
+        problems += [f"tensor {t} (in {f}) is not in the index" for t, f in seen.items() if t not in weight_map]
+        total = sum(info["data_offsets"][1] - info["data_offsets"][0] for h in headers.values() for info in h.values()
+                    if isinstance(info, dict) and "data_offsets" in info)
+        stated = index.get("metadata", {}).get("total_size")
+        if stated is not None and stated != total:
+            problems.append(f"the index says total_size {stated}, the tensors hold {total} bytes")
+    report.check("every tensor listed once; index and total_size agree", problems)
+
+    manifest_path = os.path.join(target, MANIFEST)
+    if os.path.exists(manifest_path):
+        report.check(f"content hashes match {MANIFEST}", manifest_problems(target, manifest_path))
+    else:
+        report.check("content hashes", [], skipped=f"no {MANIFEST} (not written by distmerge)")
+
+    if load_with_transformers:
+        check_with_transformers(target, {t: headers[f][t] for t, f in seen.items()}, report)
+    return report
+
+
+def manifest_problems(target: str, manifest_path: str) -> list[str]:
+    try:
+        with open(manifest_path) as f:
+            files = json.load(f)["files"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return [f"{manifest_path} cannot be read ({e})"]
+    problems = []
+    for name, record in files.items():
+        path = os.path.join(target, name)
+        if not os.path.isfile(path):
+            problems.append(f"{path} is in the manifest but missing")
+        elif os.path.getsize(path) != record.get("bytes"):
+            problems.append(f"{path} has {os.path.getsize(path)} bytes, the manifest says {record.get('bytes')}")
+        elif hash_file(path) != record.get(HASH):
+            problems.append(f"{path}: content hash differs from the manifest's; the file was changed or damaged")
+    return problems
+
+
+def check_with_transformers(target: str, stored: dict[str, dict], report: Report) -> None:
+    """Config, tokenizer and generation config load; the architecture built on the meta device
+    has exactly the stored tensors (tied copies may be absent) with the same shapes."""
+    try:
+        import transformers
+    except ImportError:
+        for name in ("config, tokenizer and generation config load", "tensors match the architecture"):
+            report.check(name, [], skipped="transformers is not installed (pip install transformers)")
+        return
+    problems = []
+    try:
+        config = transformers.AutoConfig.from_pretrained(target)
+    except Exception as e:  # noqa: BLE001 - transformers raises many kinds; report them all the same way
+        report.check("config, tokenizer and generation config load", [f"config.json does not load: {e}"])
+        return
+    if any(n.startswith("tokenizer") or n in ("vocab.json", "tokenizer.model") for n in os.listdir(target)):
+        try:
+            transformers.AutoTokenizer.from_pretrained(target)
+        except Exception as e:  # noqa: BLE001
+            problems.append(f"the tokenizer does not load: {e}")
+    if os.path.exists(os.path.join(target, "generation_config.json")):
+        try:
+            transformers.GenerationConfig.from_pretrained(target)
+        except Exception as e:  # noqa: BLE001
+            problems.append(f"generation_config.json does not load: {e}")
+    report.check("config, tokenizer and generation config load", problems)
+
+    arch = (getattr(config, "architectures", None) or [None])[0]
+    cls = getattr(transformers, arch, None) if arch else None
+    if cls is None:
+        report.check("tensors match the architecture", [],
+                     skipped=f"architecture {arch!r} is not in the installed transformers")
+        return
+    with torch.device("meta"):
+        model = cls(config)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    aliases: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(param), []).append(name)
+    tied = {n: names for names in aliases.values() if len(names) > 1 for n in names}
+    problems = []
+    for name, shape in expected.items():
+        if name in stored:
+            if tuple(stored[name]["shape"]) != shape:
+                problems.append(f"tensor {name} has shape {stored[name]['shape']}, {arch} expects {list(shape)}")
+        elif not any(alias in stored for alias in tied.get(name, ())):
+            problems.append(f"tensor {name} of {arch} is missing")
+    problems += [f"tensor {name} is not part of {arch}" for name in stored if name not in expected]
+    report.check(f"tensors match the architecture ({arch}, tied weights allowed)", problems)
+
+
+# ---- comparing tensors
+class TensorCompare:
+    """Accumulates the difference between matching row blocks of two tensors."""
+
+    def __init__(self, name: str, atol: float | None, rtol: float | None):
+        self.name, self.atol, self.rtol = name, atol, rtol
+        self.equal, self.within, self.max_abs, self.max_rel = True, True, 0.0, 0.0
+
+    def add(self, ours: torch.Tensor, ref: torch.Tensor) -> None:
+        if not torch.equal(ours.reshape(-1).view(torch.uint8), ref.reshape(-1).view(torch.uint8)):
+            self.equal = False
+            a, b = ours.double(), ref.double()
+            diff = (a - b).abs()
+            diff = torch.where(torch.isnan(a) & torch.isnan(b), 0.0, diff)
+            if diff.numel():
+                self.max_abs = max(self.max_abs, diff.max().item())
+                self.max_rel = max(self.max_rel, (diff / b.abs().clamp_min(1e-12)).max().item())
+            if self.atol is not None or self.rtol is not None:
+                bound = (self.atol or 0.0) + (self.rtol or 0.0) * b.abs()
+                self.within = self.within and bool((diff <= bound).all())
+
+    @property
+    def ok(self) -> bool:
+        tolerant = self.atol is not None or self.rtol is not None
+        return self.equal or (tolerant and self.within)
+
+    def result(self) -> dict:
+        return {"name": self.name, "equal": self.equal, "max_abs": self.max_abs, "max_rel": self.max_rel,
+                "ok": self.ok}
+
+
+def _rows_per_block(shape, dtype) -> int:
+    row = math.prod(shape[1:]) * dtype_size(dtype) if shape else 1
+    return max(1, COMPARE_BYTES // max(row, 1))
+
+
+def compare_with_reference(target: str, reference: str, atol: float | None, rtol: float | None,
+                           report: Report | None = None) -> Report:
+    """Every tensor of a merged directory against the reference's, bitwise or within atol/rtol."""
+    from safetensors import safe_open
+
+    report = report or Report(f"{target} against {reference}")
+    ours, ref = tensor_locations(target), tensor_locations(reference)
+    problems = [f"tensor {n} is in the reference but not in {target}" for n in ref if n not in ours]
+    problems += [f"tensor {n} is in {target} but not in the reference" for n in ours if n not in ref]
+    handles = {}
+
+    def handle(directory, file):
+        key = (directory, file)
+        if key not in handles:
+            handles[key] = safe_open(os.path.join(directory, file), framework="pt")
+        return handles[key]
+
+    for name in ours:
+        if name not in ref:
+            continue
+        a, b = handle(target, ours[name]).get_slice(name), handle(reference, ref[name]).get_slice(name)
+        if a.get_shape() != b.get_shape() or a.get_dtype() != b.get_dtype():
+            problems.append(f"tensor {name}: {a.get_dtype()}{a.get_shape()} here, "
+                            f"{b.get_dtype()}{b.get_shape()} in the reference")
+            continue
+        cmp = TensorCompare(name, atol, rtol)
+        shape = a.get_shape()
+        if not shape:
+            cmp.add(handle(target, ours[name]).get_tensor(name), handle(reference, ref[name]).get_tensor(name))
+        else:
+            step = _rows_per_block(shape, DTYPES[a.get_dtype()])
+            for first in range(0, shape[0], step):
+                cmp.add(a[first:first + step], b[first:first + step])
+        report.compared.append(cmp.result())
+        if not cmp.ok:
+            problems.append(f"tensor {name} differs (max abs diff {cmp.max_abs:.3e})")
+    report.check("every tensor equals the reference's" if atol is None and rtol is None
+                 else f"every tensor within atol={atol} rtol={rtol} of the reference's", problems)
+    return report
+
+
+def tensor_locations(directory: str) -> dict[str, str]:
+    files, index = weight_files(directory)
+    if index is not None:
+        return dict(index["weight_map"])
+    header, _ = read_header(os.path.join(directory, files[0]))
+    return {name: files[0] for name in header}
+
+
+def compare_source_with_reference(source: str, reference: str, atol: float | None, rtol: float | None,
+                                  hf_config: str | None = None, iteration: int | None = None) -> Report:
+    """Like verl's `test` operation: the sharded checkpoint's tensors, as distmerge would write
+    them, against a reference HF directory; nothing is written."""
+    from safetensors import safe_open
+
+    from .arch import load_config, map_outputs
+    from .gather import PieceReader, assemble, bands
+    from .sources import read_source
+
+    catalogue = read_source(source, iteration)
+    config = load_config(hf_config or catalogue.hf_dir or reference, source)
+    ref_dtypes = {}
+    ref = tensor_locations(reference)
+    for name, file in ref.items():
+        with safe_open(os.path.join(reference, file), framework="pt") as f:
+            ref_dtypes[name] = DTYPES[f.get_slice(name).get_dtype()]
+    outputs = map_outputs(catalogue, config, lambda d: d)
+    report = Report(f"{source} against {reference} (no output written)")
+    problems = [f"tensor {n} is in the reference but the source has nothing that maps to it"
+                for n in ref if n not in {o.name for o in outputs}]
+    reader = PieceReader()
+    try:
+        for out in outputs:
+            if out.name not in ref:
+                problems.append(f"tensor {out.name} (from the source) is not in the reference")
+                continue
+            with safe_open(os.path.join(reference, ref[out.name]), framework="pt") as f:
+                ref_slice = f.get_slice(out.name)
+                if tuple(ref_slice.get_shape()) != tuple(out.shape):
+                    problems.append(f"tensor {out.name}: shape {list(out.shape)} from the source, "
+                                    f"{ref_slice.get_shape()} in the reference")
+                    continue
+                ref_dtype = ref_dtypes[out.name]
+                cmp = TensorCompare(out.name, atol, rtol)
+                if not out.parts:
+                    cmp.add(torch.zeros(out.shape, dtype=ref_dtype), f.get_tensor(out.name))
+                for band in bands(out, catalogue):
+                    block = assemble(band, lambda k, p, lead, lo, hi: reader.read_rows(p, lead, lo, hi))
+                    if block.dtype != ref_dtype:
+                        block = block.to(ref_dtype)  # as `merge --dtype` would write it
+                    cmp.add(block, ref_slice[band.first:band.stop] if out.shape else f.get_tensor(out.name))
+            report.compared.append(cmp.result())
+            if not cmp.ok:
+                problems.append(f"tensor {out.name} differs (max abs diff {cmp.max_abs:.3e})")
+    finally:
+        reader.close()
+    casts = sorted({f"{s} -> {d}" for o in outputs if o.name in ref_dtypes
+                    for s, d in [(str(o.dtype), str(ref_dtypes[o.name]))] if s != d})
+    name = "every source tensor equals the reference's"
+    if casts:
+        name += f" (cast as --dtype would: {', '.join(casts)})"
+    report.check(name, problems)
+    return report
+
+
+def compare_logits(target: str, reference: str, atol: float | None, rtol: float | None, report: Report) -> None:
+    """Load both with transformers (CPU, stored dtype) and compare logits on a fixed prompt."""
+    try:
+        import transformers
+    except ImportError:
+        report.check("logits equal the reference's", [], skipped="transformers is not installed")
+        return
+    transformers.utils.logging.disable_progress_bar()
+    ids = None
+    try:
+        tok = transformers.AutoTokenizer.from_pretrained(reference)
+        ids = tok("The quick brown fox jumps over the lazy dog.", return_tensors="pt")["input_ids"]
+    except Exception:  # noqa: BLE001 - no usable tokenizer: fall back to fixed ids
+        pass
+    logits = []
+    for directory in (target, reference):
+        try:
+            config = transformers.AutoConfig.from_pretrained(directory)
+            cls = getattr(transformers, (config.architectures or ["AutoModelForCausalLM"])[0], None)
+            cls = cls or transformers.AutoModelForCausalLM
+            model = cls.from_pretrained(directory, dtype="auto").eval()
+        except Exception as e:  # noqa: BLE001 - any load failure is the same verdict
+            report.check("logits equal the reference's", [f"{directory} does not load with transformers: {e}"])
+            return
+        if ids is None:
+            ids = (torch.arange(16) * 7919 % config.vocab_size).unsqueeze(0)
+        with torch.no_grad():
+            logits.append(model(input_ids=ids).logits.float())
+        del model
+    cmp = TensorCompare("logits", atol, rtol)
+    cmp.add(logits[0], logits[1])
+    report.logits = {"max_abs": cmp.max_abs, "tokens": int(ids.numel()), "equal": cmp.equal}
+    report.check("logits equal the reference's" if atol is None and rtol is None
+                 else f"logits within atol={atol} rtol={rtol}", [] if cmp.ok else
+                 [f"logits differ from the reference's: max abs diff {cmp.max_abs:.3e}"])
