@@ -188,8 +188,8 @@ def main(argv=None) -> int:
         if int(os.environ.get("RANK", "0")) == 0 or not e.all_ranks:
             log.error("%s", e)
         return e.exit_code
-    except dist.DistError as e:
-        if args.debug:
+    except (dist.DistError, RuntimeError) as e:  # gloo reports a dead peer as a plain RuntimeError
+        if args.debug or int(os.environ.get("WORLD_SIZE", "1")) == 1:
             raise
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         log.error("lost contact with another rank (%s); that rank's own message says why. The partial output "

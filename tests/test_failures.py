@@ -1,0 +1,204 @@
+"""Failure behaviour: a rank killed mid-write, --resume, a full disk, a read-only target. Real
+torchrun jobs on real fixtures; the damage is done on purpose."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+
+from conftest import ROOT, clean_env, run_distmerge, torchrun_cmd
+from distmerge.finish import INCOMPLETE, lock_path, staging_dir
+
+LAYOUT = "llama_fsdp2_w2"
+SHARD = "50KB"  # about ten output files, so a killed run leaves some finished
+
+
+def digests(directory):
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(directory.iterdir()) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(checkpoint, tmp_path_factory):
+    ckpt = checkpoint(LAYOUT)
+    out = tmp_path_factory.mktemp("failures") / "uninterrupted"
+    proc = run_distmerge(["merge", "--source", str(ckpt), "--target", str(out), "--max-shard-size", SHARD,
+                          "--no-progress"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return ckpt, digests(out)
+
+
+def worker_with_rank(launcher: psutil.Process, rank: int) -> psutil.Process | None:
+    for child in launcher.children(recursive=True):
+        try:
+            if child.environ().get("RANK") == str(rank) and "slow_merge.py" in " ".join(child.cmdline()):
+                return child
+        except psutil.Error:
+            continue
+    return None
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("nproc, transport", [(2, "direct"), (4, "collective")])
+def test_a_killed_rank_stops_the_job_and_resume_completes_it(nproc, transport, uninterrupted, tmp_path):
+    ckpt, expected = uninterrupted
+    out = tmp_path / "out"
+    staging = staging_dir(str(out))
+    args = ["merge", "--source", str(ckpt), "--target", str(out), "--max-shard-size", SHARD,
+            "--transport", transport, "--no-progress"]
+    job = subprocess.Popen(torchrun_cmd(nproc) + [str(ROOT / "tests" / "slow_merge.py")] + args, env=clean_env(),
+                           cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        launcher, victim = psutil.Process(job.pid), None
+        deadline = time.time() + 120
+        while time.time() < deadline:  # kill the last rank once some files are finished
+            done = os.path.join(staging, ".done")
+            if os.path.isdir(done) and len(os.listdir(done)) >= 2:
+                victim = worker_with_rank(launcher, nproc - 1)
+                if victim:
+                    break
+            time.sleep(0.05)
+        assert victim is not None, "the slowed merge never got going"
+        victim.send_signal(signal.SIGKILL)
+        killed_at = time.time()
+        _, err = job.communicate(timeout=120)
+    finally:
+        if job.poll() is None:
+            job.kill()
+    stopped_in = time.time() - killed_at
+    assert job.returncode != 0
+    # rank 0 either notices the dead peer itself or is stopped by torchrun's SIGTERM first
+    assert ("distmerge: error: lost contact with another rank" in err
+            or "distmerge: error: stopped by signal SIGTERM" in err), err[-3000:]
+    assert "[rank0]: Traceback" not in err, err[-3000:]
+    assert stopped_in < 60, f"the other ranks took {stopped_in:.0f} s to stop"
+    assert not out.exists(), "a killed merge must not leave a target"
+    assert os.path.exists(os.path.join(staging, INCOMPLETE)), "the partial output must be marked incomplete"
+    assert not os.path.exists(lock_path(str(out))), "rank 0 must release the lock when the job is stopped"
+    finished = sorted(os.listdir(os.path.join(staging, ".done")))
+
+    # the same command with --resume keeps the finished files and writes the rest
+    summary = tmp_path / "summary.json"
+    proc = run_distmerge(args + ["--resume", "--summary-json", str(summary)], nproc=nproc)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(summary.read_text())
+    assert result["kept"] and len(result["kept"]) < len(result["files"]), result["kept"]
+    assert set(result["kept"]) <= {f.removesuffix(".json") for f in finished}
+    assert not set(result["kept"]) & {f for files in result["files_by_rank"] for f in files}
+    assert digests(out) == expected, "the resumed output must equal an uninterrupted run byte for byte"
+    assert not os.path.exists(staging)
+
+
+def crashed_run(ckpt, out, extra=()):
+    """A merge stopped by SIGKILL of its only process after a few files: a real crash."""
+    args = ["merge", "--source", str(ckpt), "--target", str(out), "--max-shard-size", SHARD, "--no-progress", *extra]
+    job = subprocess.Popen([sys.executable, str(ROOT / "tests" / "slow_merge.py")] + args, env=clean_env(), cwd=ROOT,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    done = os.path.join(staging_dir(str(out)), ".done")
+    deadline = time.time() + 120
+    while time.time() < deadline and not (os.path.isdir(done) and len(os.listdir(done)) >= 3):
+        time.sleep(0.05)
+    job.kill()
+    job.wait(timeout=60)
+    os.remove(lock_path(str(out)))  # a SIGKILLed merge leaves its lock (tested in test_bad_inputs)
+    return args
+
+
+@pytest.mark.timeout(300)
+def test_resume_rewrites_a_damaged_finished_file_and_refuses_other_options(uninterrupted, tmp_path):
+    ckpt, expected = uninterrupted
+    out = tmp_path / "out"
+    args = crashed_run(ckpt, out)
+    staging = staging_dir(str(out))
+    # a different --max-shard-size is another merge: refused, and the partial output is untouched
+    before = digests(__import__("pathlib").Path(staging))
+    other = run_distmerge(args[:-3] + ["--max-shard-size", "40KB", "--no-progress", "--resume"])
+    assert other.returncode == 2 and "cannot --resume" in other.stderr and "Traceback" not in other.stderr
+    assert digests(__import__("pathlib").Path(staging)) == before
+    # a finished file damaged after the crash fails its hash and is written again
+    finished = sorted(f.removesuffix(".json") for f in os.listdir(os.path.join(staging, ".done")))
+    victim = os.path.join(staging, finished[0])
+    with open(victim, "r+b") as f:
+        f.seek(-3, os.SEEK_END)
+        f.write(b"\0\0\0")
+    summary = tmp_path / "summary.json"
+    proc = run_distmerge(args + ["--resume", "--summary-json", str(summary)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(summary.read_text())
+    assert finished[0] not in result["kept"] and set(finished[1:]) <= set(result["kept"])
+    assert digests(out) == expected
+
+
+@pytest.mark.timeout(120)
+def test_a_rerun_without_resume_starts_over_and_says_so(uninterrupted, tmp_path):
+    ckpt, expected = uninterrupted
+    out = tmp_path / "out"
+    args = crashed_run(ckpt, out)
+    proc = run_distmerge(args)
+    assert proc.returncode == 0 and "replaced the incomplete merge" in proc.stderr, proc.stderr
+    assert digests(out) == expected
+
+
+def limit_file_size(limit):
+    def apply():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return apply
+
+
+@pytest.mark.timeout(120)
+def test_a_full_disk_is_an_io_error_and_the_partial_output_stays_marked(checkpoint, tmp_path):
+    """RLIMIT_FSIZE makes every write past 200 KB fail with EFBIG, as a full disk fails them with
+    ENOSPC (the same message path)."""
+    ckpt = checkpoint(LAYOUT)
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "distmerge", "merge", "--source", str(ckpt), "--target", str(out),
+                           "--no-progress"], capture_output=True, text=True, env=clean_env(), cwd=ROOT, timeout=100,
+                          preexec_fn=limit_file_size(200_000))
+    assert proc.returncode == 4, proc.stderr
+    assert proc.stderr.count("distmerge: error:") == 1 and "Traceback" not in proc.stderr
+    assert "model.safetensors: File too large. Free space on the target's filesystem" in proc.stderr
+    assert not out.exists() and os.path.exists(os.path.join(staging_dir(str(out)), INCOMPLETE))
+    assert not os.path.exists(lock_path(str(out)))
+
+
+def mount_tmpfs(path, options):
+    path.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True, text=True)
+    return proc.returncode == 0, proc.stderr.strip()
+
+
+@pytest.mark.timeout(120)
+def test_a_small_filesystem_fills_up_with_enospc(checkpoint, tmp_path):
+    ok, why = mount_tmpfs(tmp_path / "small", "size=256k")
+    if not ok:
+        pytest.skip(f"cannot mount a tmpfs here ({why}); the RLIMIT_FSIZE test covers the same path")
+    try:
+        out = tmp_path / "small" / "out"
+        proc = run_distmerge(["merge", "--source", str(checkpoint(LAYOUT)), "--target", str(out), "--no-progress"])
+        assert proc.returncode == 4, proc.stderr
+        assert "No space left on device. Free space on the target's filesystem" in proc.stderr
+        assert "Traceback" not in proc.stderr and not out.exists()
+    finally:
+        subprocess.run(["umount", str(tmp_path / "small")])
+
+
+@pytest.mark.timeout(120)
+def test_a_read_only_target_is_refused_before_anything_is_read(checkpoint, tmp_path):
+    ok, why = mount_tmpfs(tmp_path / "ro", "ro,size=1m")
+    if not ok:
+        pytest.skip(f"cannot mount a read-only tmpfs here ({why}); as root, mode bits do not stop writes")
+    try:
+        proc = run_distmerge(["merge", "--source", str(checkpoint(LAYOUT)), "--target", str(tmp_path / "ro" / "out")])
+        assert proc.returncode == 4, proc.stderr
+        assert "no write permission" in proc.stderr and "Traceback" not in proc.stderr
+        assert os.listdir(tmp_path / "ro") == []
+    finally:
+        subprocess.run(["umount", str(tmp_path / "ro")])
