@@ -143,3 +143,21 @@ def test_an_incomplete_staging_directory_fails(merged, damaged, capsys):
 def test_verify_of_something_that_is_not_a_checkpoint_is_bad_input(tmp_path, capsys):
     code, text = verify(capsys, tmp_path)
     assert code == 2 and "is not a safetensors HF checkpoint" in text and "Traceback" not in text
+
+
+def test_merge_verify_keeps_a_wrong_result_unpublished(merged, tmp_path):
+    """A config of another architecture (qkv bias) for a Llama checkpoint: the merge itself has
+    nothing to object to, the self-check finds the missing biases, and nothing is published."""
+    ckpt, _ = merged
+    hf = tmp_path / "hf"
+    shutil.copytree(ckpt / "huggingface", hf)
+    config = json.loads((hf / "config.json").read_text())
+    config.update(architectures=["Qwen2ForCausalLM"], model_type="qwen2")
+    (hf / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "out"
+    proc = run_distmerge(["merge", "--source", str(ckpt), "--target", str(out), "--hf-config", str(hf), "--verify",
+                          "--no-progress"])
+    assert proc.returncode == 3, proc.stderr
+    assert "tensor model.layers.0.self_attn.q_proj.bias of Qwen2ForCausalLM is missing" in proc.stderr
+    assert "was not published" in proc.stderr and "Traceback" not in proc.stderr
+    assert not out.exists()
