@@ -47,6 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Megatron-LM runs: merge iter_N instead of the one latest_checkpointed_iteration.txt names")
     m.add_argument("--overwrite", action="store_true",
                    help="replace a non-empty target; the old one is removed only after the merge succeeded")
+    m.add_argument("--lora", default="merge", choices=["merge", "adapter", "both"],
+                   help="LoRA checkpoints: merge = fold W + (alpha/r) B @ A into the base weights (in fp32, then the "
+                        "output dtype); adapter = the base weights plus a PEFT adapter in TARGET/lora_adapter/; both")
+    m.add_argument("--lora-alpha", metavar="ALPHA", type=float,
+                   help="the lora_alpha the training used (default: from lora_train_meta.json; without it a LoRA "
+                        "merge is refused, never done with 0)")
     m.add_argument("--resume", action="store_true",
                    help="continue a crashed run of the same merge: its finished files whose size, header and content "
                         "hash check out are kept, the rest is written; another source or other options are refused")
@@ -192,7 +198,8 @@ def main(argv=None) -> int:
             signal.signal(signal.SIGTERM, on_sigterm)
             result = run_merge(MergeOptions(
                 source=args.source, target=args.target, dtype=args.dtype, max_shard_size=args.max_shard_size,
-                transport=args.transport, overwrite=args.overwrite, resume=args.resume, verify=args.verify,
+                transport=args.transport, overwrite=args.overwrite, lora=args.lora, lora_alpha=args.lora_alpha,
+                resume=args.resume, verify=args.verify,
                 hf_config=args.hf_config, iteration=args.iteration, backend=args.backend, timeout=args.timeout,
                 progress=not args.no_progress))
             if args.summary_json and int(os.environ.get("RANK", "0")) == 0:

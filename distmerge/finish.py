@@ -157,10 +157,11 @@ def remove_run_records(staging: str) -> None:
 
 
 def write_index(plan: Plan, staging: str) -> None:
-    if len(plan.files) == 1:
+    files = plan.model_files
+    if len(files) == 1:
         return  # a single model.safetensors needs no index, as in transformers
-    weight_map = {e.tensor.name: f.name for f in plan.files for e in f.entries}
-    index = {"metadata": {"total_size": plan.total_bytes}, "weight_map": weight_map}
+    weight_map = {e.tensor.name: f.name for f in files for e in f.entries}
+    index = {"metadata": {"total_size": sum(f.data_bytes for f in files)}, "weight_map": weight_map}
     with open(os.path.join(staging, "model.safetensors.index.json"), "w") as f:
         json.dump(index, f, indent=2)
         f.write("\n")
@@ -187,6 +188,13 @@ def copy_hf_files(hf_dir: str | None, staging: str, config: dict, plan: Plan) ->
         json.dump(config, f, indent=2, sort_keys=True)
         f.write("\n")
     return copied + ["config.json"]
+
+
+def write_adapter_config(staging: str, adapter_dir: str, config: dict) -> None:
+    os.makedirs(os.path.join(staging, adapter_dir), exist_ok=True)
+    with open(os.path.join(staging, adapter_dir, "adapter_config.json"), "w") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
+        f.write("\n")
 
 
 def publish(staging: str, target: str, overwrite: bool) -> None:

@@ -25,7 +25,8 @@ import torch.distributed as dist
 
 from .errors import MergeIOError
 from .integrity import record_done
-from .model import Catalogue, FileEntry, OutputFile, OutputTensor, Piece, Plan, SourceTensor, dtype_size
+from .model import (Catalogue, FileEntry, LoraDelta, OutputFile, OutputTensor, Piece, Plan, SourceRows, SourceTensor,
+                    dtype_size)
 from .runtime import Runtime
 from .writer import SafetensorsWriter
 
@@ -162,6 +163,25 @@ def assemble(band: Band, get, phase=lambda name: nullcontext()) -> torch.Tensor:
     return assembled
 
 
+def read_source_rows(catalogue: Catalogue, name: str, first: int, stop: int, reader: PieceReader) -> torch.Tensor:
+    """Rows [first, stop) of a source tensor, from whatever pieces hold them."""
+    source = catalogue.tensors[name]
+    view = OutputTensor(name, (stop - first,) + source.shape[1:], source.dtype, [SourceRows(name, (), first, stop)])
+    blocks = [assemble(b, lambda k, p, lead, lo, hi: reader.read_rows(p, lead, lo, hi)) for b in bands(view, catalogue)]
+    return torch.cat(blocks) if len(blocks) > 1 else blocks[0]
+
+
+def fold_lora(block: torch.Tensor, lora: LoraDelta, first: int, stop: int, catalogue: Catalogue,
+              reader: PieceReader, cache: dict) -> torch.Tensor:
+    """Rows [first, stop) of W + scale * B @ A, computed in fp32 (cast to the output dtype later).
+    The writer reads the small factors itself: A once per tensor, B a band of rows at a time."""
+    if lora.a not in cache:
+        cache.clear()
+        cache[lora.a] = read_source_rows(catalogue, lora.a, 0, catalogue.tensors[lora.a].shape[0], reader).float()
+    b_rows = read_source_rows(catalogue, lora.b, first, stop, reader).float()
+    return block.float() + (b_rows @ cache[lora.a]) * lora.scale
+
+
 def schedule(plan: Plan) -> list[tuple[OutputFile, FileEntry]]:
     """All ranks' work in one global order, interleaved so that every rank's k-th tensor comes
     around the same point: ranks write in parallel and sends never wait on a rank far behind."""
@@ -192,6 +212,7 @@ class RankRunner:
         self.pending_writes: collections.deque = collections.deque()
         self.closed: list[str] = []   # the files this rank wrote, in the order it finished them
         self.hashes: dict[str, str] = {}
+        self.lora_a: dict[str, torch.Tensor] = {}  # the current tensor's lora_A (small: r x in)
 
     def run(self) -> dict:
         collective = self.plan.transport == "collective" and self.rt.world_size > 1
@@ -237,6 +258,9 @@ class RankRunner:
             return self._get(piece, lead, lo, hi, None if tag is None else tag + k)
 
         block = assemble(band, get, self.timers.phase)
+        if out.lora is not None:
+            with self.timers.phase("lora"):
+                block = fold_lora(block, out.lora, band.first, band.stop, self.catalogue, self.reader, self.lora_a)
         self._write(writer, entry.begin + band.first * row_bytes, self._cast(block, out.dtype))
 
     def _entry_done(self, out_file: OutputFile) -> None:

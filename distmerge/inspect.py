@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 
-from .arch import load_config, map_outputs
+from .arch import load_config, lora, map_outputs
 from .merge import DEFAULT_TRANSPORT, cast_rule
 from .model import dtype_str
 from .plan import describe, make_plan, parse_size
@@ -12,13 +12,16 @@ from .sources import read_source
 
 
 def inspect_source(source: str, nproc: int = 1, max_shard_size: str = "5GB", dtype: str = "auto",
-                   hf_config: str | None = None, iteration: int | None = None, as_json: bool = False) -> str:
+                   hf_config: str | None = None, iteration: int | None = None, as_json: bool = False,
+                   lora_alpha: float | None = None) -> str:
     catalogue = read_source(source, iteration)
     config = load_config(hf_config or catalogue.hf_dir, source)
-    outputs = map_outputs(catalogue, config, cast_rule(dtype))
+    adapters = lora.read_adapters(catalogue, lora_alpha) if lora.is_peft(catalogue) else None
+    outputs = map_outputs(catalogue, config, cast_rule(dtype), adapters)
     plan = make_plan(catalogue, outputs, nproc, parse_size(max_shard_size), DEFAULT_TRANSPORT)
     kept = set().union(*(t.sources for t in outputs))
-    dropped = [n for n in catalogue.tensors if n not in kept]
+    folded = {s for t in outputs if t.lora for s in (t.lora.a, t.lora.b)}
+    dropped = [n for n in catalogue.tensors if n not in kept and n not in folded]
     dtypes = Counter()
     for t in catalogue.tensors.values():
         dtypes[dtype_str(t.dtype)] += t.nbytes
@@ -27,6 +30,9 @@ def inspect_source(source: str, nproc: int = 1, max_shard_size: str = "5GB", dty
         "architecture": (config.get("architectures") or ["?"])[0],
         "source_tensors": len(catalogue.tensors), "source_bytes": sum(t.nbytes for t in catalogue.tensors.values()),
         "dtypes": dict(dtypes), "dropped": dropped,
+        "lora": None if adapters is None else {"r": adapters.r, "alpha": adapters.alpha,
+                                               "target_modules": adapters.target_modules,
+                                               "adapted": len(adapters.factors)},
         "plan": {"ranks": nproc, "files": [{"name": f.name, "rank": f.rank, "tensors": len(f.entries),
                                             "bytes": f.size} for f in plan.files]},
     }
@@ -38,5 +44,7 @@ def inspect_source(source: str, nproc: int = 1, max_shard_size: str = "5GB", dty
              f"tensors       {info['source_tensors']}, {info['source_bytes'] / 1e9:.3f} GB "
              f"({', '.join(f'{k} {v / 1e9:.3f} GB' for k, v in dtypes.items())})",
              f"dropped       {', '.join(dropped) or 'nothing'}",
+             *([f"lora          r={adapters.r} alpha={adapters.alpha:g} on {len(adapters.factors)} modules "
+                f"({', '.join(adapters.target_modules)}); --lora merge folds them"] if adapters else []),
              describe(plan)]
     return "\n".join(lines)

@@ -35,9 +35,10 @@ def hash_file(path: str) -> str:
     return h.hexdigest()
 
 
-def fingerprint(catalogue: Catalogue, plan: Plan) -> dict:
-    """What makes two merges the same: the source files (name, size, mtime) and every output
-    header (names, dtypes, shapes, offsets: it captures --dtype and --max-shard-size). The rank
+def fingerprint(catalogue: Catalogue, plan: Plan, options: dict) -> dict:
+    """What makes two merges the same: the source files (name, size, mtime), every output header
+    (names, dtypes, shapes, offsets: it captures --dtype and --max-shard-size), and the options
+    that change values without changing headers (`options`: the LoRA fold). The rank
     count and transport are left out: they do not change a byte of the output."""
     source = new_hash()
     for path in sorted(catalogue.files):
@@ -46,6 +47,7 @@ def fingerprint(catalogue: Catalogue, plan: Plan) -> dict:
     headers = new_hash()
     for f in plan.files:
         headers.update(f.name.encode() + b"\0" + f.header)
+    headers.update(repr(sorted(options.items())).encode())  # what headers do not show (the LoRA scale)
     return {"source": os.path.abspath(catalogue.source), "source_files": source.hexdigest(),
             "output_headers": headers.hexdigest(), "files": len(plan.files)}
 
@@ -68,13 +70,17 @@ def read_json(path: str) -> dict | None:
     return data if isinstance(data, dict) else None
 
 
+def _record_path(staging: str, name: str) -> str:
+    return os.path.join(staging, DONE, name.replace("/", "--") + ".json")  # lora_adapter/x -> one flat name
+
+
 def record_done(staging: str, name: str, size: int, digest: str) -> None:
     os.makedirs(os.path.join(staging, DONE), exist_ok=True)
-    write_json(os.path.join(staging, DONE, name + ".json"), {"bytes": size, HASH: digest})
+    write_json(_record_path(staging, name), {"bytes": size, HASH: digest})
 
 
 def done_record(staging: str, name: str) -> dict | None:
-    return read_json(os.path.join(staging, DONE, name + ".json"))
+    return read_json(_record_path(staging, name))
 
 
 def write_manifest(staging: str, plan: Plan, hashes: dict[str, str]) -> None:

@@ -8,10 +8,10 @@ import time
 from dataclasses import asdict, dataclass, field
 
 from . import runtime as runtime_mod
-from .arch import load_config, map_outputs
+from .arch import load_config, lora, map_outputs
 from .errors import MergeError, MergeVerifyError
 from .finish import (acquire_lock, check_target, copy_hf_files, prepare_staging, publish, release_lock,
-                     remove_run_records, staging_dir, verified_done_files, write_index)
+                     remove_run_records, staging_dir, verified_done_files, write_adapter_config, write_index)
 from .gather import RankRunner
 from .integrity import fingerprint, write_manifest
 from .model import DTYPE_NAMES
@@ -33,6 +33,8 @@ class MergeOptions:
     max_shard_size: str = "5GB"
     transport: str = DEFAULT_TRANSPORT
     overwrite: bool = False
+    lora: str = "merge"
+    lora_alpha: float | None = None
     resume: bool = False
     verify: bool = False
     hf_config: str | None = None
@@ -74,6 +76,8 @@ def cast_rule(dtype: str):
 
 def run_merge(opts: MergeOptions) -> MergeResult:
     start = time.perf_counter()
+    if opts.lora not in lora.MODES:
+        raise MergeError(f"--lora {opts.lora} is not one of {', '.join(lora.MODES)}")
     if opts.transport not in TRANSPORTS:
         raise MergeError(f"--transport {opts.transport} is not one of {', '.join(TRANSPORTS)}")
     max_shard_size = parse_size(opts.max_shard_size)
@@ -86,11 +90,15 @@ def run_merge(opts: MergeOptions) -> MergeResult:
         catalogue = read_source(opts.source, opts.iteration)
         hf_dir = opts.hf_config or catalogue.hf_dir
         config = load_config(hf_dir, opts.source)
-        outputs = map_outputs(catalogue, config, cast)
+        adapters = lora.read_adapters(catalogue, opts.lora_alpha) if lora.is_peft(catalogue) else None
+        outputs = map_outputs(catalogue, config, cast, adapters, opts.lora)
+        extra = None
+        if adapters and opts.lora in ("adapter", "both"):
+            extra = {lora.ADAPTER_FILE: lora.adapter_outputs(catalogue, adapters, cast)}
         plan = make_plan(catalogue, outputs, rt.world_size, max_shard_size, opts.transport,
-                         config_dtype=None if opts.dtype == "auto" else DTYPE_NAMES[opts.dtype])
+                         config_dtype=None if opts.dtype == "auto" else DTYPE_NAMES[opts.dtype], extra_files=extra)
         check_target(opts.target, opts.source, opts.overwrite)
-        job = fingerprint(catalogue, plan)
+        job = fingerprint(catalogue, plan, {"lora": opts.lora, "lora_scale": adapters.scale} if adapters else {})
 
         def take_target():  # rank 0 alone; its refusal reaches every rank
             nonlocal lock
@@ -125,6 +133,8 @@ def run_merge(opts: MergeOptions) -> MergeResult:
             nonlocal verified
             write_index(plan, staging)
             copy_hf_files(hf_dir, staging, config, plan)
+            if extra:
+                write_adapter_config(staging, lora.ADAPTER_DIR, lora.adapter_config(adapters))
             write_manifest(staging, plan, hashes)
             if opts.verify:
                 verified = self_check(staging, opts.target)

@@ -94,6 +94,15 @@ class SourceRows:
     stop: int = 0
 
 
+@dataclass(frozen=True)
+class LoraDelta:
+    """A LoRA fold: the tensor's rows get scale * (B @ A)[rows] added, in fp32 (B: [out, r], A: [r, in])."""
+
+    a: str
+    b: str
+    scale: float
+
+
 @dataclass
 class OutputTensor:
     """One tensor of the HF checkpoint and its recipe: the concatenation, along the first dim, of
@@ -105,6 +114,7 @@ class OutputTensor:
     shape: tuple[int, ...]
     dtype: torch.dtype        # as written
     parts: list[SourceRows]
+    lora: LoraDelta | None = None
 
     @property
     def nbytes(self) -> int:
@@ -124,7 +134,7 @@ class FileEntry:
 
 @dataclass
 class OutputFile:
-    name: str                 # e.g. model-00001-of-00003.safetensors
+    name: str                 # e.g. model-00001-of-00003.safetensors, lora_adapter/adapter_model.safetensors
     rank: int                 # the one rank that writes it
     entries: list[FileEntry]
     header: bytes             # the complete safetensors header, length prefix included
@@ -149,6 +159,11 @@ class Plan:
     @property
     def total_bytes(self) -> int:
         return sum(f.data_bytes for f in self.files)
+
+    @property
+    def model_files(self) -> list[OutputFile]:
+        """The files of the model itself (the index lists them); others live in subdirectories."""
+        return [f for f in self.files if "/" not in f.name]
 
     def files_of(self, rank: int) -> list[OutputFile]:
         return [f for f in self.files if f.rank == rank]

@@ -67,10 +67,16 @@ def balance(weights: list[int], bins: int) -> list[int]:
 
 
 def make_plan(catalogue: Catalogue, outputs: list[OutputTensor], world_size: int,
-              max_shard_size: int, transport: str, config_dtype=None) -> Plan:
+              max_shard_size: int, transport: str, config_dtype=None,
+              extra_files: dict[str, list[OutputTensor]] | None = None) -> Plan:
+    """extra_files: whole files beside the model (a LoRA adapter), written by the same run."""
     groups = group_into_files(outputs, max_shard_size)
     n = len(groups)
     names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    for name, tensors in (extra_files or {}).items():
+        names.append(name)
+        groups.append(tensors)
+    outputs = [t for g in groups for t in g]
     owners = balance([sum(t.nbytes for t in g) for g in groups], world_size)
     files = []
     for name, owner, group in zip(names, owners, groups):
@@ -81,7 +87,7 @@ def make_plan(catalogue: Catalogue, outputs: list[OutputTensor], world_size: int
         files.append(OutputFile(name=name, rank=owner, entries=entries, header=safetensors_header(entries)))
 
     held = Counter()
-    for name in set().union(*(t.sources for t in outputs)):
+    for name in set().union(*(t.sources for t in outputs)):  # LoRA factors are read by their writer
         for p in catalogue.tensors[name].pieces:
             held[p.file] += p.nbytes
     sources = [f for f in catalogue.files if held[f]]

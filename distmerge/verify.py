@@ -242,15 +242,39 @@ def check_with_transformers(target: str, stored: dict[str, dict], report: Report
     for name, param in model.named_parameters(remove_duplicate=False):
         aliases.setdefault(id(param), []).append(name)
     tied = {n: names for names in aliases.values() if len(names) > 1 for n in names}
-    problems = []
-    for name, shape in expected.items():
-        if name in stored:
-            if tuple(stored[name]["shape"]) != shape:
-                problems.append(f"tensor {name} has shape {stored[name]['shape']}, {arch} expects {list(shape)}")
-        elif not any(alias in stored for alias in tied.get(name, ())):
-            problems.append(f"tensor {name} of {arch} is missing")
-    problems += [f"tensor {name} is not part of {arch}" for name in stored if name not in expected]
+    rename = checkpoint_key_renamer(model, expected)
+    problems, loaded = [], set()
+    for name, info in stored.items():
+        key, converted = rename(name)
+        if key not in expected:
+            problems.append(f"tensor {name} is not part of {arch}")
+            continue
+        loaded.add(key)
+        if not converted and tuple(info["shape"]) != expected[key]:
+            problems.append(f"tensor {name} has shape {info['shape']}, {arch} expects {list(expected[key])}")
+    problems += [f"tensor {key} of {arch} is missing" for key in expected
+                 if key not in loaded and not any(alias in loaded for alias in tied.get(key, ()))]
     report.check(f"tensors match the architecture ({arch}, tied weights allowed)", problems)
+
+
+def checkpoint_key_renamer(model, expected: dict):
+    """Checkpoint key -> (model key, whether a converter fuses it): transformers 5 loads some
+    Hub layouts through renamings and converters (per-expert MoE weights fused into one tensor),
+    so the stored names are compared through the same rules from_pretrained applies."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, rename_source_key
+    except ImportError:  # transformers 4: stored names are model names
+        return lambda key: (key, False)
+    transforms = get_model_conversion_mapping(model)
+    renamings = [t for t in transforms if not isinstance(t, WeightConverter)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    prefix = getattr(model, "base_model_prefix", None)
+
+    def rename(key):
+        new, pattern = rename_source_key(key, renamings, converters, prefix, expected)
+        return new, pattern is not None
+    return rename
 
 
 # ---- comparing tensors
@@ -344,8 +368,8 @@ def compare_source_with_reference(source: str, reference: str, atol: float | Non
     them, against a reference HF directory; nothing is written."""
     from safetensors import safe_open
 
-    from .arch import load_config, map_outputs
-    from .gather import PieceReader, assemble, bands
+    from .arch import load_config, lora, map_outputs
+    from .gather import PieceReader, assemble, bands, fold_lora
     from .sources import read_source
 
     catalogue = read_source(source, iteration)
@@ -355,11 +379,12 @@ def compare_source_with_reference(source: str, reference: str, atol: float | Non
     for name, file in ref.items():
         with safe_open(os.path.join(reference, file), framework="pt") as f:
             ref_dtypes[name] = DTYPES[f.get_slice(name).get_dtype()]
-    outputs = map_outputs(catalogue, config, lambda d: d)
+    adapters = lora.read_adapters(catalogue, None) if lora.is_peft(catalogue) else None
+    outputs = map_outputs(catalogue, config, lambda d: d, adapters)  # LoRA: folded, as `merge` does
     report = Report(f"{source} against {reference} (no output written)")
     problems = [f"tensor {n} is in the reference but the source has nothing that maps to it"
                 for n in ref if n not in {o.name for o in outputs}]
-    reader = PieceReader()
+    reader, lora_a = PieceReader(), {}
     try:
         for out in outputs:
             if out.name not in ref:
@@ -377,7 +402,9 @@ def compare_source_with_reference(source: str, reference: str, atol: float | Non
                     cmp.add(torch.zeros(out.shape, dtype=ref_dtype), f.get_tensor(out.name))
                 for band in bands(out, catalogue):
                     block = assemble(band, lambda k, p, lead, lo, hi: reader.read_rows(p, lead, lo, hi))
-                    if block.dtype != ref_dtype:
+                    if out.lora is not None:
+                        block = fold_lora(block, out.lora, band.first, band.stop, catalogue, reader, lora_a)
+                    if block.dtype != ref_dtype or out.dtype != ref_dtype:
                         block = block.to(ref_dtype)  # as `merge --dtype` would write it
                     cmp.add(block, ref_slice[band.first:band.stop] if out.shape else f.get_tensor(out.name))
             report.compared.append(cmp.result())

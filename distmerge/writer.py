@@ -31,6 +31,7 @@ class SafetensorsWriter:
         self.data_start = len(plan_file.header)
         self.hash, self.hashed_to = new_hash(), 0   # bytes [0, hashed_to) are in self.hash
         try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
             self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             self._pwrite(memoryview(plan_file.header), 0)
         except OSError as e:

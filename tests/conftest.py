@@ -25,6 +25,9 @@ LAYOUTS = {
     "llama_hsdp_w4": (4, ["--model", "llama", "--layout", "hsdp"]),
     "qwen2_fsdp_tp_w4": (4, ["--model", "qwen2", "--layout", "tp"]),
     "qwen2_single": (1, ["--model", "qwen2", "--layout", "single"]),
+    # a PEFT LoRA model (r=4, alpha=8) as verl saves it, with lora_train_meta.json; the reference
+    # is peft's merge_and_unload() of the live model
+    "llama_lora_fsdp2_w2": (2, ["--model", "llama", "--layout", "fsdp2", "--lora", "4:8"]),
     # PyTorch DCP (dcp.save({"model": state_dict})) of FSDP2 and of FSDP2+TP models; source is OUT/dcp
     "qwen2_dcp_fsdp2_w2": (2, ["--model", "qwen2", "--layout", "fsdp2", "--save", "dcp"]),
     "llama_dcp_fsdp_tp_w4": (4, ["--model", "llama", "--layout", "tp", "--save", "dcp"]),

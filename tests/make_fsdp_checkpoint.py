@@ -9,6 +9,10 @@ It saves exactly what verl's FSDPCheckpointManager saves:
 and, for the tests, the ground truth taken from the live sharded model:
   reference/model.safetensors        (every tensor gathered with full_tensor()) + config.json
   reference/logits.pt                (logits of the original model on a fixed input)
+With --lora R:ALPHA the model is a PEFT LoRA model (q_proj, v_proj, down_proj adapted; lora_B
+made non-zero) saved as verl saves it, with lora_train_meta.json; the reference then holds the
+model folded by peft's merge_and_unload(), the unfolded base (reference/base.safetensors) and
+the adapter as peft saves it (reference/adapter/).
 """
 import argparse
 import json
@@ -38,6 +42,7 @@ def parse_args():
     p.add_argument("--optim-step", action="store_true", help="take one AdamW step before saving")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--meta-init", action="store_true", help="init on meta, then to_empty + seeded init (cheap for big models)")
+    p.add_argument("--lora", metavar="R:ALPHA", help="a PEFT LoRA model with this rank and alpha (fsdp2 layout)")
     p.add_argument("--no-reference", action="store_true", help="skip reference weights and logits (benchmarks)")
     p.add_argument("--save", choices=["verl", "dcp"], default="verl",
                    help="verl: per-rank torch.save as verl does; dcp: torch.distributed.checkpoint.save of "
@@ -104,11 +109,35 @@ def build_model(args):
     return model, config
 
 
+LORA_TARGETS = ["q_proj", "v_proj", "down_proj"]
+
+
+def lora_config(args):
+    from peft import LoraConfig
+
+    r, alpha = args.lora.split(":")
+    return LoraConfig(r=int(r), lora_alpha=float(alpha), target_modules=LORA_TARGETS, lora_dropout=0.0,
+                      task_type="CAUSAL_LM")
+
+
+def add_lora(model, args):
+    """A PEFT model whose lora_B is not zero (peft starts it at zero: folding would change nothing)."""
+    from peft import get_peft_model
+
+    model = get_peft_model(model, lora_config(args))
+    gen = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+    return model
+
+
 def wrap(model, args, world):
     """Shard the model the way verl does for the requested layout; returns the save mesh kind."""
     from torch.distributed.fsdp import fully_shard
 
-    layers = model.model.layers
+    layers = (model.base_model.model if args.lora else model).model.layers
     if args.layout == "fsdp2":
         mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("fsdp",))
         fn = verl_shard_placement_fn(world)
@@ -172,6 +201,30 @@ def full_state_dict(model, fsdp_version):
     return {k: (v.full_tensor() if isinstance(v, DTensor) else v).clone() for k, v in model.state_dict().items()}
 
 
+def lora_reference(full, config, args, ref_dir):
+    """The PEFT model rebuilt from the gathered tensors: its logits, its adapter as peft saves it,
+    its base weights, and its weights folded by peft's merge_and_unload()."""
+    from peft import get_peft_model
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    peft_model = get_peft_model(AutoModelForCausalLM.from_config(config, dtype=getattr(torch, args.dtype)),
+                                lora_config(args))
+    missing, unexpected = peft_model.load_state_dict(full, strict=False)
+    assert not unexpected and all("lm_head" in k for k in missing), (missing, unexpected)
+    peft_model.eval()
+    with torch.no_grad():
+        logits = peft_model(input_ids=torch.tensor(FIXED_INPUT)).logits
+    peft_model.save_pretrained(os.path.join(ref_dir, "adapter"))
+    prefix = "base_model.model."
+    base = {k[len(prefix):].replace(".base_layer.", "."): v for k, v in full.items() if ".lora_" not in k}
+    if config.tie_word_embeddings:
+        base.pop("lm_head.weight", None)
+    save_file(base, os.path.join(ref_dir, "base.safetensors"), metadata={"format": "pt"})
+    merged = peft_model.merge_and_unload()
+    return {k: v.contiguous() for k, v in merged.state_dict().items()}, logits
+
+
 def main():
     args = parse_args()
     single = args.layout == "single"
@@ -180,6 +233,8 @@ def main():
     rank = dist.get_rank() if not single else 0
     world = dist.get_world_size() if not single else 1
     model, config = build_model(args)
+    if args.lora:
+        model = add_lora(model, args)
     model, fsdp_version = wrap(model, args, world)
 
     if args.optim_step:
@@ -203,6 +258,10 @@ def main():
     if rank == 0 and args.save == "verl":
         with open(os.path.join(args.out, "fsdp_config.json"), "w") as f:
             json.dump({"FSDP_version": fsdp_version, "world_size": world}, f, indent=4)
+        if args.lora:  # what verl writes beside a LoRA checkpoint
+            lc = lora_config(args)
+            with open(os.path.join(args.out, "lora_train_meta.json"), "w") as f:
+                json.dump({"r": lc.r, "lora_alpha": lc.lora_alpha, "task_type": "CAUSAL_LM"}, f)
     if rank == 0:
         hf_dir = os.path.join(args.out, "huggingface")
         config.save_pretrained(hf_dir)
@@ -217,6 +276,8 @@ def main():
         ref_dir = os.path.join(args.out, "reference")
         os.makedirs(ref_dir, exist_ok=True)
         full = {k.replace("_fsdp_wrapped_module.", ""): v.contiguous() for k, v in full.items()}
+        if args.lora:
+            full, peft_logits = lora_reference(full, config, args, ref_dir)
         if config.tie_word_embeddings:
             full.pop("lm_head.weight", None)
         save_file(full, os.path.join(ref_dir, "model.safetensors"), metadata={"format": "pt"})
@@ -227,7 +288,7 @@ def main():
         plain.eval()
         with torch.no_grad():
             logits = plain(input_ids=torch.tensor(FIXED_INPUT)).logits
-        torch.save(logits, os.path.join(ref_dir, "logits.pt"))
+        torch.save(peft_logits if args.lora else logits, os.path.join(ref_dir, "logits.pt"))
     if not single:
         dist.barrier()
         # Leave without tearing down gloo: with FSDP's threads still alive, interpreter teardown

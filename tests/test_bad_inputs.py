@@ -216,3 +216,12 @@ def test_a_stale_lock_is_reported_with_the_command_that_clears_it(checkpoint, tm
     code, err = merge(capsys, "--source", checkpoint("llama_fsdp2_w2"), "--target", tmp_path / "out")
     assert code == 0, err
     assert not lock.exists(), "the lock must be released after a merge"
+
+
+def test_checkpoint_vocab_smaller_than_the_config_is_refused(ckpt, tmp_path, capsys):
+    config = json.loads((ckpt / "huggingface" / "config.json").read_text())
+    config["vocab_size"] = 1024  # the checkpoint's embedding has 1001 rows
+    (ckpt / "huggingface" / "config.json").write_text(json.dumps(config))
+    code, err = merge(capsys, "--source", ckpt, "--target", tmp_path / "out")
+    assert_refused(code, err, 2, "model.embed_tokens.weight has 1001 rows", "vocab_size=1024", "--hf-config",
+                   tmp_path=tmp_path)

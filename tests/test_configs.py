@@ -18,6 +18,7 @@ PRESETS = {
     "megatron-lm.yaml": "mg_llama_pp2",
     "dcp.yaml": "qwen2_dcp_fsdp2_w2",
     "bf16-release.yaml": "llama_fsdp2_w2",
+    "lora-merge.yaml": "llama_lora_fsdp2_w2",
 }
 
 
@@ -41,7 +42,9 @@ def test_preset_merges_its_source(preset, checkpoint, tmp_path):
     proc = run_distmerge(args, nproc=2)
     assert proc.returncode == 0, proc.stderr[-3000:]
     config = json.loads((tmp_path / "out" / "config.json").read_text())
-    expected = "bfloat16" if preset == "bf16-release.yaml" else "float32"
+    expected = "bfloat16" if preset in ("bf16-release.yaml", "lora-merge.yaml") else "float32"
+    if preset == "lora-merge.yaml":  # folded weights and the adapter beside them
+        assert (tmp_path / "out" / "lora_adapter" / "adapter_config.json").exists()
     assert config.get("dtype", config.get("torch_dtype")) == expected
     with safe_open(tmp_path / "out" / "model.safetensors", "pt") as f:
         assert str(f.get_tensor("model.norm.weight").dtype) == f"torch.{expected}"

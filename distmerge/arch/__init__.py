@@ -10,7 +10,7 @@ import os
 
 from ..errors import MergeError
 from ..model import Catalogue, OutputTensor
-from . import hf, megatron_gpt
+from . import hf, lora, megatron_gpt
 
 
 def load_config(hf_dir: str | None, source: str) -> dict:
@@ -27,7 +27,15 @@ def load_config(hf_dir: str | None, source: str) -> dict:
         raise MergeError(f"{path} is not valid JSON ({e}); fix it or pass --hf-config DIR") from None
 
 
-def map_outputs(catalogue: Catalogue, config: dict, cast) -> list[OutputTensor]:
+def map_outputs(catalogue: Catalogue, config: dict, cast, adapters: lora.Adapters | None = None,
+                lora_mode: str = "merge") -> list[OutputTensor]:
+    """The HF model's tensors. A LoRA checkpoint (adapters) maps its base weights, folded with
+    the adapters for lora_mode merge/both, as they were trained for adapter."""
     if catalogue.format.startswith("megatron"):
         return megatron_gpt.map_outputs(catalogue, config, cast)
-    return hf.map_outputs(catalogue, config, cast)
+    if adapters is None:
+        return hf.map_outputs(catalogue, config, cast)
+    outputs = hf.map_outputs(catalogue, config, cast, adapters.base_names)
+    if lora_mode in ("merge", "both"):
+        lora.attach_folds(outputs, adapters)
+    return outputs

@@ -37,16 +37,32 @@ def tie_word_embeddings(config: dict) -> bool:
     return bool(tie)
 
 
-def map_outputs(catalogue: Catalogue, config: dict, cast) -> list[OutputTensor]:
-    names = list(catalogue.tensors)
+def check_vocab(catalogue: Catalogue, config: dict, sources: dict[str, str]) -> None:
+    """The embedding and head rows must be the config's vocab_size: transformers refuses any other."""
+    vocab = config.get("vocab_size") or (config.get("text_config") or {}).get("vocab_size")
+    if not vocab:
+        return
+    for name, source in sources.items():
+        if name.endswith(("embed_tokens.weight", "lm_head.weight")):
+            rows = catalogue.tensors[source].shape[0]
+            if rows != vocab:
+                raise MergeError(f"{source} has {rows} rows but config.json says vocab_size={vocab}; the config is "
+                                 f"not this checkpoint's: pass --hf-config with the trained model's config")
+
+
+def map_outputs(catalogue: Catalogue, config: dict, cast, sources: dict[str, str] | None = None) -> list[OutputTensor]:
+    """`sources` maps HF name -> source name where they differ (PEFT prefixes); identity otherwise."""
+    sources = sources or {n: n for n in catalogue.tensors}
+    names = list(sources)
     if tie_word_embeddings(config):
         names = [n for n in names if n != "lm_head.weight"]
     elif "lm_head.weight" not in names and any(n.endswith("embed_tokens.weight") for n in names):
         raise MergeError(f"config.json has tie_word_embeddings=false but {catalogue.source} holds no "
                          "lm_head.weight; the checkpoint is incomplete, or the config is not this model's")
+    check_vocab(catalogue, config, sources)
     outputs = []
     for name in hf_order(names):
-        t = catalogue.tensors[name]
-        rows = SourceRows(name, (), 0, t.shape[0] if t.shape else 1)
+        t = catalogue.tensors[sources[name]]
+        rows = SourceRows(sources[name], (), 0, t.shape[0] if t.shape else 1)
         outputs.append(OutputTensor(name=name, shape=t.shape, dtype=cast(t.dtype), parts=[rows]))
     return outputs
