@@ -28,9 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("merge", help="merge a sharded checkpoint into a Hugging Face directory")
     m.add_argument("--config", metavar="FILE", help="a YAML preset of these options (keys as the flags, `-` or `_`); "
                    "flags on the command line override it; unknown keys and values outside the choices are errors")
-    m.add_argument("--source", metavar="DIR", help="the checkpoint directory (required, on the command line or in "
+    m.add_argument("--source", "--local_dir", dest="source", metavar="DIR", help="the checkpoint directory (required, on the command line or in "
                    "--config)")
-    m.add_argument("--target", metavar="DIR", help="the output directory (required); created with its parents; must "
+    m.add_argument("--target", "--target_dir", dest="target", metavar="DIR", help="the output directory (required); created with its parents; must "
                    "be absent or empty unless --overwrite")
     m.add_argument("--dtype", default="auto", choices=DTYPES,
                    help="auto keeps every tensor's dtype and bytes; a named dtype casts floating tensors only (int and "
@@ -59,9 +59,21 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--verify", action="store_true",
                    help="run the `distmerge verify` self-check on the result before publishing it; if it fails the "
                         "target is not published and the exit code is 3")
-    m.add_argument("--backend", default="auto", choices=["auto", "gloo", "nccl"],
+    m.add_argument("--backend", default="auto", choices=["auto", "gloo", "nccl", "fsdp", "megatron"],
                    help="process-group backend under torchrun: auto = NCCL (with CUDA tensors) when every rank of "
-                        "the node has a GPU of its own, gloo otherwise; nccl with fewer GPUs than ranks is refused")
+                        "the node has a GPU of its own, gloo otherwise; nccl with fewer GPUs than ranks is refused. "
+                        "verl's fsdp/megatron are accepted: the source must then be of that kind (backend auto)")
+    m.add_argument("--hf-upload-path", "--hf_upload_path", dest="hf_upload_path", metavar="ORG/NAME",
+                   help="after the merge and its self-check pass, upload TARGET to this Hub repo (huggingface_hub; "
+                        "HF_TOKEN / HF_ENDPOINT as usual); a failed upload keeps TARGET and exits 4")
+    m.add_argument("--private", action="store_true", help="with --hf-upload-path: create the repo private")
+    m.add_argument("--trust-remote-code", "--trust_remote_code", dest="trust_remote_code", action="store_true",
+                   help="let the self-check load config/tokenizer code shipped with the model (auto_map)")
+    m.add_argument("--tie-word-embedding", action="store_true",
+                   help="verl's flag, accepted and checked: config.json decides; a warning when they disagree")
+    m.add_argument("--is-value-model", action="store_true",
+                   help="verl's flag, accepted and checked: value models are detected from config.json "
+                        "(*ForTokenClassification); a warning when they disagree")
     m.add_argument("--timeout", metavar="SECONDS", type=float, default=1800.0,
                    help="how long any collective may wait")
     m.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -96,7 +108,23 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--iteration", metavar="N", type=int, help="with --source: as for merge")
     v.add_argument("--json", action="store_true", help="machine-readable output")
     v.add_argument("--debug", action="store_true", help="show Python tracebacks on errors")
+    v.add_argument("--trust-remote-code", "--trust_remote_code", dest="trust_remote_code", action="store_true",
+                   help="let transformers run code shipped with the model (auto_map) while loading it")
     v.add_argument("--allow-incomplete", action="store_true", help=argparse.SUPPRESS)  # merge --verify: staging
+
+    t = sub.add_parser("test", help="verl's `test` operation: verify --source CKPT --reference HF_DIR")
+    t.add_argument("--local_dir", "--source", dest="source", metavar="CKPT", required=True,
+                   help="the sharded checkpoint")
+    t.add_argument("--test_hf_dir", "--reference", dest="reference", metavar="HF_DIR", required=True,
+                   help="the HF directory to compare with")
+    t.add_argument("--backend", choices=["fsdp", "megatron"], help="accepted for verl compatibility (detected)")
+    t.add_argument("--hf-config", metavar="DIR", help="as for merge")
+    t.add_argument("--atol", type=float, help="absolute tolerance (default: bit-identical)")
+    t.add_argument("--rtol", type=float, help="relative tolerance (default: bit-identical)")
+    t.add_argument("--trust-remote-code", "--trust_remote_code", dest="trust_remote_code", action="store_true",
+                   help="accepted for verl compatibility")
+    t.add_argument("--json", action="store_true", help="machine-readable output")
+    t.add_argument("--debug", action="store_true", help="show Python tracebacks on errors")
     return parser
 
 
@@ -199,7 +227,9 @@ def main(argv=None) -> int:
             result = run_merge(MergeOptions(
                 source=args.source, target=args.target, dtype=args.dtype, max_shard_size=args.max_shard_size,
                 transport=args.transport, overwrite=args.overwrite, lora=args.lora, lora_alpha=args.lora_alpha,
-                resume=args.resume, verify=args.verify,
+                resume=args.resume, verify=args.verify, hf_upload_path=args.hf_upload_path, private=args.private,
+                trust_remote_code=args.trust_remote_code, tie_word_embedding=args.tie_word_embedding,
+                is_value_model=args.is_value_model,
                 hf_config=args.hf_config, iteration=args.iteration, backend=args.backend, timeout=args.timeout,
                 progress=not args.no_progress))
             if args.summary_json and int(os.environ.get("RANK", "0")) == 0:
@@ -211,7 +241,7 @@ def main(argv=None) -> int:
             print(inspect_source(args.source, nproc=args.nproc, max_shard_size=args.max_shard_size,
                                  dtype=args.dtype, hf_config=args.hf_config, iteration=args.iteration,
                                  as_json=args.json))
-        elif args.command == "verify":
+        elif args.command in ("verify", "test"):
             return run_verify(args)
         return 0
     except MergeError as e:
@@ -232,6 +262,8 @@ def main(argv=None) -> int:
 def run_verify(args) -> int:
     from .verify import check_merged, compare_logits, compare_source_with_reference, compare_with_reference
 
+    if args.command == "test":  # verl's spelling of verify --source --reference
+        args.target, args.iteration, args.logits, args.allow_incomplete = None, None, False, False
     if args.source:
         if not args.reference or args.target:
             raise MergeError("verify --source CKPT needs --reference HF_DIR and no TARGET")
@@ -242,7 +274,8 @@ def run_verify(args) -> int:
             raise MergeError("verify needs a TARGET directory (or --source CKPT --reference HF_DIR)")
         if args.logits and not args.reference:
             raise MergeError("--logits compares with a model: give --reference HF_DIR")
-        report = check_merged(args.target, allow_incomplete=args.allow_incomplete)
+        report = check_merged(args.target, allow_incomplete=args.allow_incomplete,
+                              trust_remote_code=args.trust_remote_code)
         if args.reference:
             compare_with_reference(args.target, args.reference, args.atol, args.rtol, report)
         if args.logits:

@@ -26,7 +26,7 @@ def options_table(command: str) -> str:
     for action in subparser(command)._actions:
         if isinstance(action, argparse._HelpAction) or action.help == argparse.SUPPRESS:
             continue
-        name = action.option_strings[0] if action.option_strings else action.metavar
+        name = " / ".join(action.option_strings) if action.option_strings else action.metavar
         if action.choices:
             name += " {" + ",".join(map(str, action.choices)) + "}"
         elif action.option_strings and action.nargs != 0:

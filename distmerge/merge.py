@@ -8,7 +8,7 @@ import time
 from dataclasses import asdict, dataclass, field
 
 from . import runtime as runtime_mod
-from .arch import load_config, lora, map_outputs
+from .arch import hf, load_config, lora, map_outputs
 from .errors import MergeError, MergeVerifyError
 from .finish import (acquire_lock, check_target, copy_hf_files, prepare_staging, publish, release_lock,
                      remove_run_records, staging_dir, verified_done_files, write_adapter_config, write_index)
@@ -37,6 +37,11 @@ class MergeOptions:
     lora_alpha: float | None = None
     resume: bool = False
     verify: bool = False
+    hf_upload_path: str | None = None     # ORG/NAME: upload after the self-check passed
+    private: bool = False
+    trust_remote_code: bool = False
+    tie_word_embedding: bool = False      # verl's flags: accepted, checked against config.json
+    is_value_model: bool = False
     hf_config: str | None = None
     iteration: int | None = None
     backend: str = "auto"
@@ -56,6 +61,7 @@ class MergeResult:
     kept: list[str] = field(default_factory=list)                  # files a --resume kept (verified)
     warnings: list[str] = field(default_factory=list)
     verified: bool | None = None                                   # the --verify self-check passed
+    uploaded: str | None = None                                    # the Hub repo URL (--hf-upload-path)
     phases: list[dict] = field(default_factory=list)   # per rank: {"read": s, "write": s, ...}
     files_by_rank: list[list[str]] = field(default_factory=list)  # what each rank actually wrote
     peak_rss_mb: list[float] = field(default_factory=list)        # per rank, at the end of its writes
@@ -82,7 +88,8 @@ def run_merge(opts: MergeOptions) -> MergeResult:
         raise MergeError(f"--transport {opts.transport} is not one of {', '.join(TRANSPORTS)}")
     max_shard_size = parse_size(opts.max_shard_size)
     cast = cast_rule(opts.dtype)
-    rt = runtime_mod.start(opts.backend, opts.timeout)
+    source_kind = opts.backend if opts.backend in ("fsdp", "megatron") else None  # verl's --backend
+    rt = runtime_mod.start("auto" if source_kind else opts.backend, opts.timeout)
     lock, warnings = None, []
     try:
         # detect -> map -> plan: metadata only, the same on every rank, so every rank stops at the
@@ -90,6 +97,7 @@ def run_merge(opts: MergeOptions) -> MergeResult:
         catalogue = read_source(opts.source, opts.iteration)
         hf_dir = opts.hf_config or catalogue.hf_dir
         config = load_config(hf_dir, opts.source)
+        warnings += check_verl_flags(opts, source_kind, catalogue.format, config)
         adapters = lora.read_adapters(catalogue, opts.lora_alpha) if lora.is_peft(catalogue) else None
         outputs = map_outputs(catalogue, config, cast, adapters, opts.lora)
         extra = None
@@ -127,19 +135,22 @@ def run_merge(opts: MergeOptions) -> MergeResult:
             hashes.update(s["hashes"])
 
         # finish: rank 0 alone, after every rank's files are closed
-        verified = None
+        verified = uploaded = None
 
         def finish():
-            nonlocal verified
+            nonlocal verified, uploaded
             write_index(plan, staging)
             copy_hf_files(hf_dir, staging, config, plan)
             if extra:
                 write_adapter_config(staging, lora.ADAPTER_DIR, lora.adapter_config(adapters))
             write_manifest(staging, plan, hashes)
-            if opts.verify:
-                verified = self_check(staging, opts.target)
+            if opts.verify or opts.hf_upload_path:  # an upload only ever follows a passed self-check
+                verified = self_check(staging, opts.target, opts.trust_remote_code)
             remove_run_records(staging)
             publish(staging, opts.target, opts.overwrite)
+            if opts.hf_upload_path:
+                from .upload import upload
+                uploaded = upload(opts.target, opts.hf_upload_path, opts.private)
         rt.on_rank0(finish)
     finally:
         if lock:
@@ -149,6 +160,7 @@ def run_merge(opts: MergeOptions) -> MergeResult:
     result = MergeResult(target=opts.target, files=[f.name for f in plan.files], bytes=plan.total_bytes,
                          tensors=sum(len(f.entries) for f in plan.files), ranks=rt.world_size,
                          seconds=seconds, hashes=hashes, kept=sorted(kept), warnings=warnings, verified=verified,
+                         uploaded=uploaded,
                          phases=[s["seconds"] for s in all_stats],
                          files_by_rank=[s["files"] for s in all_stats],
                          peak_rss_mb=[s["peak_rss_mb"] for s in all_stats])
@@ -165,12 +177,32 @@ def run_merge(opts: MergeOptions) -> MergeResult:
     return result
 
 
-def self_check(staging: str, target: str) -> bool:
+def check_verl_flags(opts: MergeOptions, source_kind: str | None, source_format: str, config: dict) -> list[str]:
+    """verl's --backend fsdp|megatron must match the source; --tie-word-embedding and
+    --is-value-model are checked against config.json, which decides (a warning if they disagree)."""
+    if source_kind and not source_format.startswith("megatron" if source_kind == "megatron" else "verl-fsdp"):
+        raise MergeError(f"--backend {source_kind} (verl's flag) but {opts.source} is a {source_format} checkpoint; "
+                         "drop --backend: distmerge detects the format")
+    warnings = []
+    tied = hf.tie_word_embeddings(config)
+    if opts.tie_word_embedding and not tied:
+        warnings.append("--tie-word-embedding was given but config.json says tie_word_embeddings=false; "
+                        "following config.json (lm_head.weight is written)")
+    arch = (config.get("architectures") or ["?"])[0]
+    if opts.is_value_model and not arch.endswith("ForTokenClassification"):
+        warnings.append(f"--is-value-model was given but config.json's architecture is {arch}; following "
+                        "config.json (for a critic, use a config with *ForTokenClassification and num_labels=1)")
+    for w in warnings:
+        log.warning("%s", w)
+    return warnings
+
+
+def self_check(staging: str, target: str, trust_remote_code: bool = False) -> bool:
     """`distmerge verify` on the staging directory before it is published. It runs in a child
     process: transformers (config, tokenizer, the meta-device model) never enters a merge rank,
     so it adds nothing to the rank's memory and leaves no threads behind in it."""
-    proc = subprocess.run([sys.executable, "-m", "distmerge", "verify", staging, "--allow-incomplete"],
-                          capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "distmerge", "verify", staging, "--allow-incomplete"]
+                          + (["--trust-remote-code"] if trust_remote_code else []), capture_output=True, text=True)
     log.info("%s", proc.stdout.rstrip())
     if proc.returncode == 0:
         return True

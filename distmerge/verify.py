@@ -128,7 +128,8 @@ def weight_files(directory: str) -> tuple[list[str], dict | None]:
 
 
 # ---- the self-check
-def check_merged(target: str, allow_incomplete: bool = False, load_with_transformers: bool = True) -> Report:
+def check_merged(target: str, allow_incomplete: bool = False, load_with_transformers: bool = True,
+                 trust_remote_code: bool = False) -> Report:
     if not os.path.isdir(target):
         raise MergeError(f"{target} is not a directory; pass the merged output directory")
     report = Report(target)
@@ -180,7 +181,7 @@ def check_merged(target: str, allow_incomplete: bool = False, load_with_transfor
         report.check("content hashes", [], skipped=f"no {MANIFEST} (not written by distmerge)")
 
     if load_with_transformers:
-        check_with_transformers(target, {t: headers[f][t] for t, f in seen.items()}, report)
+        check_with_transformers(target, {t: headers[f][t] for t, f in seen.items()}, report, trust_remote_code)
     return report
 
 
@@ -202,7 +203,7 @@ def manifest_problems(target: str, manifest_path: str) -> list[str]:
     return problems
 
 
-def check_with_transformers(target: str, stored: dict[str, dict], report: Report) -> None:
+def check_with_transformers(target: str, stored: dict[str, dict], report: Report, trust_remote_code: bool = False) -> None:
     """Config, tokenizer and generation config load; the architecture built on the meta device
     has exactly the stored tensors (tied copies may be absent) with the same shapes."""
     try:
@@ -213,13 +214,13 @@ def check_with_transformers(target: str, stored: dict[str, dict], report: Report
         return
     problems = []
     try:
-        config = transformers.AutoConfig.from_pretrained(target)
+        config = transformers.AutoConfig.from_pretrained(target, trust_remote_code=trust_remote_code)
     except Exception as e:  # noqa: BLE001 - transformers raises many kinds; report them all the same way
         report.check("config, tokenizer and generation config load", [f"config.json does not load: {e}"])
         return
     if any(n.startswith("tokenizer") or n in ("vocab.json", "tokenizer.model") for n in os.listdir(target)):
         try:
-            transformers.AutoTokenizer.from_pretrained(target)
+            transformers.AutoTokenizer.from_pretrained(target, trust_remote_code=trust_remote_code)
         except Exception as e:  # noqa: BLE001
             problems.append(f"the tokenizer does not load: {e}")
     if os.path.exists(os.path.join(target, "generation_config.json")):
