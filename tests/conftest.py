@@ -25,6 +25,12 @@ LAYOUTS = {
     "llama_hsdp_w4": (4, ["--model", "llama", "--layout", "hsdp"]),
     "qwen2_fsdp_tp_w4": (4, ["--model", "qwen2", "--layout", "tp"]),
     "qwen2_single": (1, ["--model", "qwen2", "--layout", "single"]),
+    # verl's critic: Qwen2ForTokenClassification with num_labels=1 (score.weight [1, H] + score.bias)
+    "qwen2_critic_fsdp2_w2": (2, ["--model", "qwen2", "--layout", "fsdp2", "--value-head"]),
+    # VLMs: Qwen2-VL under the current names (model.visual.*, model.language_model.*) and Qwen2.5-VL
+    # under the names transformers < 4.52 saved (visual.*, model.layers.*), with processor files
+    "qwen2vl_fsdp2_w2": (2, ["--model", "qwen2_vl", "--layout", "fsdp2"]),
+    "qwen25vl_old_names_fsdp2_w2": (2, ["--model", "qwen2_5_vl", "--layout", "fsdp2", "--old-vlm-names"]),
     # a PEFT LoRA model (r=4, alpha=8) as verl saves it, with lora_train_meta.json; the reference
     # is peft's merge_and_unload() of the live model
     "llama_lora_fsdp2_w2": (2, ["--model", "llama", "--layout", "fsdp2", "--lora", "4:8"]),

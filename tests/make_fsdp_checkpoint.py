@@ -30,7 +30,9 @@ FIXED_INPUT = [[1, 5, 9, 2, 7, 3, 11, 4]]
 def parse_args():
     p = argparse.ArgumentParser()
     p.add_argument("--out", required=True)
-    p.add_argument("--model", choices=["llama", "qwen2"], default="llama")
+    p.add_argument("--model", choices=["llama", "qwen2", "qwen2_vl", "qwen2_5_vl"], default="llama")
+    p.add_argument("--old-vlm-names", action="store_true",
+                   help="save a VLM under the names transformers < 4.52 used (visual.*, model.layers.*)")
     p.add_argument("--layout", choices=["fsdp2", "fsdp1", "fsdp1_nomesh", "hsdp", "tp", "single"], default="fsdp2")
     p.add_argument("--hidden", type=int, default=64)
     p.add_argument("--heads", type=int, default=4)
@@ -42,6 +44,7 @@ def parse_args():
     p.add_argument("--optim-step", action="store_true", help="take one AdamW step before saving")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--meta-init", action="store_true", help="init on meta, then to_empty + seeded init (cheap for big models)")
+    p.add_argument("--value-head", action="store_true", help="a critic: *ForTokenClassification with num_labels=1")
     p.add_argument("--lora", metavar="R:ALPHA", help="a PEFT LoRA model with this rank and alpha (fsdp2 layout)")
     p.add_argument("--no-reference", action="store_true", help="skip reference weights and logits (benchmarks)")
     p.add_argument("--save", choices=["verl", "dcp"], default="verl",
@@ -50,17 +53,48 @@ def parse_args():
     return p.parse_args()
 
 
+def vlm_config(args):
+    """A tiny Qwen2-VL / Qwen2.5-VL: a 2-layer language model and a 2-block vision tower."""
+    from transformers import Qwen2_5_VLConfig, Qwen2VLConfig
+
+    text = dict(hidden_size=args.hidden, intermediate_size=args.intermediate, num_hidden_layers=args.layers,
+                num_attention_heads=args.heads, num_key_value_heads=args.kv_heads, vocab_size=args.vocab,
+                max_position_embeddings=128, rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]},
+                bos_token_id=1, eos_token_id=2)
+    if args.model == "qwen2_vl":
+        vision = dict(depth=2, embed_dim=32, hidden_size=args.hidden, num_heads=2, mlp_ratio=2, patch_size=14,
+                      spatial_merge_size=2, temporal_patch_size=2)
+        return Qwen2VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=args.tie, bos_token_id=1,
+                             eos_token_id=2, architectures=["Qwen2VLForConditionalGeneration"])
+    vision = dict(depth=2, hidden_size=32, out_hidden_size=args.hidden, intermediate_size=48, num_heads=2,
+                  patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
+                  fullatt_block_indexes=[1])
+    return Qwen2_5_VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=args.tie, bos_token_id=1,
+                            eos_token_id=2, architectures=["Qwen2_5_VLForConditionalGeneration"])
+
+
 def hf_config(args):
     from transformers import LlamaConfig, Qwen2Config
 
+    if args.model.endswith("_vl"):
+        return vlm_config(args)
     common = dict(
         hidden_size=args.hidden, num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
         intermediate_size=args.intermediate, num_hidden_layers=args.layers, vocab_size=args.vocab,
         tie_word_embeddings=args.tie, max_position_embeddings=128, bos_token_id=1, eos_token_id=2,
     )
-    if args.model == "llama":
-        return LlamaConfig(architectures=["LlamaForCausalLM"], **common)
-    return Qwen2Config(architectures=["Qwen2ForCausalLM"], **common)
+    family, cls = ("Llama", LlamaConfig) if args.model == "llama" else ("Qwen2", Qwen2Config)
+    if args.value_head:  # verl's critic: a token classifier with one label
+        return cls(architectures=[f"{family}ForTokenClassification"], num_labels=1, **common)
+    return cls(architectures=[f"{family}ForCausalLM"], **common)
+
+
+def model_class(args):
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoModelForTokenClassification
+
+    if args.model.endswith("_vl"):
+        return AutoModelForImageTextToText
+    return AutoModelForTokenClassification if args.value_head else AutoModelForCausalLM
 
 
 def tiny_tokenizer():
@@ -86,9 +120,8 @@ def verl_shard_placement_fn(fsdp_size):
 
 
 def build_model(args):
-    from transformers import AutoModelForCausalLM
-
     config = hf_config(args)
+    AutoModelForCausalLM = model_class(args)  # noqa: N806
     dtype = getattr(torch, args.dtype)
     torch.manual_seed(0)
     if args.meta_init:
@@ -137,7 +170,11 @@ def wrap(model, args, world):
     """Shard the model the way verl does for the requested layout; returns the save mesh kind."""
     from torch.distributed.fsdp import fully_shard
 
-    layers = (model.base_model.model if args.lora else model).model.layers
+    inner = (model.base_model.model if args.lora else model).model
+    if hasattr(inner, "language_model"):  # a VLM: shard the vision blocks as well
+        layers = list(inner.language_model.layers) + list(inner.visual.blocks)
+    else:
+        layers = inner.layers
     if args.layout == "fsdp2":
         mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("fsdp",))
         fn = verl_shard_placement_fn(world)
@@ -201,6 +238,12 @@ def full_state_dict(model, fsdp_version):
     return {k: (v.full_tensor() if isinstance(v, DTensor) else v).clone() for k, v in model.state_dict().items()}
 
 
+def old_vlm_name(name):
+    if name.startswith("model.visual."):
+        return name[len("model."):]
+    return name.replace("model.language_model.", "model.", 1)
+
+
 def lora_reference(full, config, args, ref_dir):
     """The PEFT model rebuilt from the gathered tensors: its logits, its adapter as peft saves it,
     its base weights, and its weights folded by peft's merge_and_unload()."""
@@ -252,6 +295,8 @@ def main():
 
         dcp.save({"model": state}, checkpoint_id=os.path.join(args.out, "dcp"))
     else:
+        if args.old_vlm_names:  # the same DTensors under the names older transformers gave them
+            state = {old_vlm_name(k): v for k, v in state.items()}
         torch.save(state, os.path.join(args.out, f"model_world_size_{world}_rank_{rank}.pt"))
     if not args.no_reference:
         full = full_state_dict(model, fsdp_version)
@@ -269,9 +314,16 @@ def main():
 
         GenerationConfig(bos_token_id=1, eos_token_id=2, do_sample=False).save_pretrained(hf_dir)
         tiny_tokenizer().save_pretrained(hf_dir)
+        if args.model.endswith("_vl"):  # the processor's files, which the merged directory must carry
+            with open(os.path.join(hf_dir, "preprocessor_config.json"), "w") as f:  # as Qwen2VLImageProcessor saves it
+                json.dump({"image_processor_type": "Qwen2VLImageProcessor", "min_pixels": 3136, "max_pixels": 50176,
+                           "patch_size": 14, "temporal_patch_size": 2, "merge_size": 2,
+                           "image_mean": [0.48145466, 0.4578275, 0.40821073],
+                           "image_std": [0.26862954, 0.26130258, 0.27577711]}, f, indent=2)
+            with open(os.path.join(hf_dir, "chat_template.jinja"), "w") as f:
+                f.write("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}")
     if not args.no_reference and rank == 0:
         from safetensors.torch import save_file
-        from transformers import AutoModelForCausalLM
 
         ref_dir = os.path.join(args.out, "reference")
         os.makedirs(ref_dir, exist_ok=True)
@@ -282,7 +334,7 @@ def main():
             full.pop("lm_head.weight", None)
         save_file(full, os.path.join(ref_dir, "model.safetensors"), metadata={"format": "pt"})
         config.save_pretrained(ref_dir)  # a complete HF directory, for `distmerge verify --reference`
-        plain = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, args.dtype))
+        plain = model_class(args).from_config(config, dtype=getattr(torch, args.dtype))
         missing, unexpected = plain.load_state_dict(full, strict=False)
         assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
         plain.eval()

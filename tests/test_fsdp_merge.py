@@ -54,11 +54,16 @@ def assert_index_consistent(out):
 
 
 def assert_loads_with_equal_logits(ckpt, out):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoModelForTokenClassification, AutoTokenizer
 
+    from transformers import AutoModelForImageTextToText
+
+    arch = json.loads((out / "config.json").read_text())["architectures"][0]
+    auto = (AutoModelForTokenClassification if arch.endswith("ForTokenClassification")
+            else AutoModelForImageTextToText if arch.endswith("ForConditionalGeneration") else AutoModelForCausalLM)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no missing/unexpected-key warnings
-        model, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+        model, info = auto.from_pretrained(out, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"], info
     AutoTokenizer.from_pretrained(out)
     model.eval()
@@ -94,6 +99,8 @@ def test_merge_matches_unsharded_model(layout, checkpoint, tmp_path):
     config = json.loads((out / "config.json").read_text())
     assert config.get("dtype", config.get("torch_dtype")) == "float32"
     assert (out / "generation_config.json").exists() and (out / "tokenizer.json").exists()
+    if "vl" in layout:  # processor files travel with the model
+        assert (out / "preprocessor_config.json").exists() and (out / "chat_template.jinja").exists()
     assert not any(p.name.startswith(".") for p in out.iterdir()), "staging marker left in the target"
     assert not any(p.name.endswith(".distmerge-staging") for p in out.parent.iterdir())
 

@@ -1,7 +1,8 @@
 """Stage 2, map: turn a Catalogue into the list of HF OutputTensors.
 
-One module per naming family. Sources whose keys are already HF names (verl FSDP) go through
-`hf`; families with fused or stacked layouts (Megatron) get their own tables.
+One module per naming family. Sources whose keys are already HF names (verl FSDP, DCP) go through
+`hf` (with `vlm` renaming older VLM names and `lora` folding PEFT adapters); families with fused
+or stacked layouts (Megatron) get their own tables.
 """
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import os
 
 from ..errors import MergeError
 from ..model import Catalogue, OutputTensor
-from . import hf, lora, megatron_gpt
+from . import hf, lora, megatron_gpt, vlm
 
 
 def load_config(hf_dir: str | None, source: str) -> dict:
@@ -33,9 +34,8 @@ def map_outputs(catalogue: Catalogue, config: dict, cast, adapters: lora.Adapter
     the adapters for lora_mode merge/both, as they were trained for adapter."""
     if catalogue.format.startswith("megatron"):
         return megatron_gpt.map_outputs(catalogue, config, cast)
-    if adapters is None:
-        return hf.map_outputs(catalogue, config, cast)
-    outputs = hf.map_outputs(catalogue, config, cast, adapters.base_names)
-    if lora_mode in ("merge", "both"):
+    sources = adapters.base_names if adapters else {name: name for name in catalogue.tensors}
+    outputs = hf.map_outputs(catalogue, config, cast, vlm.current_names(sources, config))
+    if adapters and lora_mode in ("merge", "both"):
         lora.attach_folds(outputs, adapters)
     return outputs

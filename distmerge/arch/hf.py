@@ -37,13 +37,19 @@ def tie_word_embeddings(config: dict) -> bool:
     return bool(tie)
 
 
+def is_value_model(config: dict) -> bool:
+    """A critic / reward model: a classification head (score) instead of the LM head."""
+    arch = (config.get("architectures") or [""])[0]
+    return arch.endswith(("ForTokenClassification", "ForSequenceClassification"))
+
+
 def check_vocab(catalogue: Catalogue, config: dict, sources: dict[str, str]) -> None:
     """The embedding and head rows must be the config's vocab_size: transformers refuses any other."""
     vocab = config.get("vocab_size") or (config.get("text_config") or {}).get("vocab_size")
     if not vocab:
         return
     for name, source in sources.items():
-        if name.endswith(("embed_tokens.weight", "lm_head.weight")):
+        if name.endswith("embed_tokens.weight") or name == "lm_head.weight":
             rows = catalogue.tensors[source].shape[0]
             if rows != vocab:
                 raise MergeError(f"{source} has {rows} rows but config.json says vocab_size={vocab}; the config is "
@@ -56,7 +62,8 @@ def map_outputs(catalogue: Catalogue, config: dict, cast, sources: dict[str, str
     names = list(sources)
     if tie_word_embeddings(config):
         names = [n for n in names if n != "lm_head.weight"]
-    elif "lm_head.weight" not in names and any(n.endswith("embed_tokens.weight") for n in names):
+    elif ("lm_head.weight" not in names and not is_value_model(config)
+          and any(n.endswith("embed_tokens.weight") for n in names)):
         raise MergeError(f"config.json has tie_word_embeddings=false but {catalogue.source} holds no "
                          "lm_head.weight; the checkpoint is incomplete, or the config is not this model's")
     check_vocab(catalogue, config, sources)

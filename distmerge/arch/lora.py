@@ -99,12 +99,19 @@ def read_adapters(catalogue: Catalogue, lora_alpha: float | None) -> Adapters:
 
 
 def attach_folds(outputs: list[OutputTensor], adapters: Adapters) -> None:
-    """--lora merge/both: every adapted weight is written as W + (alpha / r) * B @ A."""
+    """--lora merge/both: every adapted weight is written as W + (alpha / r) * B @ A. Modules are
+    matched by source name (an output may have been renamed), and every adapter must find its weight."""
+    by_base_source = {adapters.base_names[f"{module}.weight"]: module for module in adapters.factors}
+    folded = set()
     for out in outputs:
-        module = out.name.removesuffix(".weight")
-        if module in adapters.factors:
+        module = by_base_source.get(out.parts[0].source) if len(out.parts) == 1 else None
+        if module is not None:
             a, b = adapters.factors[module]
             out.lora = LoraDelta(a=a, b=b, scale=adapters.scale)
+            folded.add(module)
+    missing = sorted(set(adapters.factors) - folded)
+    if missing:
+        raise MergeError(f"LoRA module {missing[0]} has no output weight to fold into ({len(missing)} such modules)")
 
 
 def adapter_outputs(catalogue: Catalogue, adapters: Adapters, cast) -> list[OutputTensor]:
