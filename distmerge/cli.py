@@ -90,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--dtype", default="auto", choices=DTYPES, help="as for merge")
     i.add_argument("--hf-config", metavar="DIR", help="as for merge")
     i.add_argument("--iteration", metavar="N", type=int, help="as for merge")
+    i.add_argument("--check-all", action="store_true",
+                   help="read every rank file's metadata and check that the shards cover every tensor, as a merge "
+                        "does (verl FSDP; by default rank 0's metadata describes the model)")
     i.add_argument("--json", action="store_true", help="machine-readable output")
     i.add_argument("--debug", action="store_true", help="show Python tracebacks on errors")
 
@@ -240,7 +243,7 @@ def main(argv=None) -> int:
 
             print(inspect_source(args.source, nproc=args.nproc, max_shard_size=args.max_shard_size,
                                  dtype=args.dtype, hf_config=args.hf_config, iteration=args.iteration,
-                                 as_json=args.json))
+                                 as_json=args.json, check_all=args.check_all))
         elif args.command in ("verify", "test"):
             return run_verify(args)
         return 0

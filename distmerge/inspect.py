@@ -11,17 +11,40 @@ from .plan import describe, make_plan, parse_size
 from .sources import read_source
 
 
+def skipped_files(source: str) -> list[str]:
+    """Files beside the weights that a merge never reads (verl: optimizer and extra state)."""
+    import os
+
+    names = os.listdir(source)
+    found = []
+    for prefix, what in (("optim_world_size_", "optimizer state"), ("extra_state_world_size_", "extra state (RNG, "
+                                                                                               "scheduler)")):
+        n = sum(name.startswith(prefix) for name in names)
+        if n:
+            found.append(f"{n} {prefix}*.pt files ({what})")
+    return found
+
+
 def inspect_source(source: str, nproc: int = 1, max_shard_size: str = "5GB", dtype: str = "auto",
                    hf_config: str | None = None, iteration: int | None = None, as_json: bool = False,
-                   lora_alpha: float | None = None) -> str:
-    catalogue = read_source(source, iteration)
+                   lora_alpha: float | None = None, check_all: bool = False) -> str:
+    catalogue = read_source(source, iteration, quick=not check_all)
     config = load_config(hf_config or catalogue.hf_dir, source)
     adapters = lora.read_adapters(catalogue, lora_alpha) if lora.is_peft(catalogue) else None
     outputs = map_outputs(catalogue, config, cast_rule(dtype), adapters)
     plan = make_plan(catalogue, outputs, nproc, parse_size(max_shard_size), DEFAULT_TRANSPORT)
     kept = set().union(*(t.sources for t in outputs))
     folded = {s for t in outputs if t.lora for s in (t.lora.a, t.lora.b)}
-    dropped = [n for n in catalogue.tensors if n not in kept and n not in folded]
+    dropped = [n + (" (tied to the embedding)" if n == "lm_head.weight" else "")
+               for n in catalogue.tensors if n not in kept and n not in folded]
+    trimmed = []
+    for t in outputs:
+        if len(t.parts) == 1 and not t.parts[0].index and t.shape:
+            part, rows = t.parts[0], catalogue.tensors[t.parts[0].source].shape[0]
+            if part.stop - part.start < rows:
+                why = "vocab padding" if ("embed" in t.name or t.name in ("lm_head.weight", "score.weight")) else "unused rows"
+                trimmed.append(f"{part.source} {rows} -> {part.stop - part.start} rows ({why})")
+    skipped = list(catalogue.notes) + skipped_files(source)
     dtypes = Counter()
     for t in catalogue.tensors.values():
         dtypes[dtype_str(t.dtype)] += t.nbytes
@@ -29,7 +52,8 @@ def inspect_source(source: str, nproc: int = 1, max_shard_size: str = "5GB", dty
         "source": source, "format": catalogue.format, "world_size": catalogue.world_size, "mesh": catalogue.mesh,
         "architecture": (config.get("architectures") or ["?"])[0],
         "source_tensors": len(catalogue.tensors), "source_bytes": sum(t.nbytes for t in catalogue.tensors.values()),
-        "dtypes": dict(dtypes), "dropped": dropped,
+        "dtypes": dict(dtypes), "dropped": dropped, "trimmed": trimmed, "skipped": skipped,
+        "metadata_read": "every file" if check_all or catalogue.format != "verl-fsdp" else "rank 0 (--check-all: all)",
         "lora": None if adapters is None else {"r": adapters.r, "alpha": adapters.alpha,
                                                "target_modules": adapters.target_modules,
                                                "adapted": len(adapters.factors)},
@@ -44,6 +68,8 @@ def inspect_source(source: str, nproc: int = 1, max_shard_size: str = "5GB", dty
              f"tensors       {info['source_tensors']}, {info['source_bytes'] / 1e9:.3f} GB "
              f"({', '.join(f'{k} {v / 1e9:.3f} GB' for k, v in dtypes.items())})",
              f"dropped       {', '.join(dropped) or 'nothing'}",
+             f"trimmed       {', '.join(trimmed) or 'nothing'}",
+             f"skipped       {', '.join(skipped) or 'nothing'}",
              *([f"lora          r={adapters.r} alpha={adapters.alpha:g} on {len(adapters.factors)} modules "
                 f"({', '.join(adapters.target_modules)}); --lora merge folds them"] if adapters else []),
              describe(plan)]

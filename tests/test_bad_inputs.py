@@ -182,6 +182,29 @@ def test_inspect_reads_metadata_and_prints_the_plan(checkpoint, capsys):
     assert {f["rank"] for f in info["plan"]["files"]} == {0, 1, 2}
     assert main(["inspect", str(ckpt)]) == 0
     assert "rank 0: model.safetensors" in capsys.readouterr().out
+    # --check-all reads every rank file as a merge does: the same report
+    assert main(["inspect", str(ckpt), "--nproc", "3", "--max-shard-size", "50KB", "--json", "--check-all"]) == 0
+    full = json.loads(capsys.readouterr().out)
+    assert {k: v for k, v in full.items() if k != "metadata_read"} == {k: v for k, v in info.items() if k != "metadata_read"}
+
+
+def test_inspect_shows_what_is_trimmed_skipped_and_dropped(checkpoint, capsys):
+    assert main(["inspect", str(checkpoint("mg_llama_tp2")), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert "embedding.word_embeddings.weight 136 -> 128 rows (vocab padding)" in info["trimmed"]
+    assert any("(extra state)" in note for note in info["skipped"]), info["skipped"]
+    assert main(["inspect", str(checkpoint("qwen2_fsdp2_w4_uneven_tied")), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["dropped"] == ["lm_head.weight (tied to the embedding)"]
+
+
+def test_inspect_check_all_finds_a_missing_shard_the_quick_read_cannot(ckpt, capsys):
+    """The default reads rank 0's metadata; --check-all reads them all, as the merge will."""
+    f = ckpt / "model_world_size_2_rank_1.pt"
+    f.write_bytes(f.read_bytes()[:200])
+    assert main(["inspect", str(ckpt)]) == 0
+    capsys.readouterr()
+    assert main(["inspect", str(ckpt), "--check-all"]) != 0
+    assert "model_world_size_2_rank_1.pt" in capsys.readouterr().err
 
 
 def test_fsdp1_sharded_tensors_are_refused_with_the_fix(checkpoint, tmp_path, capsys):

@@ -11,7 +11,8 @@ from . import dcp, fsdp, megatron, megatron_legacy
 FORMATS = [fsdp, megatron_legacy, megatron, dcp]  # each module has detect(dir) -> bool and read_catalogue(dir) -> Catalogue
 
 
-def read_source(source: str, iteration: int | None = None) -> Catalogue:
+def read_source(source: str, iteration: int | None = None, quick: bool = False) -> Catalogue:
+    """quick (inspect without --check-all): verl FSDP reads rank 0's metadata only."""
     if not os.path.exists(source):
         raise MergeError(f"source {source} does not exist")
     if not os.path.isdir(source):
@@ -25,6 +26,6 @@ def read_source(source: str, iteration: int | None = None) -> Catalogue:
         return megatron.read_catalogue(source, iteration)
     for fmt in FORMATS:
         if fmt.detect(source):
-            return fmt.read_catalogue(source)
+            return fmt.read_catalogue(source, first_rank_only=True) if quick and fmt is fsdp else fmt.read_catalogue(source)
     raise MergeError(f"{source} is not a checkpoint distmerge knows: no model_world_size_W_rank_R.pt files "
                      "(verl FSDP), no .metadata (PyTorch DCP) and no metadata.json / dist_ckpt / iter_* (Megatron torch_dist) found. Pass the directory that holds them")

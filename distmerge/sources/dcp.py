@@ -110,6 +110,8 @@ def tensors_from_metadata(ckpt_dir: str, rename=lambda names: {n: n for n in nam
     """The SourceTensors of a DCP directory (metadata only), the data files, and notes on what was skipped."""
     meta_path = os.path.join(ckpt_dir, METADATA)
     entries, storage, bytes_entries = read_metadata(meta_path)
+    optim = sum(n.startswith(SKIPPED_PREFIXES) for n in entries)
+    extra = sum("._extra_state" in n for n in entries)
     entries = {n: e for n, e in entries.items() if not n.startswith(SKIPPED_PREFIXES) and "._extra_state" not in n}
     renamed = rename(list(entries))
     tensors: dict[str, SourceTensor] = {}
@@ -135,7 +137,10 @@ def tensors_from_metadata(ckpt_dir: str, rename=lambda names: {n: n for n in nam
             pieces.append(_piece(path, start, length, fqn, offsets, sizes, dtype))
         t = tensors[renamed[fqn]] = SourceTensor(renamed[fqn], size, dtype, pieces)
         check_coverage(t)
-    notes = [f"skipped {len(bytes_entries)} non-tensor entries (extra state)"] if bytes_entries else []
+    notes = [note for count, note in ((optim, f"{optim} optimizer / scheduler / RNG entries"),
+                                      (extra, f"{extra} _extra_state entries"),
+                                      (len(bytes_entries), f"{len(bytes_entries)} non-tensor entries (extra state)"))
+             if count]
     world = len({m.group(1) for m in (SAVER_RANK.match(os.path.basename(f)) for f in files) if m})
     return tensors, list(files), notes, world
 

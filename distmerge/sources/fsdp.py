@@ -98,12 +98,15 @@ def _piece_of(name: str, value, path: str) -> tuple[tuple[int, ...], Piece]:
     return global_shape, piece
 
 
-def read_catalogue(source: str) -> Catalogue:
+def read_catalogue(source: str, first_rank_only: bool = False) -> Catalogue:
+    """first_rank_only (inspect): every rank file lists every tensor with its global shape and
+    dtype, so rank 0's metadata alone describes the model and the plan; the pieces of the other
+    ranks are not located and coverage is not checked (a merge always reads them all)."""
     world, paths = _rank_files(source)
     tensors: dict[str, SourceTensor] = {}
     seen_regions: dict[str, set] = {}
     mesh_desc, mesh_ndim = "", 0
-    for path in paths:
+    for path in paths[:1] if first_rank_only else paths:
         for raw_name, value in load_state_metadata(path).items():
             shape, piece = _piece_of(raw_name, value, path)
             dtype = piece.dtype
@@ -124,7 +127,7 @@ def read_catalogue(source: str) -> Catalogue:
             if piece.numel and key not in seen_regions[name]:  # replicas (HSDP, TP) are read once
                 seen_regions[name].add(key)
                 known.pieces.append(piece)
-    for t in tensors.values():
+    for t in tensors.values() if not first_rank_only else ():
         check_coverage(t)
     hf_dir = os.path.join(source, "huggingface")
     mesh_desc = mesh_desc or ("single rank" if world == 1 else f"{world} ranks")

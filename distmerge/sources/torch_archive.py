@@ -188,7 +188,7 @@ def record_class(kind: str) -> type:
     (cls(*args)) both give a _Record of that kind holding the arguments."""
     def new(cls, *args):
         obj = object.__new__(cls)
-        _Record.__init__(obj, kind, args)
+        obj.kind, obj.args, obj.state = kind, args, {}
         return obj
 
     return type(f"_{kind}", (_Record,), {"__new__": new, "__init__": lambda self, *args: None, "kind": kind})
@@ -224,19 +224,18 @@ _STORAGE_DTYPES = {"DoubleStorage": torch.float64, "FloatStorage": torch.float32
                    "BoolStorage": torch.bool}
 
 
-@dataclass
 class _StorageRef:
-    dtype: torch.dtype
-    offset: int
-    nbytes: int
+    __slots__ = ("dtype", "offset", "nbytes")  # one per tensor: slots keep 100-shard metadata fast
+
+    def __init__(self, dtype: torch.dtype, offset: int, nbytes: int):
+        self.dtype, self.offset, self.nbytes = dtype, offset, nbytes
 
 
-@dataclass
 class _TensorRef:
-    storage: _StorageRef
-    storage_offset: int
-    shape: tuple
-    strides: tuple
+    __slots__ = ("storage", "storage_offset", "shape", "strides")
+
+    def __init__(self, storage: _StorageRef, storage_offset: int, shape: tuple, strides: tuple):
+        self.storage, self.storage_offset, self.shape, self.strides = storage, storage_offset, shape, strides
 
 
 def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None, metadata=None):
@@ -295,14 +294,14 @@ class _FastUnpickler(pickle.Unpickler):
         if not isinstance(dtype, torch.dtype):
             raise _Unsupported("untyped storage")
         offset, size = self.offsets[f"{self.prefix}data/{key}"]
-        nbytes = numel * torch.empty((), dtype=dtype).element_size()
+        nbytes = numel * dtype.itemsize
         if size < nbytes:
             raise MergeIOError(f"a storage record holds {size} of its {nbytes} bytes; the file is corrupt")
         return _StorageRef(dtype, offset, nbytes)
 
 
 def _stored(ref: _TensorRef) -> StoredTensor:
-    itemsize = torch.empty((), dtype=ref.storage.dtype).element_size()
+    itemsize = ref.storage.dtype.itemsize
     return StoredTensor(offset=ref.storage.offset + ref.storage_offset * itemsize,
                         storage_end=ref.storage.offset + ref.storage.nbytes,
                         shape=ref.shape, strides=ref.strides, dtype=ref.storage.dtype)
@@ -350,20 +349,27 @@ def _convert_fast(state, path: str) -> dict:
     if not isinstance(state, dict):
         raise MergeError(f"{path} does not hold a state dict (found {type(state).__name__})")
     out = {}
+    meshes, placements = {}, {}  # shared pickled objects, converted once per file
     for name, value in state.items():
         if isinstance(value, _TensorRef):
             out[name] = _stored(value)
         elif isinstance(value, _Record) and value.kind == "DTensor":
             local, spec = value.state["_local_tensor"], value.state["_spec"]
             mesh = spec.state["mesh"]
-            coordinate = mesh.state.get("_coordinate_on_dim")
+            if id(mesh) not in meshes:
+                coordinate = mesh.state.get("_coordinate_on_dim")
+                names = mesh.state.get("_mesh_dim_names")
+                meshes[id(mesh)] = (_mesh_shape(mesh), None if coordinate is None else tuple(coordinate),
+                                    tuple(names) if names else None)
+            mesh_shape, coordinate, names = meshes[id(mesh)]
             if not isinstance(local, _TensorRef) or coordinate is None:
                 raise _Unsupported("DTensor without local tensor or coordinate")
-            names = mesh.state.get("_mesh_dim_names")
+            pls = spec.state["placements"]
+            if id(pls) not in placements:
+                placements[id(pls)] = (pls, tuple(_placement(p) for p in pls))  # keep pls alive: ids stay unique
             stored = StoredDTensor(local=_stored(local), shape=tuple(value.args[2]),
-                                   placements=tuple(_placement(p) for p in spec.state["placements"]),
-                                   mesh_shape=_mesh_shape(mesh), coordinate=tuple(coordinate),
-                                   mesh_dim_names=tuple(names) if names else None)
+                                   placements=placements[id(pls)][1], mesh_shape=mesh_shape, coordinate=coordinate,
+                                   mesh_dim_names=names)
             # another torch release may pickle meshes differently: anything inconsistent goes to torch.load
             dims = len(stored.mesh_shape)
             if not (dims == len(stored.placements) == len(stored.coordinate) >= 1
