@@ -1,8 +1,10 @@
-"""Benchmark: distmerge against the copy floor on a ~1.4 GB fp32 verl FSDP2 checkpoint and a
-~1.5 GB fp32 Megatron-core TP2xPP2 checkpoint of the same model, and verl's merger as a baseline.
+"""Benchmark: distmerge against the copy floor on fp32 verl FSDP2 checkpoints of 1.4, ~5 and ~11 GB
+(the same Llama widths with 8, 40 and 94 layers), a ~1.5 GB Megatron-core TP2xPP2 checkpoint, and
+verl's merger as a baseline; writes bench/results.{json,md} and bench/scaling.png.
 
-    python bench/run.py                  # generate (once), then measure; ~5 minutes on 2 cores
-    python bench/run.py --runs 5 --work /fast/disk/bench
+    python bench/run.py                          # generate (once), then measure; ~30 minutes on 2 cores
+    python bench/run.py --sizes 1.4 --runs 5     # the 1.4 GB checkpoint only
+    python bench/run.py --work /fast/disk/bench
 
 Floors, measured in the same run:
   one process: `python -c "import torch"` + `cat` of the source files + `dd` write of the output bytes
@@ -28,8 +30,9 @@ ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
 MEGATRON_MODEL = ["--tp", "2", "--pp", "2", "--hidden", "2048", "--layers", "8", "--heads", "16", "--groups", "4",
                   "--ffn", "2816", "--vocab", "32000"]
-MODEL = ["--model", "llama", "--hidden", "2048", "--layers", "8", "--heads", "16", "--kv-heads", "4",
+MODEL = ["--model", "llama", "--hidden", "2048", "--heads", "16", "--kv-heads", "4",
          "--intermediate", "2816", "--vocab", "32000", "--meta-init", "--no-reference"]
+LAYERS = {"1.4": 8, "5": 40, "11": 94}   # checkpoint GB -> layers (111 MB per layer + 524 MB of embeddings)
 
 
 def free_port() -> int:
@@ -102,16 +105,21 @@ def verl_python(work: Path) -> str | None:
     return str(py)
 
 
-def verl_merge(py: str, ckpt: Path, out: Path) -> tuple[float, float]:
+def verl_merge(py: str, ckpt: Path, out: Path, timeout: float) -> tuple[float, float]:
     """verl's model_merger on the same checkpoint (it writes bf16); wall seconds and max RSS in MB."""
     shutil.rmtree(out, ignore_errors=True)
     subprocess.run(["sync"], check=True)
     start = time.perf_counter()
-    proc = subprocess.run(["/usr/bin/time", "-f", "%M", py, "-m", "verl.model_merger", "merge", "--backend", "fsdp",
-                           "--local_dir", str(ckpt), "--target_dir", str(out)], capture_output=True, text=True, cwd=ROOT)
+    try:
+        proc = subprocess.run(["/usr/bin/time", "-f", "%M", py, "-m", "verl.model_merger", "merge", "--backend", "fsdp",
+                               "--local_dir", str(ckpt), "--target_dir", str(out)], capture_output=True, text=True,
+                              cwd=ROOT, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise RuntimeError(f"did not finish in {timeout:.0f} s") from None
     seconds = time.perf_counter() - start
     if proc.returncode != 0:
-        raise RuntimeError(proc.stderr[-2000:])
+        killed = "Killed" in proc.stderr or proc.returncode in (-9, 137)
+        raise RuntimeError(f"killed after {seconds:.0f} s (out of memory)" if killed else proc.stderr[-2000:])
     return seconds, int(proc.stderr.strip().splitlines()[-1]) / 1024
 
 
@@ -140,45 +148,118 @@ def measure(label: str, ckpt: Path, work: Path, runs: int, configs, dtypes) -> l
     return rows
 
 
+def checkpoint(work: Path, layers: int) -> Path:
+    ckpt = work / ("ckpt" if layers == 8 else f"ckpt-{layers}L")
+    if not (ckpt / "fsdp_config.json").exists():
+        print(f"generating the {layers}-layer benchmark checkpoint ...", flush=True)
+        subprocess.run(torchrun(2) + [str(ROOT / "tests" / "make_fsdp_checkpoint.py"), "--out", str(ckpt),
+                                      "--layers", str(layers)] + MODEL, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+    return ckpt
+
+
+def verl_row(py, ckpt, work, runs, ours, timeout) -> dict:
+    """verl's merger beside distmerge's matching row; a run that fails (out of memory) is recorded as such."""
+    times, rss, failure = [], [], None
+    for _ in range(runs):
+        try:
+            t, m = verl_merge(py, ckpt, work / "verl-out", timeout)
+        except RuntimeError as e:
+            failure = str(e).strip().splitlines()[-1][:200] if str(e).strip() else "failed"
+            break
+        times.append(t)
+        rss.append(m)
+    shutil.rmtree(work / "verl-out", ignore_errors=True)
+    row = {"source": ours["source"], "ranks": 1, "transport": "verl model_merger", "dtype": "bf16",
+           "source_gb": ours["source_gb"], "output_gb": ours["output_gb"], "floor_s": ours["floor_s"],
+           "median_s": statistics.median(times) if times else None, "peak_rss_mb": max(rss) if rss else None,
+           "times": times, "failure": failure}
+    row["ratio"] = row["median_s"] / row["floor_s"] if times else None
+    print(f"{ours['source']}: verl model_merger bf16: " + (f"{row['median_s']:.2f} s, peak RSS {row['peak_rss_mb']:.0f} MB; "
+          f"distmerge ({ours['ranks']} rank(s)) is {row['median_s'] / ours['median_s']:.1f}x faster" if times
+          else f"failed: {failure}"), flush=True)
+    return row
+
+
+def plot(rows, path: Path) -> None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot (pip install matplotlib)")
+        return
+    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(11, 4))
+    series = {}
+    for r in rows:
+        if not r["source"].startswith("verl FSDP2") or r["median_s"] is None:
+            continue
+        key = (f"verl model_merger (bf16)" if r["transport"] == "verl model_merger"
+               else f"distmerge {r['ranks']} rank(s) {r['transport']} {r['dtype']}")
+        series.setdefault(key, []).append((r["source_gb"], r["median_s"], r["peak_rss_mb"]))
+    for key, points in sorted(series.items()):
+        points.sort()
+        style = "--" if key.startswith("verl") else "-"
+        ax_t.plot([p[0] for p in points], [p[1] for p in points], style, marker="o", label=key)
+        ax_m.plot([p[0] for p in points], [p[2] / 1024 for p in points], style, marker="o", label=key)
+    floors = sorted({(r["source_gb"], r["floor_s"]) for r in rows if r["source"].startswith("verl FSDP2")
+                     and r["ranks"] == 1 and r["dtype"] == "auto" and r["transport"] == "direct"})
+    ax_t.plot([f[0] for f in floors], [f[1] for f in floors], ":", color="gray", label="floor, 1 process (fp32 out)")
+    ax_t.set(xlabel="checkpoint GB (fp32)", ylabel="seconds (median of runs)", title="time")
+    ax_m.set(xlabel="checkpoint GB (fp32)", ylabel="peak RSS per rank, GB", title="memory")
+    ax_t.legend(fontsize=7)
+    ax_m.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print("wrote", path)
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--work", default=str(ROOT / "bench" / "work"))
     p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--sizes", default="1.4,5,11", help="checkpoint sizes in GB, of " + ", ".join(LAYERS))
     p.add_argument("--no-verl", action="store_true", help="skip verl's model_merger baseline")
+    p.add_argument("--no-megatron", action="store_true")
     args = p.parse_args()
     work = Path(args.work)
-    ckpt = work / "ckpt"
-    if not (ckpt / "fsdp_config.json").exists():
-        print("generating the benchmark checkpoint ...", flush=True)
-        subprocess.run(torchrun(2) + [str(ROOT / "tests" / "make_fsdp_checkpoint.py"), "--out", str(ckpt)] + MODEL,
-                       check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
-    rows = measure("verl FSDP2", ckpt, work, args.runs, [(1, "direct"), (2, "direct"), (2, "collective")], ("auto", "bf16"))
-    megatron = work / "megatron"
-    if not (megatron / "dist_ckpt" / "metadata.json").exists():
-        print("generating the Megatron TP2xPP2 benchmark checkpoint ...", flush=True)
-        subprocess.run(torchrun(4) + [str(ROOT / "tests" / "make_megatron_checkpoint.py"), "--out", str(megatron)]
-                       + MEGATRON_MODEL, check=True, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    rows += measure("Megatron TP2xPP2", megatron, work, args.runs, [(1, "direct"), (2, "direct")], ("auto",))
-    src_bytes = rows[0]["source_gb"] * 1e9
     py = None if args.no_verl else verl_python(work)
-    if py:
-        runs = [verl_merge(py, ckpt, work / "verl-out") for _ in range(args.runs)]
-        seconds = statistics.median(t for t, _ in runs)
-        ours = next(r for r in rows if r["ranks"] == 1 and r["dtype"] == "bf16")
-        row = {"source": "verl FSDP2", "ranks": 1, "transport": "verl model_merger", "dtype": "bf16", "source_gb": src_bytes / 1e9,
-               "output_gb": ours["output_gb"], "median_s": seconds, "floor_s": ours["floor_s"],
-               "ratio": seconds / ours["floor_s"], "peak_rss_mb": max(m for _, m in runs), "times": [t for t, _ in runs]}
-        rows.append(row)
-        print(f"verl model_merger bf16: {seconds:.2f} s, peak RSS {row['peak_rss_mb']:.0f} MB; "
-              f"distmerge is {seconds / ours['median_s']:.1f}x faster in one process", flush=True)
+    rows = []
+    for size in args.sizes.split(","):
+        ckpt = checkpoint(work, LAYERS[size])
+        label = f"verl FSDP2 {size} GB"
+        configs = [(1, "direct"), (2, "direct"), (2, "collective")]
+        new = measure(label, ckpt, work, args.runs, configs, ("auto", "bf16"))
+        rows += new
+        if py:  # verl against distmerge writing the same bytes: 1 process at 1.4 GB, 2 ranks above
+            ours = next(r for r in new if r["dtype"] == "bf16" and r["ranks"] == (1 if size == "1.4" else 2)
+                        and r["transport"] == "direct")
+            rows.append(verl_row(py, ckpt, work, 1 if size == "11" else args.runs, ours, timeout=1200))
+    if not args.no_megatron:
+        megatron = work / "megatron"
+        if not (megatron / "dist_ckpt" / "metadata.json").exists():
+            print("generating the Megatron TP2xPP2 benchmark checkpoint ...", flush=True)
+            subprocess.run(torchrun(4) + [str(ROOT / "tests" / "make_megatron_checkpoint.py"), "--out", str(megatron)]
+                           + MEGATRON_MODEL, check=True, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        rows += measure("Megatron TP2xPP2 1.4 GB", megatron, work, args.runs, [(1, "direct"), (2, "direct")], ("auto",))
     (ROOT / "bench" / "results.json").write_text(json.dumps(rows, indent=2))
     lines = ["| checkpoint | ranks | transport | dtype | output GB | seconds (median) | floor s | ratio | peak RSS / rank MB |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['source']} | {r['ranks']} | {r['transport']} | {r['dtype']} | {r['output_gb']:.2f} | {r['median_s']:.2f} | "
-                     f"{r['floor_s']:.2f} | {r['ratio']:.2f} | {r['peak_rss_mb']:.0f} |")
+        if r["median_s"] is None:
+            lines.append(f"| {r['source']} | {r['ranks']} | {r['transport']} | {r['dtype']} | {r['output_gb']:.2f} | "
+                         f"failed: {r['failure']} | {r['floor_s']:.2f} | - | - |")
+            continue
+        lines.append(f"| {r['source']} | {r['ranks']} | {r['transport']} | {r['dtype']} | {r['output_gb']:.2f} | "
+                     f"{r['median_s']:.2f} | {r['floor_s']:.2f} | {r['ratio']:.2f} | {r['peak_rss_mb']:.0f} |")
+    lines += ["", "Seconds per phase of the median run, per rank (the job's own summary):", ""]
+    for r in rows:
+        if r.get("phases"):
+            phases = "; ".join(f"rank {i}: " + ", ".join(f"{k} {v:.2f}" for k, v in sorted(ph.items()))
+                               for i, ph in enumerate(r["phases"]))
+            lines.append(f"- {r['source']}, {r['ranks']} rank(s) {r['transport']} {r['dtype']}: {phases}")
     (ROOT / "bench" / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+    plot(rows, ROOT / "bench" / "scaling.png")
 
 
 if __name__ == "__main__":
