@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+import sys
 import time
 
 import pytest
@@ -32,7 +33,8 @@ def slurm(tmp_path_factory):
 
 def run_job(slurm_env, args, extra_env=(), timeout=240):
     """sbatch the template, poll scontrol until the job ends; returns (state, job output)."""
-    env = slurm_env | {"MASTER_PORT": str(free_port())} | dict(extra_env)
+    # PYTHON: the interpreter with distmerge (CI runs the tests with .venv/bin/python, no venv on PATH)
+    env = slurm_env | {"MASTER_PORT": str(free_port()), "PYTHON": sys.executable} | dict(extra_env)
     log_dir = ROOT / ".pytest_cache"
     log_dir.mkdir(exist_ok=True)
     submit = subprocess.run(["sbatch", "--parsable", "--nodes", "1", f"--output={log_dir}/slurm-%j.out",
