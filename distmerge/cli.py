@@ -38,6 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--max-shard-size", metavar="SIZE", default="5GB",
                    help="largest output file (500MB, 2GiB, bytes); a larger tensor gets a file of its own, as in "
                         "transformers; a single file is named model.safetensors")
+    m.add_argument("--segment-size", metavar="SIZE", default="256MiB",
+                   help="a file larger than this is cut, at tensor boundaries, into runs written by different ranks "
+                        "in parallel (the bytes do not depend on it or on the rank count)")
     m.add_argument("--transport", default=DEFAULT_TRANSPORT, choices=TRANSPORTS,
                    help="how pieces reach their writer: direct = the writer reads them from the filesystem; "
                         "collective = each source file is read by one rank and pieces are sent (README: Transports)")
@@ -87,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("source", metavar="SOURCE", help="the checkpoint directory")
     i.add_argument("--nproc", metavar="N", type=int, default=1, help="ranks to plan for")
     i.add_argument("--max-shard-size", metavar="SIZE", default="5GB", help="as for merge")
+    i.add_argument("--segment-size", metavar="SIZE", default="256MiB", help="as for merge")
     i.add_argument("--dtype", default="auto", choices=DTYPES, help="as for merge")
     i.add_argument("--hf-config", metavar="DIR", help="as for merge")
     i.add_argument("--iteration", metavar="N", type=int, help="as for merge")
@@ -229,6 +233,7 @@ def main(argv=None) -> int:
             signal.signal(signal.SIGTERM, on_sigterm)
             result = run_merge(MergeOptions(
                 source=args.source, target=args.target, dtype=args.dtype, max_shard_size=args.max_shard_size,
+                segment_size=args.segment_size,
                 transport=args.transport, overwrite=args.overwrite, lora=args.lora, lora_alpha=args.lora_alpha,
                 resume=args.resume, verify=args.verify, hf_upload_path=args.hf_upload_path, private=args.private,
                 trust_remote_code=args.trust_remote_code, tie_word_embedding=args.tie_word_embedding,
@@ -242,6 +247,7 @@ def main(argv=None) -> int:
             from .inspect import inspect_source
 
             print(inspect_source(args.source, nproc=args.nproc, max_shard_size=args.max_shard_size,
+                                 segment_size=args.segment_size,
                                  dtype=args.dtype, hf_config=args.hf_config, iteration=args.iteration,
                                  as_json=args.json, check_all=args.check_all))
         elif args.command in ("verify", "test"):

@@ -12,7 +12,7 @@ import os
 import shutil
 
 from .errors import MergeError, MergeIOError, MergeLockedError
-from .integrity import DONE, HASH, JOB, done_record, hash_file, read_json, write_json
+from .integrity import DONE, HASH, JOB, done_record, hash_range, read_json, write_json
 from .model import Plan, dtype_str
 
 log = logging.getLogger("distmerge")
@@ -132,21 +132,33 @@ def prepare_staging(target: str, job: dict, resume: bool) -> list[str]:
 
 
 def verified_done_files(plan: Plan, staging: str, rank: int) -> dict[str, str]:
-    """--resume: which of this rank's planned files a crashed run finished, each checked again:
-    its done record, its size, its header bytes and its content hash must all match."""
+    """--resume: which of this rank's planned segments a crashed run finished, each checked again:
+    its done record, its byte range, the header bytes (segment 0) and a fresh content hash."""
     kept = {}
-    for f in plan.files_of(rank):
-        record = done_record(staging, f.name)
+    for f, seg in plan.segments_of(rank):
+        unit = plan.segment_name(f, seg)
+        record = done_record(staging, unit)
         path = os.path.join(staging, f.name)
-        if record is None or record.get("bytes") != f.size or not os.path.isfile(path) \
-                or os.path.getsize(path) != f.size:
+        if record is None or (record.get("start"), record.get("end")) != (seg.start, seg.end) \
+                or not os.path.isfile(path) or os.path.getsize(path) < seg.end:
             continue
-        with open(path, "rb") as fh:
-            if fh.read(len(f.header)) != f.header:
-                continue
-        if hash_file(path) == record.get(HASH):
-            kept[f.name] = record[HASH]
+        if seg.index == 0:
+            with open(path, "rb") as fh:
+                if fh.read(len(f.header)) != f.header:
+                    continue
+        if hash_range(path, seg.start, seg.end) == record.get(HASH):
+            kept[unit] = record[HASH]
     return kept
+
+
+def check_sizes(plan: Plan, staging: str) -> None:
+    """Rank 0, after every segment is closed: each file is exactly the planned size."""
+    for f in plan.files:
+        path = os.path.join(staging, f.name)
+        size = os.path.getsize(path) if os.path.exists(path) else None
+        if size != f.size:
+            raise MergeIOError(f"{path} has {size} bytes, the plan says {f.size}; a write was lost. "
+                               "Rerun with --resume")
 
 
 def remove_run_records(staging: str) -> None:

@@ -25,8 +25,8 @@ import torch.distributed as dist
 
 from .errors import MergeIOError
 from .integrity import record_done
-from .model import (Catalogue, FileEntry, LoraDelta, OutputFile, OutputTensor, Piece, Plan, SourceRows, SourceTensor,
-                    dtype_size)
+from .model import (Catalogue, FileEntry, LoraDelta, OutputFile, OutputTensor, Piece, Plan, Segment, SourceRows,
+                    SourceTensor, dtype_size)
 from .runtime import Runtime
 from .writer import SafetensorsWriter
 
@@ -182,10 +182,11 @@ def fold_lora(block: torch.Tensor, lora: LoraDelta, first: int, stop: int, catal
     return block.float() + (b_rows @ cache[lora.a]) * lora.scale
 
 
-def schedule(plan: Plan) -> list[tuple[OutputFile, FileEntry]]:
+def schedule(plan: Plan) -> list[tuple[OutputFile, Segment, FileEntry]]:
     """All ranks' work in one global order, interleaved so that every rank's k-th tensor comes
     around the same point: ranks write in parallel and sends never wait on a rank far behind."""
-    per_rank = [[(f, e) for f in plan.files_of(r) for e in f.entries] for r in range(plan.world_size)]
+    per_rank = [[(f, seg, e) for f, seg in plan.segments_of(r) for e in f.entries[seg.first:seg.stop]]
+                for r in range(plan.world_size)]
     order = []
     for k in range(max((len(w) for w in per_rank), default=0)):
         order.extend(work[k] for work in per_rank if k < len(work))
@@ -196,13 +197,13 @@ class RankRunner:
     def __init__(self, plan: Plan, catalogue: Catalogue, staging: str, runtime: Runtime, progress,
                  skip: set[str] = frozenset()):
         self.plan, self.catalogue, self.staging = plan, catalogue, staging
-        self.skip = skip  # files a --resume kept: no rank reads, sends or writes their pieces
+        self.skip = skip  # segments a --resume kept: no rank reads, sends or writes their pieces
         self.rt = runtime
         self.progress = progress
         self.reader = PieceReader()
         self.timers = Timers()
         self.writers: dict[str, SafetensorsWriter] = {}
-        self.remaining = {f.name: len(f.entries) for f in plan.files_of(runtime.rank)}
+        self.remaining = {plan.segment_name(f, seg): seg.stop - seg.first for f, seg in plan.segments_of(runtime.rank)}
         self.in_flight: collections.deque = collections.deque()
         self.in_flight_bytes = 0
         self.written = 0
@@ -210,7 +211,7 @@ class RankRunner:
         # (pread/pwrite release the GIL); at most WRITES_IN_FLIGHT bands wait, which bounds memory
         self.write_pool = ThreadPoolExecutor(1, thread_name_prefix="distmerge-write")
         self.pending_writes: collections.deque = collections.deque()
-        self.closed: list[str] = []   # the files this rank wrote, in the order it finished them
+        self.closed: list[str] = []   # the segments this rank wrote, in the order it finished them
         self.hashes: dict[str, str] = {}
         self.lora_a: dict[str, torch.Tensor] = {}  # the current tensor's lora_A (small: r x in)
 
@@ -218,12 +219,13 @@ class RankRunner:
         collective = self.plan.transport == "collective" and self.rt.world_size > 1
         tag = 0  # every (band, part) has a tag, numbered identically on all ranks
         try:
-            for out_file, entry in schedule(self.plan):
-                if out_file.name in self.skip:
+            for out_file, seg, entry in schedule(self.plan):
+                unit = self.plan.segment_name(out_file, seg)
+                if unit in self.skip:
                     tag += sum(len(band.reads) for band in bands(entry.tensor, self.catalogue))
                     continue
-                owner = out_file.rank
-                writer = self._writer(out_file) if owner == self.rt.rank else None
+                owner = seg.rank
+                writer = self._writer(out_file, seg, unit) if owner == self.rt.rank else None
                 for band in bands(entry.tensor, self.catalogue):
                     if writer is not None:
                         self._produce(writer, entry, band, tag if collective else None)
@@ -233,7 +235,7 @@ class RankRunner:
                 if writer is not None and not entry.tensor.parts:  # zeros (small: a bias)
                     self._write(writer, entry.begin, torch.zeros(entry.tensor.shape, dtype=entry.tensor.dtype))
                 if owner == self.rt.rank:
-                    self._entry_done(out_file)
+                    self._entry_done(seg, unit)
             self._drain(0)
             self._wait_writes(0)
         finally:
@@ -244,10 +246,10 @@ class RankRunner:
                 "seconds": dict(self.timers.seconds), "peak_rss_mb": round(peak_rss_mb, 1)}
 
     # ---- the owner's side
-    def _writer(self, out_file: OutputFile) -> SafetensorsWriter:
-        if out_file.name not in self.writers:
-            self.writers[out_file.name] = SafetensorsWriter(os.path.join(self.staging, out_file.name), out_file)
-        return self.writers[out_file.name]
+    def _writer(self, out_file: OutputFile, seg: Segment, unit: str) -> SafetensorsWriter:
+        if unit not in self.writers:
+            self.writers[unit] = SafetensorsWriter(os.path.join(self.staging, out_file.name), out_file, seg)
+        return self.writers[unit]
 
     def _produce(self, writer: SafetensorsWriter, entry: FileEntry, band: Band, tag: int | None) -> None:
         """Make one band of an output tensor from its reads and hand it to the writer."""
@@ -263,14 +265,14 @@ class RankRunner:
                 block = fold_lora(block, out.lora, band.first, band.stop, self.catalogue, self.reader, self.lora_a)
         self._write(writer, entry.begin + band.first * row_bytes, self._cast(block, out.dtype))
 
-    def _entry_done(self, out_file: OutputFile) -> None:
-        self.remaining[out_file.name] -= 1
-        if self.remaining[out_file.name] == 0:
+    def _entry_done(self, seg: Segment, unit: str) -> None:
+        self.remaining[unit] -= 1
+        if self.remaining[unit] == 0:
             self._wait_writes(0)
             with self.timers.phase("close"):
-                digest = self.hashes[out_file.name] = self.writers.pop(out_file.name).close()
-                record_done(self.staging, out_file.name, out_file.size, digest)
-            self.closed.append(out_file.name)
+                digest = self.hashes[unit] = self.writers.pop(unit).close()
+                record_done(self.staging, unit, seg.start, seg.end, digest)
+            self.closed.append(unit)
 
     def _get(self, piece: Piece, lead: tuple[int, ...], first: int, stop: int, tag: int | None) -> torch.Tensor:
         reader_rank = self.plan.readers.get(piece.file, self.rt.rank)

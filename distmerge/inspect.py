@@ -27,12 +27,13 @@ def skipped_files(source: str) -> list[str]:
 
 def inspect_source(source: str, nproc: int = 1, max_shard_size: str = "5GB", dtype: str = "auto",
                    hf_config: str | None = None, iteration: int | None = None, as_json: bool = False,
-                   lora_alpha: float | None = None, check_all: bool = False) -> str:
+                   lora_alpha: float | None = None, check_all: bool = False, segment_size: str = "256MiB") -> str:
     catalogue = read_source(source, iteration, quick=not check_all)
     config = load_config(hf_config or catalogue.hf_dir, source)
     adapters = lora.read_adapters(catalogue, lora_alpha) if lora.is_peft(catalogue) else None
     outputs = map_outputs(catalogue, config, cast_rule(dtype), adapters)
-    plan = make_plan(catalogue, outputs, nproc, parse_size(max_shard_size), DEFAULT_TRANSPORT)
+    plan = make_plan(catalogue, outputs, nproc, parse_size(max_shard_size), DEFAULT_TRANSPORT,
+                     segment_bytes=parse_size(segment_size))
     kept = set().union(*(t.sources for t in outputs))
     folded = {s for t in outputs if t.lora for s in (t.lora.a, t.lora.b)}
     dropped = [n + (" (tied to the embedding)" if n == "lm_head.weight" else "")
@@ -57,8 +58,10 @@ def inspect_source(source: str, nproc: int = 1, max_shard_size: str = "5GB", dty
         "lora": None if adapters is None else {"r": adapters.r, "alpha": adapters.alpha,
                                                "target_modules": adapters.target_modules,
                                                "adapted": len(adapters.factors)},
-        "plan": {"ranks": nproc, "files": [{"name": f.name, "rank": f.rank, "tensors": len(f.entries),
-                                            "bytes": f.size} for f in plan.files]},
+        "plan": {"ranks": nproc, "files": [{"name": f.name, "bytes": f.size, "tensors": len(f.entries),
+                                            "segments": [{"rank": seg.rank, "tensors": seg.stop - seg.first,
+                                                          "bytes": seg.end - seg.start} for seg in f.segments]}
+                                           for f in plan.files]},
     }
     if as_json:
         return json.dumps(info, indent=2)

@@ -24,15 +24,27 @@ def new_hash():
     return xxhash.xxh3_128()
 
 
-def hash_file(path: str) -> str:
-    """Hash a whole file, reading it in 8 MiB chunks (bounded memory)."""
+def hash_range(path: str, start: int = 0, end: int | None = None) -> str:
+    """Hash bytes [start, end) of a file (to its end by default), 8 MiB at a time (bounded memory)."""
     h = new_hash()
     with open(path, "rb", buffering=0) as f:
+        f.seek(start)
+        left = (end - start) if end is not None else None
         buf = bytearray(READ_CHUNK)
         view = memoryview(buf)
-        while n := f.readinto(buf):
+        while left is None or left > 0:
+            n = f.readinto(view if left is None or left >= READ_CHUNK else view[:left])
+            if not n:
+                break
             h.update(view[:n])
+            if left is not None:
+                left -= n
     return h.hexdigest()
+
+
+def segment_hashes(path: str, segments: list) -> list:
+    """[[start, end, xxh3-128], ...] of a file, as the manifest lists them."""
+    return [[start, end, hash_range(path, start, end)] for start, end, _ in segments]
 
 
 def fingerprint(catalogue: Catalogue, plan: Plan, options: dict) -> dict:
@@ -70,20 +82,26 @@ def read_json(path: str) -> dict | None:
     return data if isinstance(data, dict) else None
 
 
-def _record_path(staging: str, name: str) -> str:
-    return os.path.join(staging, DONE, name.replace("/", "--") + ".json")  # lora_adapter/x -> one flat name
+def _record_path(staging: str, unit: str) -> str:
+    return os.path.join(staging, DONE, unit.replace("/", "--") + ".json")  # lora_adapter/x -> one flat name
 
 
-def record_done(staging: str, name: str, size: int, digest: str) -> None:
+def record_done(staging: str, unit: str, start: int, end: int, digest: str) -> None:
+    """A segment (`unit`: file or file[k]) was written completely: its byte range and hash."""
     os.makedirs(os.path.join(staging, DONE), exist_ok=True)
-    write_json(_record_path(staging, name), {"bytes": size, HASH: digest})
+    write_json(_record_path(staging, unit), {"start": start, "end": end, HASH: digest})
 
 
-def done_record(staging: str, name: str) -> dict | None:
-    return read_json(_record_path(staging, name))
+def done_record(staging: str, unit: str) -> dict | None:
+    return read_json(_record_path(staging, unit))
 
 
 def write_manifest(staging: str, plan: Plan, hashes: dict[str, str]) -> None:
-    """Only what the output is (no source paths), so equal outputs have equal manifests."""
-    files = {f.name: {"bytes": f.size, HASH: hashes[f.name]} for f in plan.files}
-    write_json(os.path.join(staging, MANIFEST), {"format": "distmerge-manifest/1", "hash": HASH, "files": files})
+    """Every file's size and the xxh3-128 of each of its segments (byte ranges fixed by the plan,
+    whatever the rank count). Only what the output is (no source paths), so equal outputs have
+    equal manifests."""
+    files = {}
+    for f in plan.files:
+        segments = [[seg.start, seg.end, hashes[plan.segment_name(f, seg)]] for seg in f.segments]
+        files[f.name] = {"bytes": f.size, "segments": segments}
+    write_json(os.path.join(staging, MANIFEST), {"format": "distmerge-manifest/2", "hash": HASH, "files": files})

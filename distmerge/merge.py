@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field
 from . import runtime as runtime_mod
 from .arch import hf, load_config, lora, map_outputs
 from .errors import MergeError, MergeVerifyError
-from .finish import (acquire_lock, check_target, copy_hf_files, prepare_staging, publish, release_lock,
+from .finish import (acquire_lock, check_sizes, check_target, copy_hf_files, prepare_staging, publish, release_lock,
                      remove_run_records, staging_dir, verified_done_files, write_adapter_config, write_index)
 from .gather import RankRunner
 from .integrity import fingerprint, write_manifest
@@ -31,6 +31,7 @@ class MergeOptions:
     target: str
     dtype: str = "auto"
     max_shard_size: str = "5GB"
+    segment_size: str = "256MiB"
     transport: str = DEFAULT_TRANSPORT
     overwrite: bool = False
     lora: str = "merge"
@@ -57,8 +58,8 @@ class MergeResult:
     tensors: int
     ranks: int
     seconds: float
-    hashes: dict[str, str] = field(default_factory=dict)           # file -> xxh3-128 of its bytes
-    kept: list[str] = field(default_factory=list)                  # files a --resume kept (verified)
+    hashes: dict[str, dict] = field(default_factory=dict)  # file -> {"bytes", "segments": [[start, end, xxh3-128]]}
+    kept: list[str] = field(default_factory=list)          # segments (file or file[k]) a --resume kept
     warnings: list[str] = field(default_factory=list)
     verified: bool | None = None                                   # the --verify self-check passed
     uploaded: str | None = None                                    # the Hub repo URL (--hf-upload-path)
@@ -104,7 +105,8 @@ def run_merge(opts: MergeOptions) -> MergeResult:
         if adapters and opts.lora in ("adapter", "both"):
             extra = {lora.ADAPTER_FILE: lora.adapter_outputs(catalogue, adapters, cast)}
         plan = make_plan(catalogue, outputs, rt.world_size, max_shard_size, opts.transport,
-                         config_dtype=None if opts.dtype == "auto" else DTYPE_NAMES[opts.dtype], extra_files=extra)
+                         config_dtype=None if opts.dtype == "auto" else DTYPE_NAMES[opts.dtype], extra_files=extra,
+                         segment_bytes=parse_size(opts.segment_size))
         check_target(opts.target, opts.source, opts.overwrite)
         job = fingerprint(catalogue, plan, {"lora": opts.lora, "lora_scale": adapters.scale} if adapters else {})
 
@@ -121,7 +123,7 @@ def run_merge(opts: MergeOptions) -> MergeResult:
         # run: a --resume keeps the files a crashed run finished (each rank checks its own)
         kept = rt.gather_dicts(verified_done_files(plan, staging, rt.rank) if opts.resume else {})
         progress = Progress(staging, rt.rank, rt.world_size, plan.total_bytes, opts.progress)
-        progress(sum(f.data_bytes for f in plan.files_of(rt.rank) if f.name in kept))
+        progress(sum(seg.end - seg.start for f, seg in plan.segments_of(rt.rank) if plan.segment_name(f, seg) in kept))
         try:
             stats = RankRunner(plan, catalogue, staging, rt, progress, skip=set(kept)).run()
         except MergeError as e:
@@ -139,6 +141,7 @@ def run_merge(opts: MergeOptions) -> MergeResult:
 
         def finish():
             nonlocal verified, uploaded
+            check_sizes(plan, staging)
             write_index(plan, staging)
             copy_hf_files(hf_dir, staging, config, plan)
             if extra:
@@ -157,9 +160,11 @@ def run_merge(opts: MergeOptions) -> MergeResult:
             release_lock(lock)
         rt.close()
     seconds = time.perf_counter() - start
+    manifest = {f.name: {"bytes": f.size, "segments": [[seg.start, seg.end, hashes[plan.segment_name(f, seg)]]
+                                                       for seg in f.segments]} for f in plan.files}
     result = MergeResult(target=opts.target, files=[f.name for f in plan.files], bytes=plan.total_bytes,
                          tensors=sum(len(f.entries) for f in plan.files), ranks=rt.world_size,
-                         seconds=seconds, hashes=hashes, kept=sorted(kept), warnings=warnings, verified=verified,
+                         seconds=seconds, hashes=manifest, kept=sorted(kept), warnings=warnings, verified=verified,
                          uploaded=uploaded,
                          phases=[s["seconds"] for s in all_stats],
                          files_by_rank=[s["files"] for s in all_stats],

@@ -133,11 +133,26 @@ class FileEntry:
 
 
 @dataclass
+class Segment:
+    """A run of consecutive entries of one file, written by one rank: the unit of work. A large
+    file is cut into several (at tensor boundaries, the same for any rank count), so ranks share
+    it, each pwriting its own byte range. Segment 0 starts at byte 0: its writer writes the header."""
+
+    file: str
+    index: int
+    rank: int
+    first: int                # entries [first, stop) of the file
+    stop: int
+    start: int                # bytes [start, end) of the file, header included in segment 0
+    end: int
+
+
+@dataclass
 class OutputFile:
     name: str                 # e.g. model-00001-of-00003.safetensors, lora_adapter/adapter_model.safetensors
-    rank: int                 # the one rank that writes it
     entries: list[FileEntry]
     header: bytes             # the complete safetensors header, length prefix included
+    segments: list[Segment] = field(default_factory=list)
 
     @property
     def data_bytes(self) -> int:
@@ -146,6 +161,11 @@ class OutputFile:
     @property
     def size(self) -> int:
         return len(self.header) + self.data_bytes
+
+    @property
+    def rank(self) -> int:
+        """The rank that writes the header (segment 0)."""
+        return self.segments[0].rank
 
 
 @dataclass
@@ -165,5 +185,9 @@ class Plan:
         """The files of the model itself (the index lists them); others live in subdirectories."""
         return [f for f in self.files if "/" not in f.name]
 
-    def files_of(self, rank: int) -> list[OutputFile]:
-        return [f for f in self.files if f.rank == rank]
+    def segments_of(self, rank: int) -> list[tuple[OutputFile, Segment]]:
+        return [(f, seg) for f in self.files for seg in f.segments if seg.rank == rank]
+
+    def segment_name(self, f: OutputFile, seg: Segment) -> str:
+        """How summaries name a unit of work: the file, or file[k] for a file of several segments."""
+        return f.name if len(f.segments) == 1 else f"{f.name}[{seg.index}]"

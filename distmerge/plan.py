@@ -11,7 +11,7 @@ import struct
 from collections import Counter
 
 from .errors import MergeError
-from .model import (SAFETENSORS_DTYPES, Catalogue, FileEntry, OutputFile, OutputTensor, Plan)
+from .model import SAFETENSORS_DTYPES, Catalogue, FileEntry, OutputFile, OutputTensor, Plan, Segment
 
 UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
@@ -66,9 +66,28 @@ def balance(weights: list[int], bins: int) -> list[int]:
     return assignment
 
 
+SEGMENT_BYTES = 256 * 2**20  # default --segment-size: a file is cut into runs of tensors of this size
+
+
+def cut_segments(f: OutputFile, segment_bytes: int = SEGMENT_BYTES) -> list[Segment]:
+    """Consecutive entries of at most segment_bytes (at least one tensor each); the first segment
+    starts at byte 0 (the header), the last ends at the end of the file. Independent of the rank count."""
+    header = len(f.header)
+    segments, first, size = [], 0, 0
+    for i, e in enumerate(f.entries):
+        if i > first and size + (e.end - e.begin) > segment_bytes:
+            segments.append((first, i))
+            first, size = i, 0
+        size += e.end - e.begin
+    segments.append((first, len(f.entries)))
+    return [Segment(file=f.name, index=k, rank=0, first=a, stop=b,
+                    start=0 if k == 0 else header + f.entries[a].begin, end=header + f.entries[b - 1].end)
+            for k, (a, b) in enumerate(segments)]
+
+
 def make_plan(catalogue: Catalogue, outputs: list[OutputTensor], world_size: int,
               max_shard_size: int, transport: str, config_dtype=None,
-              extra_files: dict[str, list[OutputTensor]] | None = None) -> Plan:
+              extra_files: dict[str, list[OutputTensor]] | None = None, segment_bytes: int = SEGMENT_BYTES) -> Plan:
     """extra_files: whole files beside the model (a LoRA adapter), written by the same run."""
     groups = group_into_files(outputs, max_shard_size)
     n = len(groups)
@@ -77,14 +96,21 @@ def make_plan(catalogue: Catalogue, outputs: list[OutputTensor], world_size: int
         names.append(name)
         groups.append(tensors)
     outputs = [t for g in groups for t in g]
-    owners = balance([sum(t.nbytes for t in g) for g in groups], world_size)
     files = []
-    for name, owner, group in zip(names, owners, groups):
+    for name, group in zip(names, groups):
         entries, offset = [], 0
         for t in group:
             entries.append(FileEntry(t, offset, offset + t.nbytes))
             offset += t.nbytes
-        files.append(OutputFile(name=name, rank=owner, entries=entries, header=safetensors_header(entries)))
+        files.append(OutputFile(name=name, entries=entries, header=safetensors_header(entries)))
+    # the unit of work is a segment: a file, or a run of its tensors when it is large, so that every
+    # rank has work even when there are fewer files than ranks; segments are balanced by bytes
+    segments = [cut_segments(f, segment_bytes) for f in files]
+    flat = [seg for segs in segments for seg in segs]
+    for seg, rank in zip(flat, balance([seg.end - seg.start for seg in flat], world_size)):
+        seg.rank = rank
+    for f, segs in zip(files, segments):
+        f.segments = segs
 
     held = Counter()
     for name in set().union(*(t.sources for t in outputs)):  # LoRA factors are read by their writer
@@ -107,5 +133,8 @@ def describe(plan: Plan) -> str:
     lines = [f"{len(plan.files)} output file(s), {plan.total_bytes / 1e9:.3f} GB, {plan.world_size} rank(s), "
              f"transport {plan.transport}"]
     for f in plan.files:
-        lines.append(f"  rank {f.rank}: {f.name}  {len(f.entries)} tensors  {f.size / 1e6:.1f} MB")
+        for seg in f.segments:
+            what = "" if len(f.segments) == 1 else f" segment {seg.index + 1}/{len(f.segments)}"
+            lines.append(f"  rank {seg.rank}: {f.name}{what}  {seg.stop - seg.first} tensors  "
+                         f"{(seg.end - seg.start) / 1e6:.1f} MB")
     return "\n".join(lines)

@@ -16,7 +16,7 @@ import torch
 
 from .errors import MergeError
 from .finish import INCOMPLETE
-from .integrity import HASH, MANIFEST, hash_file
+from .integrity import MANIFEST, hash_range
 from .model import SAFETENSORS_DTYPES, dtype_size
 
 INDEX = "model.safetensors.index.json"
@@ -198,8 +198,11 @@ def manifest_problems(target: str, manifest_path: str) -> list[str]:
             problems.append(f"{path} is in the manifest but missing")
         elif os.path.getsize(path) != record.get("bytes"):
             problems.append(f"{path} has {os.path.getsize(path)} bytes, the manifest says {record.get('bytes')}")
-        elif hash_file(path) != record.get(HASH):
-            problems.append(f"{path}: content hash differs from the manifest's; the file was changed or damaged")
+        else:
+            for start, end, digest in record.get("segments", []):
+                if hash_range(path, start, end) != digest:
+                    problems.append(f"{path}: content hash of bytes {start}..{end} differs from the manifest's; "
+                                    "the file was changed or damaged")
     return problems
 
 
@@ -292,6 +295,7 @@ class TensorCompare:
             a, b = ours.double(), ref.double()
             diff = (a - b).abs()
             diff = torch.where(torch.isnan(a) & torch.isnan(b), 0.0, diff)
+            diff = torch.where(torch.isnan(diff), float("inf"), diff)  # a NaN on one side only is the worst
             if diff.numel():
                 self.max_abs = max(self.max_abs, diff.max().item())
                 self.max_rel = max(self.max_rel, (diff / b.abs().clamp_min(1e-12)).max().item())

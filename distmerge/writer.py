@@ -1,8 +1,8 @@
 """A streaming safetensors writer: the header comes from the plan, tensor bytes go to known offsets.
 
 Bytes can arrive in any order (a tensor piece by piece), so a rank never holds a whole file.
-The file's content hash is computed on the way when bytes arrive in file order (they do in the
-run stage); otherwise the file is read back once at close.
+The content hash of each segment is computed on the way when bytes arrive in order (they do in
+the run stage); otherwise the range is read back once at close.
 """
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import os
 import torch
 
 from .errors import MergeIOError
-from .integrity import hash_file, new_hash
-from .model import OutputFile
+from .integrity import hash_range, new_hash
+from .model import OutputFile, Segment
 
 IO_CHUNK = 8 * 2**20  # bytes per pwrite call: one huge call is several times slower than 8 MiB ones
 
@@ -25,15 +25,21 @@ def as_bytes(tensor: torch.Tensor) -> memoryview:
 
 
 class SafetensorsWriter:
-    def __init__(self, path: str, plan_file: OutputFile):
+    """Writes one segment of a file: bytes [segment.start, segment.end), the header too for segment
+    0. Several ranks may write one file, each its own range; nobody truncates it (the staging
+    directory starts without it, and a resumed run rewrites the same ranges)."""
+
+    def __init__(self, path: str, plan_file: OutputFile, segment: Segment):
         self.path = path
-        self.plan_file = plan_file
+        self.segment = segment
         self.data_start = len(plan_file.header)
-        self.hash, self.hashed_to = new_hash(), 0   # bytes [0, hashed_to) are in self.hash
+        self.hash, self.hashed_to = new_hash(), segment.start   # bytes [start, hashed_to) are in self.hash
+        self.written = 0
         try:
             os.makedirs(os.path.dirname(path), exist_ok=True)
-            self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-            self._pwrite(memoryview(plan_file.header), 0)
+            self.fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+            if segment.index == 0:
+                self._pwrite(memoryview(plan_file.header), 0)
         except OSError as e:
             raise _io_error(path, e) from None
 
@@ -53,23 +59,24 @@ class SafetensorsWriter:
                 self.hash.update(data)
                 self.hashed_to += len(data)
             else:
-                self.hash = None  # out of order: hash the file at close
+                self.hash = None  # out of order: hash the range at close
+        self.written += len(data)
         while len(data):
             n = os.pwrite(self.fd, data[:IO_CHUNK], offset)
             data, offset = data[n:], offset + n
 
     def close(self) -> str:
-        """Check the size and return the file's content hash."""
+        """Check that the whole range was written and return its content hash."""
+        seg = self.segment
         try:
-            size = os.fstat(self.fd).st_size
-            if size != self.plan_file.size:
-                raise MergeIOError(f"{self.path} has {size} bytes, the plan says {self.plan_file.size}; "
-                                   "a write was lost")
+            if self.written != seg.end - seg.start:
+                raise MergeIOError(f"{self.path}: bytes {seg.start}..{seg.end} got {self.written} bytes written, "
+                                   f"not {seg.end - seg.start}; a write was lost")
         finally:
             os.close(self.fd)
-        if self.hash is not None and self.hashed_to == size:
+        if self.hash is not None and self.hashed_to == seg.end:
             return self.hash.hexdigest()
-        return hash_file(self.path)
+        return hash_range(self.path, seg.start, seg.end)
 
 
 def _io_error(path: str, e: OSError) -> MergeIOError:

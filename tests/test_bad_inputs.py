@@ -179,7 +179,7 @@ def test_inspect_reads_metadata_and_prints_the_plan(checkpoint, capsys):
     info = json.loads(capsys.readouterr().out)
     assert info["format"] == "verl-fsdp" and info["world_size"] == 4 and info["mesh"] == "fsdp=2 x tp=2"
     assert info["architecture"] == "Qwen2ForCausalLM"
-    assert {f["rank"] for f in info["plan"]["files"]} == {0, 1, 2}
+    assert {seg["rank"] for f in info["plan"]["files"] for seg in f["segments"]} == {0, 1, 2}
     assert main(["inspect", str(ckpt)]) == 0
     assert "rank 0: model.safetensors" in capsys.readouterr().out
     # --check-all reads every rank file as a merge does: the same report

@@ -18,7 +18,9 @@ from conftest import ROOT, clean_env, run_distmerge, torchrun_cmd
 from distmerge.finish import INCOMPLETE, lock_path, staging_dir
 
 LAYOUT = "llama_fsdp2_w2"
-SHARD = "50KB"  # about ten output files, so a killed run leaves some finished
+# a few files, each cut into segments (several ranks write one file), so a killed run leaves some
+# segments finished and others half written inside the same file
+SHAPE = ["--max-shard-size", "200KB", "--segment-size", "40KB"]
 
 
 def digests(directory):
@@ -29,8 +31,7 @@ def digests(directory):
 def uninterrupted(checkpoint, tmp_path_factory):
     ckpt = checkpoint(LAYOUT)
     out = tmp_path_factory.mktemp("failures") / "uninterrupted"
-    proc = run_distmerge(["merge", "--source", str(ckpt), "--target", str(out), "--max-shard-size", SHARD,
-                          "--no-progress"])
+    proc = run_distmerge(["merge", "--source", str(ckpt), "--target", str(out), *SHAPE, "--no-progress"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     return ckpt, digests(out)
 
@@ -51,8 +52,7 @@ def test_a_killed_rank_stops_the_job_and_resume_completes_it(nproc, transport, u
     ckpt, expected = uninterrupted
     out = tmp_path / "out"
     staging = staging_dir(str(out))
-    args = ["merge", "--source", str(ckpt), "--target", str(out), "--max-shard-size", SHARD,
-            "--transport", transport, "--no-progress"]
+    args = ["merge", "--source", str(ckpt), "--target", str(out), *SHAPE, "--transport", transport, "--no-progress"]
     job = subprocess.Popen(torchrun_cmd(nproc) + [str(ROOT / "tests" / "slow_merge.py")] + args, env=clean_env(),
                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -90,7 +90,7 @@ def test_a_killed_rank_stops_the_job_and_resume_completes_it(nproc, transport, u
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(summary.read_text())
     assert result["kept"] and len(result["kept"]) < len(result["files"]), result["kept"]
-    assert set(result["kept"]) <= {f.removesuffix(".json") for f in finished}
+    assert set(result["kept"]) <= {f.removesuffix(".json").replace("--", "/") for f in finished}
     assert not set(result["kept"]) & {f for files in result["files_by_rank"] for f in files}
     assert digests(out) == expected, "the resumed output must equal an uninterrupted run byte for byte"
     assert not os.path.exists(staging)
@@ -98,7 +98,7 @@ def test_a_killed_rank_stops_the_job_and_resume_completes_it(nproc, transport, u
 
 def crashed_run(ckpt, out, extra=()):
     """A merge stopped by SIGKILL of its only process after a few files: a real crash."""
-    args = ["merge", "--source", str(ckpt), "--target", str(out), "--max-shard-size", SHARD, "--no-progress", *extra]
+    args = ["merge", "--source", str(ckpt), "--target", str(out), *SHAPE, "--no-progress", *extra]
     job = subprocess.Popen([sys.executable, str(ROOT / "tests" / "slow_merge.py")] + args, env=clean_env(), cwd=ROOT,
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     done = os.path.join(staging_dir(str(out)), ".done")
@@ -119,14 +119,15 @@ def test_resume_rewrites_a_damaged_finished_file_and_refuses_other_options(unint
     staging = staging_dir(str(out))
     # a different --max-shard-size is another merge: refused, and the partial output is untouched
     before = digests(__import__("pathlib").Path(staging))
-    other = run_distmerge(args[:-3] + ["--max-shard-size", "40KB", "--no-progress", "--resume"])
+    other = run_distmerge(args + ["--max-shard-size", "150KB", "--resume"])
     assert other.returncode == 2 and "cannot --resume" in other.stderr and "Traceback" not in other.stderr
     assert digests(__import__("pathlib").Path(staging)) == before
-    # a finished file damaged after the crash fails its hash and is written again
+    # a finished segment damaged after the crash fails its hash and is written again
     finished = sorted(f.removesuffix(".json") for f in os.listdir(os.path.join(staging, ".done")))
-    victim = os.path.join(staging, finished[0])
+    record = json.loads((__import__("pathlib").Path(staging) / ".done" / f"{finished[0]}.json").read_text())
+    victim = os.path.join(staging, finished[0].split("[")[0])
     with open(victim, "r+b") as f:
-        f.seek(-3, os.SEEK_END)
+        f.seek(record["end"] - 3)
         f.write(b"\0\0\0")
     summary = tmp_path / "summary.json"
     proc = run_distmerge(args + ["--resume", "--summary-json", str(summary)])

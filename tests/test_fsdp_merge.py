@@ -93,8 +93,9 @@ def test_merge_matches_unsharded_model(layout, checkpoint, tmp_path):
     assert sorted(written) == sorted(result["files"]) == sorted(p.name for p in out.glob("*.safetensors"))
     assert len(result["files_by_rank"]) == nproc
     assert result["verified"] is True and "result: OK" in proc.stderr  # the self-check ran before publishing
-    from distmerge.integrity import hash_file
-    assert result["hashes"] == {f: hash_file(out / f) for f in result["files"]}
+    from distmerge.integrity import segment_hashes
+    assert {f: h["segments"] for f, h in result["hashes"].items()} == {
+        f: segment_hashes(out / f, h["segments"]) for f, h in result["hashes"].items()}
     assert_loads_with_equal_logits(ckpt, out)
     config = json.loads((out / "config.json").read_text())
     assert config.get("dtype", config.get("torch_dtype")) == "float32"
@@ -203,3 +204,22 @@ def test_small_bands_stream_each_tensor_in_many_parts(layout, checkpoint, tmp_pa
     ckpt = checkpoint(layout)
     assert main(["merge", "--source", str(source_dir(layout, ckpt)), "--target", str(tmp_path / "out"), "--no-progress"]) == 0
     assert_bit_exact(load_file(ckpt / "reference" / "model.safetensors"), merged_tensors(tmp_path / "out"))
+
+
+def test_one_large_file_is_shared_by_all_ranks(checkpoint, tmp_path):
+    """One output file cut into segments: every rank writes its byte ranges of the same file, and
+    the bytes (manifest included) do not depend on the rank count or transport."""
+    ckpt = checkpoint("llama_fsdp2_w2")
+    digests, summaries = {}, {}
+    for nproc, transport in ((1, "direct"), (2, "direct"), (3, "collective"), (4, "direct")):
+        out, summary = tmp_path / f"m{nproc}-{transport}", tmp_path / f"s{nproc}.json"
+        proc = run_distmerge(["merge", "--source", str(ckpt), "--target", str(out), "--segment-size", "40KB",
+                              "--transport", transport, "--no-progress", "--summary-json", str(summary)], nproc=nproc)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        digests[nproc] = digest(out)
+        summaries[nproc] = json.loads(summary.read_text())
+    assert all(d == digests[1] for d in digests.values())
+    assert [p.name for p in (tmp_path / "m4-direct").glob("*.safetensors")] == ["model.safetensors"]
+    assert all(summaries[4]["files_by_rank"]), "every rank wrote part of the one file"
+    assert len(summaries[4]["hashes"]["model.safetensors"]["segments"]) > 4
+    assert_bit_exact(load_file(ckpt / "reference" / "model.safetensors"), merged_tensors(tmp_path / "m4-direct"))
