@@ -5,6 +5,7 @@
 # ${OUT:-/tmp/gpu_out}.
 #   bash bench/gpu_check.sh            # NCCL checks, then scaling on a ~5 GB checkpoint
 #   SCALING=0 bash bench/gpu_check.sh  # NCCL checks only
+#   NCCL=0 bash bench/gpu_check.sh     # scaling only
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
@@ -14,6 +15,7 @@ run() { python3 -m torch.distributed.run --nproc-per-node "$1" --master-addr 127
 now() { python3 -c "import time; print(time.time())"; }
 since() { python3 -c "import sys, time; print(round(time.time() - float(sys.argv[1]), 2))" "$1"; }
 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), torch.cuda.device_count(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else '', 'cores', __import__('os').cpu_count())"
+if [ "${NCCL:-1}" = 1 ]; then
 run 2 tests/make_fsdp_checkpoint.py --out "$W/fsdp2" --optim-step > "$OUT/fixture.log" 2>&1 || { echo fixture failed; tail -20 "$OUT/fixture.log"; }
 run 4 tests/make_fsdp_checkpoint.py --out "$W/tp" --layout tp --model qwen2 >> "$OUT/fixture.log" 2>&1 || { echo tp fixture failed; tail -20 "$OUT/fixture.log"; }
 for fx in fsdp2 tp; do
@@ -27,6 +29,7 @@ for fx in fsdp2 tp; do
     done
   done
 done
+fi
 [ "${SCALING:-1}" = 0 ] && exit 0
 
 echo "== scaling on $(nproc) cores: ~5 GB fp32 FSDP2 checkpoint (40 layers of hidden 2048)"
@@ -39,8 +42,9 @@ sync; t=$(now); dd if=/dev/zero of="$W/dd.out" bs=1M count=4750 status=none; ech
 rm -f "$W/dd.out"
 t=$(now); python3 -c "import torch"; echo "floor: import torch $(since "$t") s"
 t=$(now); run 8 bench/pg_only.py > /dev/null 2>&1; echo "floor: torchrun 8 ranks, process group only $(since "$t") s"
-for spec in "1 direct auto" "2 direct auto" "4 direct auto" "8 direct auto" "16 direct auto" "4 collective auto" \
-            "8 collective auto" "1 direct bf16" "8 direct bf16"; do
+for spec in ${SPECS:-"1:direct:auto" "2:direct:auto" "4:direct:auto" "8:direct:auto" "16:direct:auto" \
+             "4:collective:auto" "8:collective:auto" "1:direct:bf16" "8:direct:bf16"}; do
+  spec=${spec//:/ }
   set -- $spec; n=$1 transport=$2 dtype=$3; out="$W/big_out"; rm -rf "$out"; sync
   t=$(now)
   if [ "$n" = 1 ]; then python3 -m distmerge merge --source "$W/big" --target "$out" --dtype "$dtype" --no-progress > "$OUT/scale.log" 2>&1
