@@ -19,8 +19,10 @@ echo "== distmerge inspect"
 "$VENV/bin/distmerge" inspect "$DEMO/actor" --nproc 2 --max-shard-size 2MB
 echo "== merging with torchrun --nproc-per-node 2 -m distmerge"
 "$VENV/bin/torchrun" --nproc-per-node 2 --master-addr 127.0.0.1 --master-port "${PORT2:-29518}" \
-  -m distmerge merge --source "$DEMO/actor" --target "$DEMO/hf" --max-shard-size 2MB
+  -m distmerge merge --source "$DEMO/actor" --target "$DEMO/hf" --max-shard-size 2MB --verify
 ls -l "$DEMO/hf"
+echo "== distmerge verify against the live model's tensors"
+"$VENV/bin/distmerge" verify "$DEMO/hf" --reference "$DEMO/actor/reference" | tail -3
 echo "== loading $DEMO/hf with transformers"
 "$VENV/bin/python" - "$DEMO" <<'PY'
 import sys, torch
