@@ -62,6 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--verify", action="store_true",
                    help="run the `distmerge verify` self-check on the result before publishing it; if it fails the "
                         "target is not published and the exit code is 3")
+    m.add_argument("--fsync", action="store_true",
+                   help="fsync every weight file before it counts as written (durable against power loss, slower: "
+                        "README Benchmark); without it only the index, config, manifest and directories are fsynced "
+                        "at the final rename")
     m.add_argument("--backend", default="auto", choices=["auto", "gloo", "nccl", "fsdp", "megatron"],
                    help="process-group backend under torchrun: auto = NCCL (with CUDA tensors) when every rank of "
                         "the node has a GPU of its own, gloo otherwise; nccl with fewer GPUs than ranks is refused. "
@@ -235,7 +239,7 @@ def main(argv=None) -> int:
                 source=args.source, target=args.target, dtype=args.dtype, max_shard_size=args.max_shard_size,
                 segment_size=args.segment_size,
                 transport=args.transport, overwrite=args.overwrite, lora=args.lora, lora_alpha=args.lora_alpha,
-                resume=args.resume, verify=args.verify, hf_upload_path=args.hf_upload_path, private=args.private,
+                resume=args.resume, verify=args.verify, fsync=args.fsync, hf_upload_path=args.hf_upload_path, private=args.private,
                 trust_remote_code=args.trust_remote_code, tie_word_embedding=args.tie_word_embedding,
                 is_value_model=args.is_value_model,
                 hf_config=args.hf_config, iteration=args.iteration, backend=args.backend, timeout=args.timeout,

@@ -209,9 +209,23 @@ def write_adapter_config(staging: str, adapter_dir: str, config: dict) -> None:
         f.write("\n")
 
 
+def fsync_path(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def publish(staging: str, target: str, overwrite: bool) -> None:
-    """Remove the marker and move staging into place; an old target is replaced only now."""
+    """Remove the marker and move staging into place; an old target is replaced only now. The
+    small files written last and both directories are fsynced, so after a power loss the target
+    is either absent or has its index and config (the weights' own fsync is --fsync)."""
+    for name in os.listdir(staging):
+        if name.endswith((".json", ".jinja", ".txt", ".model")) and os.path.isfile(os.path.join(staging, name)):
+            fsync_path(os.path.join(staging, name))
     os.remove(os.path.join(staging, INCOMPLETE))
+    fsync_path(staging)
     old = None
     if os.path.exists(target) and os.listdir(target):
         if not overwrite:
@@ -221,5 +235,6 @@ def publish(staging: str, target: str, overwrite: bool) -> None:
     elif os.path.exists(target):
         os.rmdir(target)
     os.rename(staging, target)
+    fsync_path(os.path.dirname(os.path.abspath(target)))
     if old:
         shutil.rmtree(old)

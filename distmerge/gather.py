@@ -195,8 +195,8 @@ def schedule(plan: Plan) -> list[tuple[OutputFile, Segment, FileEntry]]:
 
 class RankRunner:
     def __init__(self, plan: Plan, catalogue: Catalogue, staging: str, runtime: Runtime, progress,
-                 skip: set[str] = frozenset()):
-        self.plan, self.catalogue, self.staging = plan, catalogue, staging
+                 skip: set[str] = frozenset(), fsync: bool = False):
+        self.plan, self.catalogue, self.staging, self.fsync = plan, catalogue, staging, fsync
         self.skip = skip  # segments a --resume kept: no rank reads, sends or writes their pieces
         self.rt = runtime
         self.progress = progress
@@ -248,7 +248,7 @@ class RankRunner:
     # ---- the owner's side
     def _writer(self, out_file: OutputFile, seg: Segment, unit: str) -> SafetensorsWriter:
         if unit not in self.writers:
-            self.writers[unit] = SafetensorsWriter(os.path.join(self.staging, out_file.name), out_file, seg)
+            self.writers[unit] = SafetensorsWriter(os.path.join(self.staging, out_file.name), out_file, seg, self.fsync)
         return self.writers[unit]
 
     def _produce(self, writer: SafetensorsWriter, entry: FileEntry, band: Band, tag: int | None) -> None:

@@ -38,6 +38,7 @@ class MergeOptions:
     lora_alpha: float | None = None
     resume: bool = False
     verify: bool = False
+    fsync: bool = False                   # fsync every weight file (the index, config and dirs always are)
     hf_upload_path: str | None = None     # ORG/NAME: upload after the self-check passed
     private: bool = False
     trust_remote_code: bool = False
@@ -125,7 +126,7 @@ def run_merge(opts: MergeOptions) -> MergeResult:
         progress = Progress(staging, rt.rank, rt.world_size, plan.total_bytes, opts.progress)
         progress(sum(seg.end - seg.start for f, seg in plan.segments_of(rt.rank) if plan.segment_name(f, seg) in kept))
         try:
-            stats = RankRunner(plan, catalogue, staging, rt, progress, skip=set(kept)).run()
+            stats = RankRunner(plan, catalogue, staging, rt, progress, skip=set(kept), fsync=opts.fsync).run()
         except MergeError as e:
             e.all_ranks = False  # this rank's own failure: it must speak for itself
             raise

@@ -29,8 +29,8 @@ class SafetensorsWriter:
     0. Several ranks may write one file, each its own range; nobody truncates it (the staging
     directory starts without it, and a resumed run rewrites the same ranges)."""
 
-    def __init__(self, path: str, plan_file: OutputFile, segment: Segment):
-        self.path = path
+    def __init__(self, path: str, plan_file: OutputFile, segment: Segment, fsync: bool = False):
+        self.path, self.fsync = path, fsync
         self.segment = segment
         self.data_start = len(plan_file.header)
         self.hash, self.hashed_to = new_hash(), segment.start   # bytes [start, hashed_to) are in self.hash
@@ -72,6 +72,10 @@ class SafetensorsWriter:
             if self.written != seg.end - seg.start:
                 raise MergeIOError(f"{self.path}: bytes {seg.start}..{seg.end} got {self.written} bytes written, "
                                    f"not {seg.end - seg.start}; a write was lost")
+            if self.fsync:  # --fsync: the bytes are on disk before the segment counts as done
+                os.fsync(self.fd)
+        except OSError as e:
+            raise _io_error(self.path, e) from None
         finally:
             os.close(self.fd)
         if self.hash is not None and self.hashed_to == seg.end:

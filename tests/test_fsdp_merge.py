@@ -131,7 +131,7 @@ def test_output_is_the_same_for_any_rank_count_and_transport(layout, shard_size,
 def test_dtype_bf16_casts_floating_tensors_and_states_it(checkpoint, tmp_path):
     ckpt = checkpoint("llama_fsdp2_w2")
     out = tmp_path / "bf16"
-    proc = run_distmerge(["merge", "--source", str(ckpt), "--target", str(out), "--dtype", "bf16"], nproc=2)
+    proc = run_distmerge(["merge", "--source", str(ckpt), "--target", str(out), "--dtype", "bf16", "--fsync"], nproc=2)
     assert proc.returncode == 0, proc.stderr[-4000:]
     reference = {k: v.to(torch.bfloat16) for k, v in load_file(ckpt / "reference" / "model.safetensors").items()}
     assert_bit_exact(reference, merged_tensors(out))
