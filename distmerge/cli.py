@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -235,15 +236,7 @@ def main(argv=None) -> int:
     try:
         if args.command == "merge":
             signal.signal(signal.SIGTERM, on_sigterm)
-            result = run_merge(MergeOptions(
-                source=args.source, target=args.target, dtype=args.dtype, max_shard_size=args.max_shard_size,
-                segment_size=args.segment_size,
-                transport=args.transport, overwrite=args.overwrite, lora=args.lora, lora_alpha=args.lora_alpha,
-                resume=args.resume, verify=args.verify, fsync=args.fsync, hf_upload_path=args.hf_upload_path, private=args.private,
-                trust_remote_code=args.trust_remote_code, tie_word_embedding=args.tie_word_embedding,
-                is_value_model=args.is_value_model,
-                hf_config=args.hf_config, iteration=args.iteration, backend=args.backend, timeout=args.timeout,
-                progress=not args.no_progress))
+            result = run_merge(merge_options(args))
             if args.summary_json and int(os.environ.get("RANK", "0")) == 0:
                 with open(args.summary_json, "w") as f:
                     json.dump(result.to_dict(), f, indent=2)
@@ -270,6 +263,12 @@ def main(argv=None) -> int:
         log.error("lost contact with another rank (%s); that rank's own message says why. The partial output "
                   "stays marked incomplete: rerun with --resume", first[:200])
         return MergeAbortedError.exit_code
+
+
+def merge_options(args: argparse.Namespace) -> MergeOptions:
+    """Every MergeOptions field from the flag of the same name (so the two cannot drift)."""
+    names = {f.name for f in dataclasses.fields(MergeOptions)} - {"progress"}
+    return MergeOptions(**{name: getattr(args, name) for name in names}, progress=not args.no_progress)
 
 
 def run_verify(args) -> int:

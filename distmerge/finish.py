@@ -10,6 +10,8 @@ import json
 import logging
 import os
 import shutil
+import socket
+import time
 
 from .errors import MergeError, MergeIOError, MergeLockedError
 from .integrity import DONE, HASH, JOB, done_record, hash_range, read_json, write_json
@@ -22,9 +24,14 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".distcp")
 WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 
 
-def staging_dir(target: str) -> str:
+def _beside(target: str, suffix: str) -> str:
+    """A hidden path next to the target: .TARGET.distmerge-<suffix>."""
     target = os.path.abspath(target)
-    return os.path.join(os.path.dirname(target), f".{os.path.basename(target)}.distmerge-staging")
+    return os.path.join(os.path.dirname(target), f".{os.path.basename(target)}.distmerge-{suffix}")
+
+
+def staging_dir(target: str) -> str:
+    return _beside(target, "staging")
 
 
 def check_target(target: str, source: str, overwrite: bool) -> None:
@@ -48,17 +55,12 @@ def check_target(target: str, source: str, overwrite: bool) -> None:
 
 
 def lock_path(target: str) -> str:
-    target = os.path.abspath(target)
-    return os.path.join(os.path.dirname(target), f".{os.path.basename(target)}.distmerge-lock")
+    return _beside(target, "lock")
 
 
 def acquire_lock(target: str) -> str:
     """Rank 0: one merge per target. The lock file (pid, host, start time) is created atomically;
     a lock whose pid is dead on this host is stale and reported with the command that clears it."""
-    import json
-    import socket
-    import time
-
     path = lock_path(target)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     try:
@@ -174,9 +176,7 @@ def write_index(plan: Plan, staging: str) -> None:
         return  # a single model.safetensors needs no index, as in transformers
     weight_map = {e.tensor.name: f.name for f in files for e in f.entries}
     index = {"metadata": {"total_size": sum(f.data_bytes for f in files)}, "weight_map": weight_map}
-    with open(os.path.join(staging, "model.safetensors.index.json"), "w") as f:
-        json.dump(index, f, indent=2)
-        f.write("\n")
+    write_json(os.path.join(staging, "model.safetensors.index.json"), index, sort_keys=False)  # HF order
 
 
 def copy_hf_files(hf_dir: str | None, staging: str, config: dict, plan: Plan) -> list[str]:
@@ -196,17 +196,13 @@ def copy_hf_files(hf_dir: str | None, staging: str, config: dict, plan: Plan) ->
     if plan.config_dtype is not None:
         key = "dtype" if "dtype" in config else "torch_dtype"
         config[key] = dtype_str(plan.config_dtype)
-    with open(os.path.join(staging, "config.json"), "w") as f:
-        json.dump(config, f, indent=2, sort_keys=True)
-        f.write("\n")
+    write_json(os.path.join(staging, "config.json"), config)
     return copied + ["config.json"]
 
 
 def write_adapter_config(staging: str, adapter_dir: str, config: dict) -> None:
     os.makedirs(os.path.join(staging, adapter_dir), exist_ok=True)
-    with open(os.path.join(staging, adapter_dir, "adapter_config.json"), "w") as f:
-        json.dump(config, f, indent=2, sort_keys=True)
-        f.write("\n")
+    write_json(os.path.join(staging, adapter_dir, "adapter_config.json"), config)
 
 
 def fsync_path(path: str) -> None:

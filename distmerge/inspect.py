@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 
-from .arch import load_config, lora, map_outputs
+from .arch import find_adapters, load_config, map_outputs
 from .merge import DEFAULT_TRANSPORT, cast_rule
 from .model import dtype_str
 from .plan import describe, make_plan, parse_size
@@ -30,7 +30,7 @@ def inspect_source(source: str, nproc: int = 1, max_shard_size: str = "5GB", dty
                    lora_alpha: float | None = None, check_all: bool = False, segment_size: str = "256MiB") -> str:
     catalogue = read_source(source, iteration, quick=not check_all)
     config = load_config(hf_config or catalogue.hf_dir, source)
-    adapters = lora.read_adapters(catalogue, lora_alpha) if lora.is_peft(catalogue) else None
+    adapters = find_adapters(catalogue, lora_alpha)
     outputs = map_outputs(catalogue, config, cast_rule(dtype), adapters)
     plan = make_plan(catalogue, outputs, nproc, parse_size(max_shard_size), DEFAULT_TRANSPORT,
                      segment_bytes=parse_size(segment_size))

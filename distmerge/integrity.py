@@ -64,11 +64,11 @@ def fingerprint(catalogue: Catalogue, plan: Plan, options: dict) -> dict:
             "output_headers": headers.hexdigest(), "files": len(plan.files)}
 
 
-def write_json(path: str, data: dict) -> None:
+def write_json(path: str, data: dict, sort_keys: bool = True) -> None:
     """Write-then-rename, so a reader never sees half a record."""
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
-        json.dump(data, f, indent=2, sort_keys=True)
+        json.dump(data, f, indent=2, sort_keys=sort_keys)
         f.write("\n")
     os.replace(tmp, path)
 
@@ -96,12 +96,13 @@ def done_record(staging: str, unit: str) -> dict | None:
     return read_json(_record_path(staging, unit))
 
 
-def write_manifest(staging: str, plan: Plan, hashes: dict[str, str]) -> None:
+def manifest_files(plan: Plan, hashes: dict[str, str]) -> dict:
     """Every file's size and the xxh3-128 of each of its segments (byte ranges fixed by the plan,
-    whatever the rank count). Only what the output is (no source paths), so equal outputs have
-    equal manifests."""
-    files = {}
-    for f in plan.files:
-        segments = [[seg.start, seg.end, hashes[plan.segment_name(f, seg)]] for seg in f.segments]
-        files[f.name] = {"bytes": f.size, "segments": segments}
+    whatever the rank count), from the per-segment hashes the ranks recorded."""
+    return {f.name: {"bytes": f.size, "segments": [[seg.start, seg.end, hashes[plan.segment_name(f, seg)]]
+                                                   for seg in f.segments]} for f in plan.files}
+
+
+def write_manifest(staging: str, files: dict) -> None:
+    """Only what the output is (no source paths), so equal outputs have equal manifests."""
     write_json(os.path.join(staging, MANIFEST), {"format": "distmerge-manifest/2", "hash": HASH, "files": files})

@@ -1,6 +1,7 @@
 """The merge job: detect -> map -> plan -> run -> finish, the same code for 1 or N ranks."""
 from __future__ import annotations
 
+import json
 import logging
 import subprocess
 import sys
@@ -8,12 +9,12 @@ import time
 from dataclasses import asdict, dataclass, field
 
 from . import runtime as runtime_mod
-from .arch import hf, load_config, lora, map_outputs
+from .arch import find_adapters, hf, load_config, lora, map_outputs
 from .errors import MergeError, MergeVerifyError
 from .finish import (acquire_lock, check_sizes, check_target, copy_hf_files, prepare_staging, publish, release_lock,
                      remove_run_records, staging_dir, verified_done_files, write_adapter_config, write_index)
 from .gather import RankRunner
-from .integrity import fingerprint, write_manifest
+from .integrity import fingerprint, manifest_files, write_manifest
 from .model import DTYPE_NAMES
 from .plan import make_plan, parse_size
 from .progress import Progress
@@ -100,7 +101,7 @@ def run_merge(opts: MergeOptions) -> MergeResult:
         hf_dir = opts.hf_config or catalogue.hf_dir
         config = load_config(hf_dir, opts.source)
         warnings += check_verl_flags(opts, source_kind, catalogue.format, config)
-        adapters = lora.read_adapters(catalogue, opts.lora_alpha) if lora.is_peft(catalogue) else None
+        adapters = find_adapters(catalogue, opts.lora_alpha)
         outputs = map_outputs(catalogue, config, cast, adapters, opts.lora)
         extra = None
         if adapters and opts.lora in ("adapter", "both"):
@@ -136,6 +137,7 @@ def run_merge(opts: MergeOptions) -> MergeResult:
         hashes = dict(kept)
         for s in all_stats:
             hashes.update(s["hashes"])
+        manifest = manifest_files(plan, hashes)
 
         # finish: rank 0 alone, after every rank's files are closed
         verified = uploaded = None
@@ -147,7 +149,7 @@ def run_merge(opts: MergeOptions) -> MergeResult:
             copy_hf_files(hf_dir, staging, config, plan)
             if extra:
                 write_adapter_config(staging, lora.ADAPTER_DIR, lora.adapter_config(adapters))
-            write_manifest(staging, plan, hashes)
+            write_manifest(staging, manifest)
             if opts.verify or opts.hf_upload_path:  # an upload only ever follows a passed self-check
                 verified = self_check(staging, opts.target, opts.trust_remote_code)
             remove_run_records(staging)
@@ -161,8 +163,6 @@ def run_merge(opts: MergeOptions) -> MergeResult:
             release_lock(lock)
         rt.close()
     seconds = time.perf_counter() - start
-    manifest = {f.name: {"bytes": f.size, "segments": [[seg.start, seg.end, hashes[plan.segment_name(f, seg)]]
-                                                       for seg in f.segments]} for f in plan.files}
     result = MergeResult(target=opts.target, files=[f.name for f in plan.files], bytes=plan.total_bytes,
                          tensors=sum(len(f.entries) for f in plan.files), ranks=rt.world_size,
                          seconds=seconds, hashes=manifest, kept=sorted(kept), warnings=warnings, verified=verified,
@@ -172,8 +172,8 @@ def run_merge(opts: MergeOptions) -> MergeResult:
                          peak_rss_mb=[s["peak_rss_mb"] for s in all_stats])
     if rt.rank == 0:
         if kept:
-            log.info("resumed: kept %d verified file(s) of the earlier run, wrote %d", len(kept),
-                     len(plan.files) - len(kept))
+            log.info("resumed: kept %d verified segment(s) of the earlier run, wrote %d", len(kept),
+                     sum(len(f.segments) for f in plan.files) - len(kept))
         log.info("merged %.3f GB into %d file(s) in %s with %d rank(s) in %.2f s (%.2f GB/s)",
                  result.bytes / 1e9, len(result.files), opts.target, rt.world_size, seconds,
                  result.bytes / 1e9 / max(seconds, 1e-9))
@@ -195,7 +195,7 @@ def check_verl_flags(opts: MergeOptions, source_kind: str | None, source_format:
         warnings.append("--tie-word-embedding was given but config.json says tie_word_embeddings=false; "
                         "following config.json (lm_head.weight is written)")
     arch = (config.get("architectures") or ["?"])[0]
-    if opts.is_value_model and not arch.endswith("ForTokenClassification"):
+    if opts.is_value_model and not hf.is_value_model(config):
         warnings.append(f"--is-value-model was given but config.json's architecture is {arch}; following "
                         "config.json (for a critic, use a config with *ForTokenClassification and num_labels=1)")
     for w in warnings:
@@ -207,15 +207,22 @@ def self_check(staging: str, target: str, trust_remote_code: bool = False) -> bo
     """`distmerge verify` on the staging directory before it is published. It runs in a child
     process: transformers (config, tokenizer, the meta-device model) never enters a merge rank,
     so it adds nothing to the rank's memory and leaves no threads behind in it."""
-    proc = subprocess.run([sys.executable, "-m", "distmerge", "verify", staging, "--allow-incomplete"]
+    from .verify import Report
+
+    proc = subprocess.run([sys.executable, "-m", "distmerge", "verify", staging, "--allow-incomplete", "--json"]
                           + (["--trust-remote-code"] if trust_remote_code else []), capture_output=True, text=True)
-    log.info("%s", proc.stdout.rstrip())
-    if proc.returncode == 0:
+    try:
+        fields = json.loads(proc.stdout)
+        fields.pop("ok")
+        report = Report(**fields)
+    except (ValueError, KeyError, TypeError):  # the check itself failed to run
+        raise MergeVerifyError(f"--verify could not check {staging}, so {target} was not published: "
+                               f"{proc.stderr.strip()[-500:]}") from None
+    log.info("%s", report.render())
+    if report.ok:
         return True
-    problems = [line.strip()[len("problem: "):] for line in proc.stdout.splitlines()
-                if line.strip().startswith("problem: ")] or [proc.stderr.strip()[-500:]]
     raise MergeVerifyError(f"--verify found problems in the merged files, so {target} was not published; "
-                           f"they are in {staging}: " + "; ".join(problems[:5]))
+                           f"they are in {staging}: " + "; ".join(report.problems[:5]))
 
 
 def merge(source: str, target: str, **options) -> MergeResult:

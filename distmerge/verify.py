@@ -128,8 +128,7 @@ def weight_files(directory: str) -> tuple[list[str], dict | None]:
 
 
 # ---- the self-check
-def check_merged(target: str, allow_incomplete: bool = False, load_with_transformers: bool = True,
-                 trust_remote_code: bool = False) -> Report:
+def check_merged(target: str, allow_incomplete: bool = False, trust_remote_code: bool = False) -> Report:
     if not os.path.isdir(target):
         raise MergeError(f"{target} is not a directory; pass the merged output directory")
     report = Report(target)
@@ -180,8 +179,7 @@ def check_merged(target: str, allow_incomplete: bool = False, load_with_transfor
     else:
         report.check("content hashes", [], skipped=f"no {MANIFEST} (not written by distmerge)")
 
-    if load_with_transformers:
-        check_with_transformers(target, {t: headers[f][t] for t, f in seen.items()}, report, trust_remote_code)
+    check_with_transformers(target, {t: headers[f][t] for t, f in seen.items()}, report, trust_remote_code)
     return report
 
 
@@ -318,27 +316,42 @@ def _rows_per_block(shape, dtype) -> int:
     return max(1, COMPARE_BYTES // max(row, 1))
 
 
+class HFDirectory:
+    """The tensors of an HF safetensors directory: where each one is, read through one open handle
+    per file (safetensors' own reader; slices read only the rows asked for)."""
+
+    def __init__(self, directory: str):
+        self.directory = directory
+        self.locations = tensor_locations(directory)
+        self.handles = {}
+
+    def _handle(self, name: str):
+        from safetensors import safe_open
+
+        file = self.locations[name]
+        if file not in self.handles:
+            self.handles[file] = safe_open(os.path.join(self.directory, file), framework="pt")
+        return self.handles[file]
+
+    def slice(self, name: str):
+        return self._handle(name).get_slice(name)
+
+    def tensor(self, name: str) -> torch.Tensor:
+        return self._handle(name).get_tensor(name)
+
+
 def compare_with_reference(target: str, reference: str, atol: float | None, rtol: float | None,
                            report: Report | None = None) -> Report:
     """Every tensor of a merged directory against the reference's, bitwise or within atol/rtol."""
-    from safetensors import safe_open
-
     report = report or Report(f"{target} against {reference}")
-    ours, ref = tensor_locations(target), tensor_locations(reference)
-    problems = [f"tensor {n} is in the reference but not in {target}" for n in ref if n not in ours]
-    problems += [f"tensor {n} is in {target} but not in the reference" for n in ours if n not in ref]
-    handles = {}
-
-    def handle(directory, file):
-        key = (directory, file)
-        if key not in handles:
-            handles[key] = safe_open(os.path.join(directory, file), framework="pt")
-        return handles[key]
-
-    for name in ours:
-        if name not in ref:
+    ours, ref = HFDirectory(target), HFDirectory(reference)
+    problems = [f"tensor {n} is in the reference but not in {target}" for n in ref.locations if n not in ours.locations]
+    problems += [f"tensor {n} is in {target} but not in the reference" for n in ours.locations
+                 if n not in ref.locations]
+    for name in ours.locations:
+        if name not in ref.locations:
             continue
-        a, b = handle(target, ours[name]).get_slice(name), handle(reference, ref[name]).get_slice(name)
+        a, b = ours.slice(name), ref.slice(name)
         if a.get_shape() != b.get_shape() or a.get_dtype() != b.get_dtype():
             problems.append(f"tensor {name}: {a.get_dtype()}{a.get_shape()} here, "
                             f"{b.get_dtype()}{b.get_shape()} in the reference")
@@ -346,7 +359,7 @@ def compare_with_reference(target: str, reference: str, atol: float | None, rtol
         cmp = TensorCompare(name, atol, rtol)
         shape = a.get_shape()
         if not shape:
-            cmp.add(handle(target, ours[name]).get_tensor(name), handle(reference, ref[name]).get_tensor(name))
+            cmp.add(ours.tensor(name), ref.tensor(name))
         else:
             step = _rows_per_block(shape, DTYPES[a.get_dtype()])
             for first in range(0, shape[0], step):
@@ -371,57 +384,48 @@ def compare_source_with_reference(source: str, reference: str, atol: float | Non
                                   hf_config: str | None = None, iteration: int | None = None) -> Report:
     """Like verl's `test` operation: the sharded checkpoint's tensors, as distmerge would write
     them, against a reference HF directory; nothing is written."""
-    from safetensors import safe_open
-
-    from .arch import load_config, lora, map_outputs
+    from .arch import find_adapters, load_config, map_outputs
     from .gather import PieceReader, assemble, bands, fold_lora
     from .sources import read_source
 
     catalogue = read_source(source, iteration)
     config = load_config(hf_config or catalogue.hf_dir or reference, source)
-    ref_dtypes = {}
-    ref = tensor_locations(reference)
-    for name, file in ref.items():
-        with safe_open(os.path.join(reference, file), framework="pt") as f:
-            ref_dtypes[name] = DTYPES[f.get_slice(name).get_dtype()]
-    adapters = lora.read_adapters(catalogue, None) if lora.is_peft(catalogue) else None
-    outputs = map_outputs(catalogue, config, lambda d: d, adapters)  # LoRA: folded, as `merge` does
+    ref = HFDirectory(reference)
+    outputs = map_outputs(catalogue, config, lambda d: d, find_adapters(catalogue, None))  # LoRA: folded, as merge does
     report = Report(f"{source} against {reference} (no output written)")
     problems = [f"tensor {n} is in the reference but the source has nothing that maps to it"
-                for n in ref if n not in {o.name for o in outputs}]
-    reader, lora_a = PieceReader(), {}
+                for n in ref.locations if n not in {o.name for o in outputs}]
+    reader, lora_a, casts = PieceReader(), {}, set()
     try:
         for out in outputs:
-            if out.name not in ref:
+            if out.name not in ref.locations:
                 problems.append(f"tensor {out.name} (from the source) is not in the reference")
                 continue
-            with safe_open(os.path.join(reference, ref[out.name]), framework="pt") as f:
-                ref_slice = f.get_slice(out.name)
-                if tuple(ref_slice.get_shape()) != tuple(out.shape):
-                    problems.append(f"tensor {out.name}: shape {list(out.shape)} from the source, "
-                                    f"{ref_slice.get_shape()} in the reference")
-                    continue
-                ref_dtype = ref_dtypes[out.name]
-                cmp = TensorCompare(out.name, atol, rtol)
-                if not out.parts:
-                    cmp.add(torch.zeros(out.shape, dtype=ref_dtype), f.get_tensor(out.name))
-                for band in bands(out, catalogue):
-                    block = assemble(band, lambda k, p, lead, lo, hi: reader.read_rows(p, lead, lo, hi))
-                    if out.lora is not None:
-                        block = fold_lora(block, out.lora, band.first, band.stop, catalogue, reader, lora_a)
-                    if block.dtype != ref_dtype or out.dtype != ref_dtype:
-                        block = block.to(ref_dtype)  # as `merge --dtype` would write it
-                    cmp.add(block, ref_slice[band.first:band.stop] if out.shape else f.get_tensor(out.name))
+            ref_slice = ref.slice(out.name)
+            if tuple(ref_slice.get_shape()) != tuple(out.shape):
+                problems.append(f"tensor {out.name}: shape {list(out.shape)} from the source, "
+                                f"{ref_slice.get_shape()} in the reference")
+                continue
+            ref_dtype = DTYPES[ref_slice.get_dtype()]
+            if out.dtype != ref_dtype:
+                casts.add(f"{out.dtype} -> {ref_dtype}")
+            cmp = TensorCompare(out.name, atol, rtol)
+            if not out.parts:
+                cmp.add(torch.zeros(out.shape, dtype=ref_dtype), ref.tensor(out.name))
+            for band in bands(out, catalogue):
+                block = assemble(band, lambda k, p, lead, lo, hi: reader.read_rows(p, lead, lo, hi))
+                if out.lora is not None:
+                    block = fold_lora(block, out.lora, band.first, band.stop, catalogue, reader, lora_a)
+                block = block.to(ref_dtype)  # as `merge --dtype` would write it (no copy when equal)
+                cmp.add(block, ref_slice[band.first:band.stop] if out.shape else ref.tensor(out.name))
             report.compared.append(cmp.result())
             if not cmp.ok:
                 problems.append(f"tensor {out.name} differs (max abs diff {cmp.max_abs:.3e})")
     finally:
         reader.close()
-    casts = sorted({f"{s} -> {d}" for o in outputs if o.name in ref_dtypes
-                    for s, d in [(str(o.dtype), str(ref_dtypes[o.name]))] if s != d})
     name = "every source tensor equals the reference's"
     if casts:
-        name += f" (cast as --dtype would: {', '.join(casts)})"
+        name += f" (cast as --dtype would: {', '.join(sorted(casts))})"
     report.check(name, problems)
     return report
 

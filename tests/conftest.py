@@ -106,8 +106,9 @@ def torchrun_cmd(nproc: int) -> list[str]:
             "--master-addr", "127.0.0.1", "--master-port", str(free_port())]
 
 
-def run(cmd: list[str], timeout: int = PROCESS_TIMEOUT) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=clean_env(), cwd=ROOT)
+def run(cmd: list[str], timeout: int = PROCESS_TIMEOUT, env: dict | None = None) -> subprocess.CompletedProcess:
+    """cmd in the project root with a clean environment, plus `env`."""
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=clean_env() | (env or {}), cwd=ROOT)
 
 
 def run_distmerge(args: list[str], nproc: int = 1, timeout: int = PROCESS_TIMEOUT) -> subprocess.CompletedProcess:

@@ -10,6 +10,8 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
+from pathlib import Path
 
 import psutil
 import pytest
@@ -118,13 +120,13 @@ def test_resume_rewrites_a_damaged_finished_file_and_refuses_other_options(unint
     args = crashed_run(ckpt, out)
     staging = staging_dir(str(out))
     # a different --max-shard-size is another merge: refused, and the partial output is untouched
-    before = digests(__import__("pathlib").Path(staging))
+    before = digests(Path(staging))
     other = run_distmerge(args + ["--max-shard-size", "150KB", "--resume"])
     assert other.returncode == 2 and "cannot --resume" in other.stderr and "Traceback" not in other.stderr
-    assert digests(__import__("pathlib").Path(staging)) == before
+    assert digests(Path(staging)) == before
     # a finished segment damaged after the crash fails its hash and is written again
     finished = sorted(f.removesuffix(".json") for f in os.listdir(os.path.join(staging, ".done")))
-    record = json.loads((__import__("pathlib").Path(staging) / ".done" / f"{finished[0]}.json").read_text())
+    record = json.loads((Path(staging) / ".done" / f"{finished[0]}.json").read_text())
     victim = os.path.join(staging, finished[0].split("[")[0])
     with open(victim, "r+b") as f:
         f.seek(record["end"] - 3)
@@ -169,36 +171,34 @@ def test_a_full_disk_is_an_io_error_and_the_partial_output_stays_marked(checkpoi
     assert not os.path.exists(lock_path(str(out)))
 
 
-def mount_tmpfs(path, options):
+@contextmanager
+def tmpfs(path, options, why_else):
+    """A real tmpfs mounted at path for the test, unmounted after it; skipped (with both reasons)
+    where this sandbox cannot mount one."""
     path.mkdir()
     proc = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True, text=True)
-    return proc.returncode == 0, proc.stderr.strip()
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({proc.stderr.strip()}); {why_else}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", str(path)])
 
 
 @pytest.mark.timeout(120)
 def test_a_small_filesystem_fills_up_with_enospc(checkpoint, tmp_path):
-    ok, why = mount_tmpfs(tmp_path / "small", "size=256k")
-    if not ok:
-        pytest.skip(f"cannot mount a tmpfs here ({why}); the RLIMIT_FSIZE test covers the same path")
-    try:
-        out = tmp_path / "small" / "out"
+    with tmpfs(tmp_path / "small", "size=256k", "the RLIMIT_FSIZE test covers the same path") as small:
+        out = small / "out"
         proc = run_distmerge(["merge", "--source", str(checkpoint(LAYOUT)), "--target", str(out), "--no-progress"])
         assert proc.returncode == 4, proc.stderr
         assert "No space left on device. Free space on the target's filesystem" in proc.stderr
         assert "Traceback" not in proc.stderr and not out.exists()
-    finally:
-        subprocess.run(["umount", str(tmp_path / "small")])
 
 
 @pytest.mark.timeout(120)
 def test_a_read_only_target_is_refused_before_anything_is_read(checkpoint, tmp_path):
-    ok, why = mount_tmpfs(tmp_path / "ro", "ro,size=1m")
-    if not ok:
-        pytest.skip(f"cannot mount a read-only tmpfs here ({why}); as root, mode bits do not stop writes")
-    try:
-        proc = run_distmerge(["merge", "--source", str(checkpoint(LAYOUT)), "--target", str(tmp_path / "ro" / "out")])
+    with tmpfs(tmp_path / "ro", "ro,size=1m", "as root, mode bits do not stop writes") as ro:
+        proc = run_distmerge(["merge", "--source", str(checkpoint(LAYOUT)), "--target", str(ro / "out")])
         assert proc.returncode == 4, proc.stderr
         assert "no write permission" in proc.stderr and "Traceback" not in proc.stderr
-        assert os.listdir(tmp_path / "ro") == []
-    finally:
-        subprocess.run(["umount", str(tmp_path / "ro")])
+        assert os.listdir(ro) == []

@@ -7,18 +7,16 @@ import os
 
 from safetensors.torch import load_file
 
-import subprocess
 import sys
 
-from conftest import ROOT, clean_env, free_port, run_distmerge
+from conftest import free_port, run, run_distmerge
 from fake_hub import FakeHub
 from test_fsdp_merge import assert_bit_exact, merged_tensors
 
 
-def distmerge_with_hub(args, hub_url, timeout=300):
-    env = clean_env() | {"HF_ENDPOINT": hub_url, "HF_TOKEN": "hf_test", "HF_HUB_DISABLE_TELEMETRY": "1"}
-    return subprocess.run([sys.executable, "-m", "distmerge", *args], capture_output=True, text=True, env=env,
-                          cwd=ROOT, timeout=timeout)
+def distmerge_with_hub(args, hub_url):
+    return run([sys.executable, "-m", "distmerge", *args],
+               env={"HF_ENDPOINT": hub_url, "HF_TOKEN": "hf_test", "HF_HUB_DISABLE_TELEMETRY": "1"})
 
 
 def test_verl_spelling_merges(checkpoint, tmp_path):

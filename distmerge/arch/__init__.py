@@ -12,6 +12,7 @@ import os
 from ..errors import MergeError
 from ..model import Catalogue, OutputTensor
 from . import hf, lora, megatron_gpt, vlm
+from .lora import find_adapters  # noqa: F401  (re-exported: the stages call it through arch)
 
 
 def load_config(hf_dir: str | None, source: str) -> dict:

@@ -47,6 +47,11 @@ def is_peft(catalogue: Catalogue) -> bool:
     return any(LORA_NAME.match(name) for name in catalogue.tensors)
 
 
+def find_adapters(catalogue: Catalogue, lora_alpha: float | None) -> Adapters | None:
+    """The checkpoint's LoRA adapters, or None when it is not a PEFT checkpoint."""
+    return read_adapters(catalogue, lora_alpha) if is_peft(catalogue) else None
+
+
 def read_adapters(catalogue: Catalogue, lora_alpha: float | None) -> Adapters:
     factors: dict[str, dict[str, str]] = {}
     adapter_names, base_names = set(), {}

@@ -349,7 +349,7 @@ def _convert_fast(state, path: str) -> dict:
     if not isinstance(state, dict):
         raise MergeError(f"{path} does not hold a state dict (found {type(state).__name__})")
     out = {}
-    meshes, placements = {}, {}  # shared pickled objects, converted once per file
+    meshes = {}  # the pickled mesh is one object shared by a file's DTensors: convert it once
     for name, value in state.items():
         if isinstance(value, _TensorRef):
             out[name] = _stored(value)
@@ -364,12 +364,9 @@ def _convert_fast(state, path: str) -> dict:
             mesh_shape, coordinate, names = meshes[id(mesh)]
             if not isinstance(local, _TensorRef) or coordinate is None:
                 raise _Unsupported("DTensor without local tensor or coordinate")
-            pls = spec.state["placements"]
-            if id(pls) not in placements:
-                placements[id(pls)] = (pls, tuple(_placement(p) for p in pls))  # keep pls alive: ids stay unique
             stored = StoredDTensor(local=_stored(local), shape=tuple(value.args[2]),
-                                   placements=placements[id(pls)][1], mesh_shape=mesh_shape, coordinate=coordinate,
-                                   mesh_dim_names=names)
+                                   placements=tuple(_placement(p) for p in spec.state["placements"]),
+                                   mesh_shape=mesh_shape, coordinate=coordinate, mesh_dim_names=names)
             # another torch release may pickle meshes differently: anything inconsistent goes to torch.load
             dims = len(stored.mesh_shape)
             if not (dims == len(stored.placements) == len(stored.coordinate) >= 1
