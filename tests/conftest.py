@@ -47,6 +47,7 @@ REFUSED_LAYOUTS = {
 MEGATRON_MAKER = ROOT / "tests" / "make_megatron_checkpoint.py"
 LLAMA_MG = ["--model", "llama", "--padded-vocab", "136"]          # HF vocab 128: Megatron pads it
 QWEN2_MG = ["--model", "qwen2", "--tie", "--dtype", "bfloat16"]    # qkv bias, tied embeddings, bf16
+QWEN2MOE_MG = ["--model", "qwen2_moe", "--dense-first"]
 # name -> (nproc, maker arguments, reference layout it is re-saved from, or None for a reference)
 MEGATRON_LAYOUTS = {
     "mg_llama_ref": (1, LLAMA_MG, None),
@@ -54,10 +55,13 @@ MEGATRON_LAYOUTS = {
     "mg_llama_pp2": (2, LLAMA_MG + ["--pp", "2"], "mg_llama_ref"),
     "mg_llama_tp2pp2": (4, LLAMA_MG + ["--tp", "2", "--pp", "2"], "mg_llama_ref"),
     "mg_llama_tp2dp2_fully_parallel": (4, LLAMA_MG + ["--tp", "2", "--fully-parallel"], "mg_llama_ref"),
+    "mg_llama_pp2vpp2": (2, LLAMA_MG + ["--pp", "2", "--vpp", "2"], "mg_llama_ref"),  # 2 model chunks per rank
     # Megatron-LM's legacy format (mp_rank_TT_PPP/model_optim_rng.pt with an `args` Namespace)
     "mg_llama_legacy_tp2pp2": (4, LLAMA_MG + ["--tp", "2", "--pp", "2", "--legacy"], "mg_llama_ref"),
+    "mg_llama_legacy_pp2vpp2": (2, LLAMA_MG + ["--pp", "2", "--vpp", "2", "--legacy"], "mg_llama_ref"),  # model0/model1
     "mg_qwen2_ref": (1, QWEN2_MG, None),
     "mg_qwen2_tp2": (2, QWEN2_MG + ["--tp", "2"], "mg_qwen2_ref"),
+    "mg_qwen2_pp2": (2, QWEN2_MG + ["--pp", "2"], "mg_qwen2_ref"),  # tied: the last stage holds a copy
     # a value model (verl's critic): output_layer [1, H] -> Qwen2ForTokenClassification's score
     "mg_critic_ref": (1, ["--model", "qwen2", "--value-head"], None),
     "mg_critic_tp2": (2, ["--model", "qwen2", "--value-head", "--tp", "2"], "mg_critic_ref"),
@@ -66,9 +70,16 @@ MEGATRON_LAYOUTS = {
     "mg_mixtral_ref": (1, ["--model", "mixtral"], None),                       # MoE: 4 experts, top-2
     "mg_mixtral_ep2": (2, ["--model", "mixtral", "--ep", "2"], "mg_mixtral_ref"),
     "mg_mixtral_tp2ep2": (4, ["--model", "mixtral", "--tp", "2", "--ep", "2"], "mg_mixtral_ref"),
-    # Qwen2-MoE: qkv bias, shared expert with its sigmoid gate, no top-k renormalisation
-    "mg_qwen2moe_ref": (1, ["--model", "qwen2_moe"], None),
-    "mg_qwen2moe_tp2ep2": (4, ["--model", "qwen2_moe", "--tp", "2", "--ep", "2"], "mg_qwen2moe_ref"),
+    "mg_mixtral_expert_bias": (1, ["--model", "mixtral", "--expert-bias"], None),  # sigmoid routing + expert_bias
+    "mg_mixtral_legacy_tp2ep2": (4, ["--model", "mixtral", "--tp", "2", "--ep", "2", "--legacy"], "mg_mixtral_ref"),
+    # Qwen2-MoE: qkv bias, shared expert with its sigmoid gate, no top-k renormalisation, and layer 0
+    # dense (mlp_only_layers): heterogeneous layers are saved with a key per layer
+    "mg_qwen2moe_ref": (1, QWEN2MOE_MG, None),
+    "mg_qwen2moe_tp2ep2": (4, QWEN2MOE_MG + ["--tp", "2", "--ep", "2"], "mg_qwen2moe_ref"),
+    # singleton_local_shards: a key per expert, and GLU halves as separate linear_fc1.weight_w / _v
+    "mg_qwen2moe_singleton_ep2": (2, QWEN2MOE_MG + ["--ep", "2", "--singleton"], "mg_qwen2moe_ref"),
+    "mg_qwen3moe_ref": (1, ["--model", "qwen3_moe"], None),                    # q/k norms, renormalised top-k
+    "mg_qwen3moe_ep2": (2, ["--model", "qwen3_moe", "--ep", "2"], "mg_qwen3moe_ref"),
 }
 
 

@@ -26,13 +26,20 @@ def parse_args():
     p.add_argument("--from", dest="ref", help="reference checkpoint (dist_ckpt dir) to load and re-save")
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--pp", type=int, default=1)
-    p.add_argument("--model", choices=["llama", "qwen2", "qwen3", "mixtral", "qwen2_moe"], default="llama")
+    p.add_argument("--vpp", type=int, default=None, help="virtual pipeline stages (model chunks) per PP rank")
+    p.add_argument("--model", choices=["llama", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe"], default="llama")
     p.add_argument("--experts", type=int, default=4, help="MoE experts (mixtral)")
     p.add_argument("--ep", type=int, default=1, help="expert parallel size")
     p.add_argument("--value-head", action="store_true",
                    help="a critic: replace the output layer by a [1, hidden] value head (as verl's critic)")
     p.add_argument("--legacy", action="store_true",
                    help="save Megatron-LM's legacy format: iter_0000001/mp_rank_TT[_PPP]/model_optim_rng.pt")
+    p.add_argument("--singleton", action="store_true",
+                   help="save with metadata singleton_local_shards: a key per layer and per expert, GLU halves apart")
+    p.add_argument("--expert-bias", action="store_true",
+                   help="MoE only: sigmoid routing with aux-loss-free expert_bias (DeepSeek-V3 style)")
+    p.add_argument("--dense-first", action="store_true",
+                   help="MoE only: layer 0 is a dense MLP (moe_layer_freq [0, 1, ...]; HF mlp_only_layers [0])")
     p.add_argument("--fully-parallel", action="store_true",
                    help="spread each tensor's chunks over the data-parallel ranks (FullyParallelSaveStrategyWrapper)")
     p.add_argument("--tie", action="store_true")
@@ -51,6 +58,7 @@ def patch_for_cpu():
     """Work around megatron-core 0.16.1's CUDA assumptions when saving on CPU."""
     torch.cuda.current_device = lambda: torch.device("cpu")
     torch.cuda.synchronize = lambda *a, **k: None
+    torch.Tensor.cuda = lambda self, *a, **k: self  # tied embeddings with PP > 1 call weight.data.cuda()
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
     original = filesystem_async.FileSystemWriterAsync.preload_tensors  # a staticmethod
@@ -68,20 +76,26 @@ def patch_for_cpu():
     tensor_parallel.get_cuda_rng_tracker = lambda *a, **k: null_tracker
 
 
-def build(args):
+def build(args, vp_stage=None):
+    """One model chunk: the whole stage without --vpp, else virtual stage `vp_stage` of this PP rank."""
     import torch.nn.functional as F
     from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec, get_gpt_layer_local_spec
     from megatron.core.transformer import TransformerConfig
     from megatron.core import parallel_state as ps
 
     dtype = getattr(torch, args.dtype)
-    moe = args.model in ("mixtral", "qwen2_moe")
+    moe = args.model in ("mixtral", "qwen2_moe", "qwen3_moe")
+    qk_norm = args.model in ("qwen3", "qwen3_moe")
     moe_args = dict(num_moe_experts=args.experts, moe_router_topk=2, moe_ffn_hidden_size=args.ffn,
                     moe_token_dispatcher_type="allgather", expert_model_parallel_size=args.ep) if moe else {}
     if args.model == "qwen2_moe":  # shared expert with a sigmoid gate; softmax over all experts, no renormalisation
         moe_args.update(moe_shared_expert_intermediate_size=2 * args.ffn, moe_shared_expert_gate=True,
                         moe_router_pre_softmax=True)
+    if args.expert_bias:
+        moe_args.update(moe_router_enable_expert_bias=True, moe_router_score_function="sigmoid")
+    if args.dense_first:
+        moe_args.update(moe_layer_freq=[0] + [1] * (args.layers - 1))
     config = TransformerConfig(
         num_layers=args.layers, hidden_size=args.hidden, num_attention_heads=args.heads,
         num_query_groups=args.groups, ffn_hidden_size=args.ffn, kv_channels=args.hidden // args.heads,
@@ -89,17 +103,24 @@ def build(args):
         add_bias_linear=False, add_qkv_bias=args.model in ("qwen2", "qwen2_moe"), use_cpu_initialization=True,
         params_dtype=dtype, bf16=dtype == torch.bfloat16, pipeline_dtype=dtype,
         tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp,
-        hidden_dropout=0.0, attention_dropout=0.0, perform_initialization=True, qk_layernorm=args.model == "qwen3",
+        virtual_pipeline_model_parallel_size=args.vpp,
+        hidden_dropout=0.0, attention_dropout=0.0, perform_initialization=True, qk_layernorm=qk_norm,
         **moe_args,
     )
     torch.manual_seed(0)
-    spec = get_gpt_layer_local_spec(num_experts=args.experts if moe else None, moe_grouped_gemm=False,
-                                    qk_layernorm=args.model == "qwen3")
+    if args.dense_first:  # a block spec: one layer spec per layer
+        spec = get_gpt_decoder_block_spec(config, use_transformer_engine=False, normalization="RMSNorm",
+                                          vp_stage=vp_stage)
+    else:
+        spec = get_gpt_layer_local_spec(num_experts=args.experts if moe else None, moe_grouped_gemm=False,
+                                        qk_layernorm=qk_norm)
+    first = ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
+    last = ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
     model = GPTModel(config, transformer_layer_spec=spec, vocab_size=args.padded_vocab or args.vocab,
-                     max_sequence_length=128, pre_process=ps.is_pipeline_first_stage(),
-                     post_process=ps.is_pipeline_last_stage(), share_embeddings_and_output_weights=args.tie,
-                     position_embedding_type="rope", rotary_base=10000)
-    if args.value_head and ps.is_pipeline_last_stage():
+                     max_sequence_length=128, pre_process=first, post_process=last,
+                     share_embeddings_and_output_weights=args.tie, position_embedding_type="rope",
+                     rotary_base=10000, vp_stage=vp_stage)
+    if args.value_head and last:
         model.output_layer = ValueHead(args.hidden)
     if not args.ref:  # make every tensor distinct from its default init (norms are all ones)
         with torch.no_grad():
@@ -120,18 +141,22 @@ class ValueHead(torch.nn.Linear):
 
 
 def hf_config(args):
-    from transformers import LlamaConfig, MixtralConfig, Qwen2Config, Qwen2MoeConfig, Qwen3Config
+    from transformers import LlamaConfig, MixtralConfig, Qwen2Config, Qwen2MoeConfig, Qwen3Config, Qwen3MoeConfig
 
     cls, arch = {"llama": (LlamaConfig, "LlamaForCausalLM"), "qwen2": (Qwen2Config, "Qwen2ForCausalLM"),
                  "qwen3": (Qwen3Config, "Qwen3ForCausalLM"), "mixtral": (MixtralConfig, "MixtralForCausalLM"),
-                 "qwen2_moe": (Qwen2MoeConfig, "Qwen2MoeForCausalLM")}[args.model]
+                 "qwen2_moe": (Qwen2MoeConfig, "Qwen2MoeForCausalLM"),
+                 "qwen3_moe": (Qwen3MoeConfig, "Qwen3MoeForCausalLM")}[args.model]
     extra = dict(num_local_experts=args.experts, num_experts_per_tok=2) if args.model == "mixtral" else {}
     if args.value_head:
         arch, extra = arch.replace("ForCausalLM", "ForTokenClassification"), dict(extra, num_labels=1)
     if args.model == "qwen2_moe":
         extra = dict(num_experts=args.experts, num_experts_per_tok=2, moe_intermediate_size=args.ffn,
                      shared_expert_intermediate_size=2 * args.ffn, norm_topk_prob=False, decoder_sparse_step=1,
-                     mlp_only_layers=[])
+                     mlp_only_layers=[0] if args.dense_first else [])
+    if args.model == "qwen3_moe":  # top-k, then softmax over the k (Megatron's default) = renormalised top-k
+        extra = dict(num_experts=args.experts, num_experts_per_tok=2, moe_intermediate_size=args.ffn,
+                     norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[])
     return cls(architectures=[arch], **extra, hidden_size=args.hidden, num_attention_heads=args.heads,
                num_key_value_heads=args.groups, head_dim=args.hidden // args.heads, intermediate_size=args.ffn,
                num_hidden_layers=args.layers, vocab_size=args.vocab, tie_word_embeddings=args.tie,
@@ -147,26 +172,34 @@ def main():
     from megatron.core import parallel_state as ps
 
     ps.initialize_model_parallel(tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp,
-                                 expert_model_parallel_size=args.ep)
-    if args.model in ("mixtral", "qwen2_moe"):  # MoE forward on CPU
+                                 virtual_pipeline_model_parallel_size=args.vpp, expert_model_parallel_size=args.ep)
+    if args.model in ("mixtral", "qwen2_moe", "qwen3_moe"):  # MoE forward on CPU
         from megatron.core.transformer.moe import moe_utils
 
         moe_utils.te_general_gemm = None
-    model = build(args)
+    chunks = [build(args, v) for v in range(args.vpp)] if args.vpp else [build(args)]
+    names = [f"model{v}" for v in range(len(chunks))] if args.vpp else ["model"]
     ckpt = os.path.join(args.out, "dist_ckpt")
     if args.ref:
-        state = dist_checkpointing.load(model.sharded_state_dict(), args.ref)
-        model.load_state_dict(state, strict=False)
+        state = dist_checkpointing.load({n: m.sharded_state_dict() for n, m in zip(names, chunks)}, args.ref)
+        for n, m in zip(names, chunks):
+            m.load_state_dict(state[n], strict=False)
     if args.legacy:  # what Megatron-LM's save_checkpoint writes without --use-dist-ckpt
-        if ps.get_data_parallel_rank() == 0:
+        writer = ps.get_data_parallel_rank() == 0 if args.ep == 1 else ps.get_expert_data_parallel_rank() == 0
+        if writer:
             name = f"mp_rank_{ps.get_tensor_model_parallel_rank():02d}"
             if args.pp > 1:
                 name += f"_{ps.get_pipeline_model_parallel_rank():03d}"
+            if args.ep > 1:
+                name += f"_{ps.get_expert_model_parallel_rank():03d}"
             rank_dir = os.path.join(args.out, "iter_0000001", name)
             os.makedirs(rank_dir, exist_ok=True)
             megatron_args = argparse.Namespace(tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp,
+                                               virtual_pipeline_model_parallel_size=args.vpp,
+                                               expert_model_parallel_size=args.ep,
                                                params_dtype=getattr(torch, args.dtype), num_layers=args.layers)
-            torch.save({"model": model.state_dict(), "args": megatron_args, "checkpoint_version": 3.0, "iteration": 1},
+            state = {n: m.state_dict() for n, m in zip(names, chunks)}
+            torch.save({**state, "args": megatron_args, "checkpoint_version": 3.0, "iteration": 1},
                        os.path.join(rank_dir, "model_optim_rng.pt"))
         if dist.get_rank() == 0:
             with open(os.path.join(args.out, "latest_checkpointed_iteration.txt"), "w") as f:
@@ -181,7 +214,9 @@ def main():
         strategy = FullyParallelSaveStrategyWrapper(get_default_save_sharded_strategy(),
                                                     ps.get_data_parallel_group(with_context_parallel=True))
     if not args.legacy:
-        dist_checkpointing.save(model.sharded_state_dict(), ckpt, sharded_strategy=strategy)
+        metadata = {"singleton_local_shards": True} if args.singleton else None
+        sharded = {n: m.sharded_state_dict(metadata=metadata) for n, m in zip(names, chunks)}
+        dist_checkpointing.save(sharded if args.vpp else sharded["model"], ckpt, sharded_strategy=strategy)
     if dist.get_rank() == 0:
         hf_dir = os.path.join(args.out, "huggingface")
         hf_config(args).save_pretrained(hf_dir)
@@ -193,7 +228,7 @@ def main():
         ids = torch.tensor(FIXED_INPUT)
         seq = ids.shape[1]
         mask = torch.triu(torch.ones(1, 1, seq, seq, dtype=torch.bool), diagonal=1)  # True = masked
-        model.eval()
+        model = chunks[0].eval()
         with torch.no_grad():
             logits = model(input_ids=ids, position_ids=torch.arange(seq).unsqueeze(0), attention_mask=mask)
         os.makedirs(os.path.join(args.out, "reference"), exist_ok=True)

@@ -35,12 +35,13 @@ def logits_of(out, dtype=None):
 
 @pytest.mark.parametrize("family, layouts, tolerance", [
     ("llama", ["mg_llama_ref", "mg_llama_tp2", "mg_llama_pp2", "mg_llama_tp2pp2", "mg_llama_tp2dp2_fully_parallel",
-               "mg_llama_legacy_tp2pp2"], 1e-5),
+               "mg_llama_pp2vpp2", "mg_llama_legacy_tp2pp2", "mg_llama_legacy_pp2vpp2"], 1e-5),
     # bf16: HF and Megatron run bf16 matmuls with different kernels
-    ("qwen2", ["mg_qwen2_ref", "mg_qwen2_tp2"], 2e-2),
+    ("qwen2", ["mg_qwen2_ref", "mg_qwen2_tp2", "mg_qwen2_pp2"], 2e-2),
     ("qwen3", ["mg_qwen3_ref", "mg_qwen3_tp2"], 1e-5),
-    ("mixtral", ["mg_mixtral_ref", "mg_mixtral_ep2", "mg_mixtral_tp2ep2"], 1e-5),
-    ("qwen2_moe", ["mg_qwen2moe_ref", "mg_qwen2moe_tp2ep2"], 1e-5),
+    ("mixtral", ["mg_mixtral_ref", "mg_mixtral_ep2", "mg_mixtral_tp2ep2", "mg_mixtral_legacy_tp2ep2"], 1e-5),
+    ("qwen2_moe", ["mg_qwen2moe_ref", "mg_qwen2moe_tp2ep2", "mg_qwen2moe_singleton_ep2"], 1e-5),
+    ("qwen3_moe", ["mg_qwen3moe_ref", "mg_qwen3moe_ep2"], 1e-5),
 ])
 def test_every_layout_merges_to_the_same_bytes_and_megatron_logits(family, layouts, tolerance, checkpoint, tmp_path):
     digests = {}
@@ -64,6 +65,14 @@ def test_every_layout_merges_to_the_same_bytes_and_megatron_logits(family, layou
         assert config.get("dtype", config.get("torch_dtype")) == "bfloat16"
         index = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
         assert "lm_head.weight" not in index and "model.layers.0.self_attn.q_proj.bias" in index
+    elif family == "qwen2_moe":
+        index = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+        assert "model.layers.0.mlp.gate_proj.weight" in index  # the dense layer
+        assert "model.layers.1.mlp.experts.3.up_proj.weight" in index and "model.layers.1.mlp.shared_expert_gate.weight" in index
+        from distmerge.sources import megatron
+
+        names = megatron.read_catalogue(str(checkpoint("mg_qwen2moe_singleton_ep2"))).tensors
+        assert "decoder.layers.1.mlp.experts.experts.3.linear_fc1.weight_v" in names  # the layout the fixture claims
     elif family == "llama":
         from safetensors import safe_open
 
@@ -146,6 +155,15 @@ def test_a_tensor_no_rule_maps_is_refused_by_name(checkpoint, tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and "no rule maps" in err and "decoder.layers.mystery_adapter.weight" in err, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+def test_expert_bias_without_a_place_in_the_hf_model_is_refused(checkpoint, tmp_path, capsys):
+    # Mixtral in transformers has no router bias: dropping Megatron's expert_bias would change routing
+    code = main(["merge", "--source", str(checkpoint("mg_mixtral_expert_bias")), "--target", str(tmp_path / "out"),
+                 "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and "router.expert_bias" in err and "route differently" in err and "Traceback" not in err, err
+    assert not (tmp_path / "out").exists()
 
 
 def test_value_model_becomes_token_classification_with_equal_values(checkpoint, tmp_path):

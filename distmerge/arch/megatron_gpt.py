@@ -11,6 +11,7 @@ A new family is mostly a new table.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from ..errors import MergeError
@@ -44,6 +45,11 @@ class Router:
 
 
 @dataclass(frozen=True)
+class RouterBias:
+    """mlp.router.expert_bias [L, E] (aux-loss-free balancing) -> the family's score-correction bias."""
+
+
+@dataclass(frozen=True)
 class Experts:
     """Experts stacked twice, [L, E, rows, cols]: fc1 -> each expert's gate and up, fc2 -> its down."""
 
@@ -64,6 +70,7 @@ LAYER_RULES = {
     "mlp.linear_fc1.weight": GateUp(),
     "mlp.linear_fc2.weight": Same("mlp.down_proj.weight"),
     "mlp.router.weight": Router(),
+    "mlp.router.expert_bias": RouterBias(),
     "mlp.experts.experts.linear_fc1.weight": Experts(fc1=True),
     "mlp.experts.experts.linear_fc2.weight": Experts(fc1=False),
     # Qwen2-MoE's shared expert and its sigmoid gate
@@ -72,16 +79,87 @@ LAYER_RULES = {
     "mlp.shared_experts.linear_fc2.weight": Same("mlp.shared_expert.down_proj.weight"),
     "mlp.shared_experts.gate_weight": Same("mlp.shared_expert_gate.weight"),
 }
-# MoE names per family: router, expert prefix, and the expert's gate / up / down projections
+
+
+@dataclass(frozen=True)
+class MoeNames:
+    """A family's HF names for the router, the experts' prefix and an expert's gate / up / down."""
+
+    router: str
+    expert: str
+    gate: str
+    up: str
+    down: str
+    router_bias: str | None = None  # where the family keeps Megatron's expert_bias, if it has one
+
+
 MOE_NAMES = {
-    "MixtralForCausalLM": ("block_sparse_moe.gate.weight", "block_sparse_moe.experts.{e}.", "w1", "w3", "w2"),
-    "Qwen2MoeForCausalLM": ("mlp.gate.weight", "mlp.experts.{e}.", "gate_proj", "up_proj", "down_proj"),
-    "Qwen3MoeForCausalLM": ("mlp.gate.weight", "mlp.experts.{e}.", "gate_proj", "up_proj", "down_proj"),
+    "MixtralForCausalLM": MoeNames("block_sparse_moe.gate.weight", "block_sparse_moe.experts.{e}.", "w1", "w3", "w2"),
+    "Qwen2MoeForCausalLM": MoeNames("mlp.gate.weight", "mlp.experts.{e}.", "gate_proj", "up_proj", "down_proj"),
+    "Qwen3MoeForCausalLM": MoeNames("mlp.gate.weight", "mlp.experts.{e}.", "gate_proj", "up_proj", "down_proj"),
 }
 EMBEDDING = "embedding.word_embeddings.weight"
 HEAD = "output_layer.weight"
 FINAL_NORM = "decoder.final_layernorm.weight"
 ARCHITECTURES = {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", *MOE_NAMES}
+
+# How a checkpoint may store a per-layer key. By default one key stacks all layers (and experts):
+# decoder.layers.K [L, (E,) ...]. Heterogeneous layers (dense and MoE mixed) and saves with
+# singleton_local_shards use a key per layer, decoder.layers.{i}.K, the latter also a key per
+# expert (mlp.experts.experts.{e}.K) and separate GLU halves (linear_fc1.weight_w / _v).
+LAYER_KEY = re.compile(r"^decoder\.layers\.(?:(\d+)\.)?(.+)$")
+EXPERT_KEY = re.compile(r"^(mlp\.experts\.experts\.)(?:(\d+)\.)?(.+)$")
+GLU_HALF = re.compile(r"^(.+linear_fc1\.weight)_([wv])$")
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One layer's (or one expert's) matrix of a per-layer key: catalogue tensor and the leading
+    indices that select it."""
+
+    name: str
+    index: tuple[int, ...]
+    shape: tuple[int, ...]
+
+    def rows(self, first: int, last: int) -> SourceRows:
+        return SourceRows(self.name, self.index, first, last)
+
+
+def find_slots(tensors: dict, layers: int) -> tuple[dict, list[str]]:
+    """(per-layer key, layer, expert or None, GLU half "w"/"v" or None) -> Slot for every per-layer
+    tensor, however the checkpoint stores it; and the names no rule knows."""
+    slots, unknown = {}, []
+    for name, t in tensors.items():
+        m = LAYER_KEY.match(name)
+        if not m:
+            continue
+        layer, key = m.group(1), m.group(2)
+        expert_match = EXPERT_KEY.match(key)
+        expert = None
+        if expert_match:
+            key, expert = expert_match.group(1) + expert_match.group(3), expert_match.group(2)
+        half_match = GLU_HALF.match(key)
+        half = None
+        if half_match:
+            key, half = half_match.group(1), half_match.group(2)
+        if key not in LAYER_RULES:
+            unknown.append(name)
+            continue
+        if layer is None and t.shape[0] != layers:
+            raise MergeError(f"{name} stacks {t.shape[0]} layers but config.json says "
+                             f"num_hidden_layers={layers}; the config is not this model's")
+        if layer is not None and int(layer) >= layers:
+            raise MergeError(f"{name} is layer {layer} but config.json says num_hidden_layers={layers}; "
+                             "the config is not this model's")
+        for i in range(layers) if layer is None else (int(layer),):
+            index = (i,) if layer is None else ()
+            if not expert_match:
+                slots[(key, i, None, half)] = Slot(name, index, t.shape[len(index):])
+                continue
+            for e in range(t.shape[len(index)]) if expert is None else (int(expert),):
+                at = index + ((e,) if expert is None else ())
+                slots[(key, i, e, half)] = Slot(name, at, t.shape[len(at):])
+    return slots, unknown
 
 
 def _text_config(config: dict) -> dict:
@@ -105,13 +183,13 @@ def map_outputs(catalogue: Catalogue, config: dict, cast) -> list[OutputTensor]:
     tensors = catalogue.tensors
 
     def out(name, source, parts, rows_shape):
-        t = tensors[source]
-        return OutputTensor(name, rows_shape, cast(t.dtype), parts)
+        return OutputTensor(name, tuple(rows_shape), cast(tensors[source].dtype), parts)
 
-    unmapped = [n for n in tensors if n not in (EMBEDDING, HEAD, FINAL_NORM)
-                and n.removeprefix("decoder.layers.") not in LAYER_RULES]
+    slots, unmapped = find_slots(tensors, layers)
+    unmapped += [n for n in tensors if not n.startswith("decoder.layers.") and n not in (EMBEDDING, HEAD, FINAL_NORM)]
     if unmapped:
-        raise MergeError(f"no rule maps these Megatron tensors of {catalogue.source}: {', '.join(sorted(unmapped))}. "
+        shown = ", ".join(sorted(unmapped)[:8]) + (f" and {len(unmapped) - 8} more" if len(unmapped) > 8 else "")
+        raise MergeError(f"no rule maps these Megatron tensors of {catalogue.source}: {shown}. "
                          f"Supported names are listed in distmerge/arch/megatron_gpt.py")
 
     def vocab_rows(name):
@@ -121,65 +199,89 @@ def map_outputs(catalogue: Catalogue, config: dict, cast) -> list[OutputTensor]:
                              "the config is not this model's")
         return [SourceRows(name, (), 0, vocab)], (vocab,) + t.shape[1:]
 
+    def add(hf_name, slot, parts, shape):
+        outputs.append(OutputTensor(hf_name, tuple(shape), cast(tensors[slot.name].dtype), parts))
+
+    def moe_names(key) -> MoeNames:
+        if arch not in MOE_NAMES:
+            raise MergeError(f"decoder.layers.{key} is an MoE tensor but config.json's architecture {arch} is dense")
+        return MOE_NAMES[arch]
+
+    def gate_up(hf_gate, hf_up, key, i, expert, size, what):
+        """A fused [gate; up] (one slot), or its two halves stored apart (singleton_local_shards)."""
+        whole, w, v = (slots.get((key, i, expert, half)) for half in (None, "w", "v"))
+        if whole is None:
+            if w is None or v is None:
+                raise MergeError(f"layer {i} of {catalogue.source} holds only one half of {key}")
+            halves = [(hf_gate, w, 0), (hf_up, v, 0)]
+            rows = w.shape[0] + v.shape[0]
+        else:
+            halves = [(hf_gate, whole, 0), (hf_up, whole, size)]
+            rows = whole.shape[0]
+        if rows != 2 * (size or 0):
+            raise MergeError(f"decoder.layers.{key} has {rows} rows per {what} but config.json's "
+                             f"size {size} needs {2 * (size or 0)}; the config is not this model's")
+        for hf_name, slot, first in halves:
+            add(hf_name, slot, [slot.rows(first, first + size)], (size,) + slot.shape[1:])
+
     outputs = []
     if EMBEDDING not in tensors:
         raise MergeError(f"{catalogue.source} holds no {EMBEDDING}; the checkpoint is incomplete")
     parts, shape = vocab_rows(EMBEDDING)
-    outputs.append(out("model.embed_tokens.weight", EMBEDDING, parts, shape))
+    outputs.append(OutputTensor("model.embed_tokens.weight", shape, cast(tensors[EMBEDDING].dtype), parts))
+    experts_of = {}  # (key, layer) -> the experts stored for it
+    for key, i, e, _ in slots:
+        if e is not None:
+            experts_of.setdefault((key, i), set()).add(e)
     for i in range(layers):
+        prefix = LAYER.format(i=i)
         for key, rule in LAYER_RULES.items():
-            name = "decoder.layers." + key
-            if name not in tensors:
+            if isinstance(rule, Experts):
+                if (key, i) not in experts_of:
+                    continue
+                names = moe_names(key)
+                experts = cfg.get("num_local_experts", cfg.get("num_experts"))
+                if sorted(experts_of[(key, i)]) != list(range(experts or 0)):
+                    raise MergeError(f"decoder.layers.{key} of layer {i} holds {len(experts_of[(key, i)])} experts "
+                                     f"but config.json says {experts}; the config is not this model's")
+                for e in range(experts):
+                    at = prefix + names.expert.format(e=e)
+                    if rule.fc1:
+                        gate_up(at + names.gate + ".weight", at + names.up + ".weight", key, i, e, expert_ffn, "expert")
+                    else:
+                        slot = slots[(key, i, e, None)]
+                        add(at + names.down + ".weight", slot, [slot.rows(0, slot.shape[0])], slot.shape)
                 continue
-            t = tensors[name]
-            if t.shape[0] != layers:
-                raise MergeError(f"{name} stacks {t.shape[0]} layers but config.json says "
-                                 f"num_hidden_layers={layers}; the config is not this model's")
-            rest = t.shape[2:]
-            prefix = LAYER.format(i=i)
+            if isinstance(rule, GateUp):
+                if any((key, i, None, half) in slots for half in (None, "w", "v")):
+                    gate_up(prefix + rule.gate, prefix + rule.up, key, i, None, cfg.get(rule.size), "layer")
+                continue
+            slot = slots.get((key, i, None, None))
+            if slot is None:
+                continue
             if isinstance(rule, Same):
-                outputs.append(out(prefix + rule.hf, name, [SourceRows(name, (i,), 0, t.shape[1])], t.shape[1:]))
+                add(prefix + rule.hf, slot, [slot.rows(0, slot.shape[0])], slot.shape)
             elif isinstance(rule, QKV):
                 q_rows = heads // groups * head_dim
-                if t.shape[1] != groups * (q_rows + 2 * head_dim):
-                    raise MergeError(f"{name} has {t.shape[1]} rows per layer, but config.json's "
-                                     f"num_attention_heads={heads}, num_key_value_heads={groups}, head_dim={head_dim} "
-                                     f"need {groups * (q_rows + 2 * head_dim)}; the config is not this model's")
                 group = q_rows + 2 * head_dim
+                if slot.shape[0] != groups * group:
+                    raise MergeError(f"decoder.layers.{key} has {slot.shape[0]} rows per layer, but config.json's "
+                                     f"num_attention_heads={heads}, num_key_value_heads={groups}, head_dim={head_dim} "
+                                     f"need {groups * group}; the config is not this model's")
                 for proj, first, n in (("q_proj", 0, q_rows), ("k_proj", q_rows, head_dim),
                                        ("v_proj", q_rows + head_dim, head_dim)):
-                    parts = [SourceRows(name, (i,), g * group + first, g * group + first + n) for g in range(groups)]
-                    outputs.append(out(f"{prefix}self_attn.{proj}.{rule.suffix}", name, parts, (groups * n,) + rest))
-            elif isinstance(rule, (Router, Experts)):
-                if arch not in MOE_NAMES:
-                    raise MergeError(f"{name} is an MoE tensor but config.json's architecture {arch} is dense")
-                router, expert, gate, up, down = MOE_NAMES[arch]
-                if isinstance(rule, Router):
-                    outputs.append(out(prefix + router, name, [SourceRows(name, (i,), 0, t.shape[1])], t.shape[1:]))
-                    continue
-                experts = t.shape[1]
-                if experts != cfg.get("num_local_experts", cfg.get("num_experts")):
-                    raise MergeError(f"{name} stacks {experts} experts but config.json says "
-                                     f"{cfg.get('num_local_experts', cfg.get('num_experts'))}; the config is not this model's")
-                rest = t.shape[3:]
-                for e in range(experts):
-                    at = prefix + expert.format(e=e)
-                    if not rule.fc1:
-                        outputs.append(out(at + down + ".weight", name, [SourceRows(name, (i, e), 0, t.shape[2])], t.shape[2:]))
-                        continue
-                    if t.shape[2] != 2 * expert_ffn:
-                        raise MergeError(f"{name} has {t.shape[2]} rows per expert but config.json's expert "
-                                         f"intermediate size {expert_ffn} needs {2 * expert_ffn}")
-                    outputs.append(out(at + gate + ".weight", name, [SourceRows(name, (i, e), 0, expert_ffn)], (expert_ffn,) + rest))
-                    outputs.append(out(at + up + ".weight", name, [SourceRows(name, (i, e), expert_ffn, 2 * expert_ffn)],
-                                       (expert_ffn,) + rest))
-            elif isinstance(rule, GateUp):
-                size = cfg.get(rule.size)
-                if t.shape[1] != 2 * (size or 0):
-                    raise MergeError(f"{name} has {t.shape[1]} rows per layer but config.json's "
-                                     f"{rule.size}={size} needs {2 * (size or 0)}; the config is not this model's")
-                outputs.append(out(prefix + rule.gate, name, [SourceRows(name, (i,), 0, size)], (size,) + rest))
-                outputs.append(out(prefix + rule.up, name, [SourceRows(name, (i,), size, 2 * size)], (size,) + rest))
+                    parts = [slot.rows(g * group + first, g * group + first + n) for g in range(groups)]
+                    add(f"{prefix}self_attn.{proj}.{rule.suffix}", slot, parts, (groups * n,) + slot.shape[1:])
+            elif isinstance(rule, Router):
+                add(prefix + moe_names(key).router, slot, [slot.rows(0, slot.shape[0])], slot.shape)
+            elif isinstance(rule, RouterBias):
+                names = moe_names(key)
+                if names.router_bias is None:
+                    raise MergeError(f"decoder.layers.{key}: the model routes with Megatron's expert_bias "
+                                     f"(aux-loss-free balancing), but transformers' {arch} has no router bias, "
+                                     "so the merged model would route differently. Use an architecture with a "
+                                     "score-correction bias, or a checkpoint trained without expert_bias")
+                add(prefix + names.router_bias, slot, [slot.rows(0, slot.shape[0])], slot.shape)
     if FINAL_NORM in tensors:
         t = tensors[FINAL_NORM]
         outputs.append(out("model.norm.weight", FINAL_NORM, [SourceRows(FINAL_NORM, (), 0, t.shape[0])], t.shape))

@@ -1,13 +1,18 @@
-"""Megatron-LM's legacy checkpoints: iter_XXXXXXX/mp_rank_TT[_PPP]/model_optim_rng.pt.
+"""Megatron-LM's legacy checkpoints: iter_XXXXXXX/mp_rank_TT[_PPP][_EEE]/model_optim_rng.pt.
 
-Each file holds one (TP, PP) rank's `model` state dict (`model0`, `model1`, ... with virtual
-pipeline stages) with local layer numbers. The catalogue presents them exactly like a torch_dist
-checkpoint (one key per module with a leading global layer axis), so the same mapping table
-(arch/megatron_gpt.py) applies. How the TP shards join:
-- column-parallel (QKV, fc1, embedding and output layer) along rows. fc1 is special: each TP rank
-  holds [gate_r; up_r], which belong at rows r*F/tp and F + r*F/tp of the global [gate; up];
-- row-parallel (linear_proj, linear_fc2) along columns;
-- everything else (norms) is replicated: TP rank 0's copy is read.
+Each file holds one (TP, PP, EP) rank's `model` state dict (`model0`, `model1`, ... with virtual
+pipeline stages) with local layer and expert numbers. The catalogue presents them exactly like a
+torch_dist checkpoint (one key per module with a leading global layer axis, and an expert axis
+for experts), so the same mapping table (arch/megatron_gpt.py) applies.
+- Layers: chunk v of PP rank p holds the layers after those of every chunk (v', p') with v' < v,
+  or v' = v and p' < p (Megatron's interleaved schedule).
+- Experts: `local_experts.{j}.` (and the grouped-GEMM spelling `linear_fc1.weight{j}`) of EP rank r
+  is global expert r * (experts per rank) + j. Everything else is replicated over EP: rank 0's is read.
+- TP shards join per tensor: column-parallel (QKV, fc1, embedding and output layer) along rows.
+  fc1 is special: each TP rank holds [gate_r; up_r], which belong at rows r*F/tp and F + r*F/tp of
+  the global [gate; up]. Row-parallel (linear_proj, linear_fc2) along columns. Everything else
+  (norms, the router) is replicated: TP rank 0's copy is read. Experts are split over TP like the
+  dense MLP (expert TP = TP, megatron-core's default).
 """
 from __future__ import annotations
 
@@ -20,11 +25,13 @@ from ..model import Catalogue, Piece, SourceTensor, dtype_size
 from .coverage import check_coverage
 from .dcp import find_hf_dir
 from .megatron import latest_iteration
-from .torch_archive import StoredTensor, load_state_metadata
+from .torch_archive import StoredTensor, load_megatron_legacy
 
 FORMAT = "megatron-legacy"
-RANK_DIR = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?$")
+RANK_DIR = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?(?:_(\d{3}))?$")
 LAYER_KEY = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
+# an expert's tensor inside a layer: SequentialMLP's local_experts.{j}.X or TEGroupedMLP's X{j}
+EXPERT_KEY = re.compile(r"^mlp\.experts\.(?:local_experts\.(\d+)\.(.+)|(linear_fc[12]\.(?:weight|bias))(\d+))$")
 COLUMN = ("linear_qkv.weight", "linear_qkv.bias", "linear_fc1.weight", "word_embeddings.weight", "output_layer.weight")
 ROW = ("linear_proj.weight", "linear_fc2.weight")
 
@@ -45,7 +52,8 @@ def detect(source: str) -> bool:
     return resolve(source) is not None
 
 
-def _rank_files(iter_dir: str) -> dict[tuple[int, int], str]:
+def _rank_files(iter_dir: str) -> dict[tuple[int, ...], str]:
+    """(tp, suffix...) -> model_optim_rng.pt for every mp_rank_* directory."""
     files = {}
     for name in sorted(os.listdir(iter_dir)):
         m = RANK_DIR.match(name)
@@ -53,46 +61,93 @@ def _rank_files(iter_dir: str) -> dict[tuple[int, int], str]:
             path = os.path.join(iter_dir, name, "model_optim_rng.pt")
             if not os.path.isfile(path):
                 raise MergeError(f"missing {path}; copy the complete checkpoint and rerun")
-            files[(int(m.group(1)), int(m.group(2) or 0))] = path
-    tp, pp = max(t for t, _ in files) + 1, max(p for _, p in files) + 1
-    missing = [(t, p) for t in range(tp) for p in range(pp) if (t, p) not in files]
+            files[tuple(int(g) for g in m.groups() if g is not None)] = path
+    if len({len(k) for k in files}) > 1:
+        raise MergeError(f"{iter_dir} mixes mp_rank_* directory names of different forms; "
+                         "it holds files of more than one save")
+    return files
+
+
+def _rank_grid(iter_dir: str, files: dict, states: dict) -> dict[tuple[int, int, int], str]:
+    """(tp, pp, ep) -> file. mp_rank_TT_XXX names a PP rank or, with PP=1, an EP rank: the saved
+    args say which, or else the content (PP stages hold different keys, EP ranks the same ones)."""
+    grid = {}
+    for key, path in files.items():
+        if len(key) == 1:
+            grid[(key[0], 0, 0)] = path
+        elif len(key) == 3:
+            grid[key] = path
+        else:
+            chunks, args = states[path]
+            if args.get("pipeline_model_parallel_size") is not None:
+                is_ep = args["pipeline_model_parallel_size"] == 1
+            else:
+                key_sets = {frozenset(k for c in states[p][0] for k in c) for p in files.values()}
+                is_ep = len(key_sets) == 1
+            grid[(key[0], 0, key[1]) if is_ep else (key[0], key[1], 0)] = path
+    tp, pp, ep = (max(k[d] for k in grid) + 1 for d in range(3))
+    missing = [(t, p, e) for t in range(tp) for p in range(pp) for e in range(ep) if (t, p, e) not in grid]
     if missing:
-        t, p = missing[0]
-        raise MergeError(f"{iter_dir} lacks mp_rank_{t:02d}{f'_{p:03d}' if pp > 1 else ''} "
-                         f"({len(missing)} of {tp * pp} TP x PP ranks missing); copy the complete checkpoint")
-    return files, tp, pp
+        t, p, e = missing[0]
+        name = f"mp_rank_{t:02d}" + (f"_{p:03d}" if pp > 1 else "") + (f"_{e:03d}" if ep > 1 else "")
+        raise MergeError(f"{iter_dir} lacks {name} ({len(missing)} of {tp * pp * ep} TP x PP x EP ranks missing); "
+                         "copy the complete checkpoint")
+    return grid
 
 
 def read_catalogue(source: str, iteration: int | None = None) -> Catalogue:
     iter_dir = resolve(source, iteration)
     if iter_dir is None:
         raise MergeError(f"{source} holds no iter_XXXXXXX/mp_rank_* directories")
-    files, tp, pp = _rank_files(iter_dir)
-    # every rank's tensors, by (pp, tp); layers are numbered per pipeline stage
-    states = {(t, p): load_state_metadata(path, "model") for (t, p), path in files.items()}
-    offsets, layer_total = [], 0
-    for p in range(pp):
-        offsets.append(layer_total)
-        layer_total += len({int(m.group(1)) for m in map(LAYER_KEY.match, states[(0, p)]) if m})
-    blocks: dict[str, list] = defaultdict(list)   # global name -> [(layer or None, tp, stored, path)]
-    for (t, p), state in states.items():
-        for key, stored in state.items():
-            m = LAYER_KEY.match(key)
-            if m:
-                blocks["decoder.layers." + m.group(2)].append((offsets[p] + int(m.group(1)), t, stored, files[(t, p)]))
-            else:
-                blocks[key].append((None, t, stored, files[(t, p)]))
+    files = _rank_files(iter_dir)
+    states = {path: load_megatron_legacy(path) for path in files.values()}
+    grid = _rank_grid(iter_dir, files, states)
+    tp, pp, ep = (max(k[d] for k in grid) + 1 for d in range(3))
+    args = states[grid[(0, 0, 0)]][1]
+    if args.get("expert_tensor_parallel_size") not in (None, tp):
+        raise MergeError(f"{grid[(0, 0, 0)]} was saved with expert_tensor_parallel_size="
+                         f"{args['expert_tensor_parallel_size']} != tensor_model_parallel_size={tp}, "
+                         "which distmerge does not read yet; save with --use-dist-ckpt (torch_dist) instead")
+    vpp = len(states[grid[(0, 0, 0)]][0])
+    if any(len(states[path][0]) != vpp for path in grid.values()):
+        raise MergeError(f"the files of {iter_dir} hold different numbers of model chunks; they come from different saves")
+    # global layer offset of chunk v on PP rank p: the interleaved order is v-major, then p
+    offsets, layer_total = {}, 0
+    for v in range(vpp):
+        for p in range(pp):
+            offsets[(p, v)] = layer_total
+            layer_total += len({int(m.group(1)) for m in map(LAYER_KEY.match, states[grid[(0, p, 0)]][0][v]) if m})
+    blocks: dict[str, list] = defaultdict(list)   # global name -> [(lead index, tp, stored, path)]
+    for (t, p, e), path in grid.items():
+        chunks = states[path][0]
+        for v, chunk in enumerate(chunks):
+            local_experts = {int(x.group(1) or x.group(4)) for x in
+                             (EXPERT_KEY.match(m.group(2)) for m in map(LAYER_KEY.match, chunk) if m) if x}
+            for key, stored in chunk.items():
+                m = LAYER_KEY.match(key)
+                x = EXPERT_KEY.match(m.group(2)) if m else None
+                if x:  # an expert's tensor: global expert e * local + j
+                    j, rest = (int(x.group(1)), x.group(2)) if x.group(1) else (int(x.group(4)), x.group(3))
+                    layer = offsets[(p, v)] + int(m.group(1))
+                    blocks["decoder.layers.mlp.experts.experts." + rest].append(
+                        ((layer, e * len(local_experts) + j), t, stored, path))
+                elif e != 0:
+                    continue  # replicated over EP
+                elif m:
+                    blocks["decoder.layers." + m.group(2)].append(((offsets[(p, v)] + int(m.group(1)),), t, stored, path))
+                else:
+                    blocks[key].append(((), t, stored, path))
     tensors = {}
     for name, parts in blocks.items():
         tensors[name] = _stack(name, parts, tp, layer_total)
         check_coverage(tensors[name])
-    return Catalogue(format=FORMAT, source=source, files=sorted(files.values()), tensors=tensors,
-                     hf_dir=find_hf_dir(source) or find_hf_dir(iter_dir),
-                     world_size=tp * pp, mesh=f"tp={tp} x pp={pp}")
+    mesh = f"tp={tp} x pp={pp}" + (f" x vpp={vpp}" if vpp > 1 else "") + (f" x ep={ep}" if ep > 1 else "")
+    return Catalogue(format=FORMAT, source=source, files=sorted(grid.values()), tensors=tensors,
+                     hf_dir=find_hf_dir(source) or find_hf_dir(iter_dir), world_size=tp * pp * ep, mesh=mesh)
 
 
 def _stack(name: str, parts: list, tp: int, layers: int) -> SourceTensor:
-    """One global tensor (with a leading layer axis for per-layer keys) from the TP x PP blocks."""
+    """One global tensor (with leading layer and expert axes where the name has them) from the blocks."""
     first = parts[0][2]
     column = name.endswith(COLUMN)
     row = name.endswith(ROW)
@@ -103,16 +158,17 @@ def _stack(name: str, parts: list, tp: int, layers: int) -> SourceTensor:
         global_shape = (local[0], local[1] * tp) + local[2:]
     else:
         global_shape = local
-    stacked = parts[0][0] is not None
-    shape = ((layers,) if stacked else ()) + global_shape
+    lead_shape = ()
+    if parts[0][0]:
+        lead_shape = (layers,) + ((max(lead[1] for lead, *_ in parts) + 1,) if len(parts[0][0]) == 2 else ())
+    shape = lead_shape + global_shape
     pieces = []
-    for layer, t, stored, path in parts:
+    for lead, t, stored, path in parts:
         if stored.shape != local or stored.dtype != first.dtype:
             raise MergeError(f"{path}: {name} has {list(stored.shape)} {stored.dtype}, another rank's has "
                              f"{list(local)} {first.dtype}; the rank files come from different saves")
         if not column and not row and t != 0:
             continue  # replicated across TP: read rank 0's
-        lead = (layer,) if stacked else ()
         if name.endswith("linear_fc1.weight"):  # [gate_t; up_t] -> rows t*F/tp and F + t*F/tp
             half = local[0] // 2
             for k, start in enumerate((t * half, tp * half + t * half)):
@@ -129,8 +185,8 @@ def _stack(name: str, parts: list, tp: int, layers: int) -> SourceTensor:
 def _piece(path: str, stored: StoredTensor, lead: tuple, region: tuple, first_row: int, rows: int) -> Piece:
     """Rows [first_row, first_row + rows) of a stored local tensor as a piece of the global one."""
     itemsize = dtype_size(stored.dtype)
-    shape = ((1,) if lead else ()) + ((rows,) + stored.shape[1:] if stored.shape else ())
-    strides = ((0,) if lead else ()) + stored.strides
+    shape = (1,) * len(lead) + ((rows,) + stored.shape[1:] if stored.shape else ())
+    strides = (0,) * len(lead) + stored.strides
     offset = stored.offset + (first_row * stored.strides[0] * itemsize if stored.shape else 0)
     return Piece(file=path, offset=offset, shape=shape, strides=strides, region=lead + region, dtype=stored.dtype)
 

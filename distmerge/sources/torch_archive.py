@@ -68,31 +68,57 @@ def _io_error(path: str, e: Exception) -> MergeIOError:
                         "copy it again from the training job's storage")
 
 
-def load_state_metadata(path: str, key: str | None = None) -> dict:
-    """name -> StoredTensor | StoredDTensor for a torch.save'd state dict (other values are dropped).
+def load_state_metadata(path: str) -> dict:
+    """name -> StoredTensor | StoredDTensor for a torch.save'd state dict (other values are dropped)."""
+    state = _fast_load(path, inert_unknown=False)
+    if state is not None:
+        try:
+            return _convert_fast(state, path)
+        except FAST_PATH_MISSES:
+            pass
+    return _load_with_torch(path)
 
-    With `key`, the state dict is the file's top-level dict's entry `key` (Megatron-LM's legacy
-    files: {"model": ..., "args": Namespace, ...}); the other entries may hold any class, which
-    the fast path reads as inert records (never calling it) and leaves alone."""
+
+def load_megatron_legacy(path: str) -> tuple[list[dict], dict]:
+    """Megatron-LM's legacy model_optim_rng.pt: its model chunks as load_state_metadata gives them
+    (`model`, or `model0`, `model1`, ... with virtual pipeline stages) and the plain values of its
+    `args` Namespace. The other entries may hold any class: the fast path reads them as inert
+    records (never calling them) and leaves them alone."""
+    top = _fast_load(path, inert_unknown=True)
+    if top is not None:
+        try:
+            chunks = [_convert_fast(chunk, path) for chunk in _model_chunks(top, path)]
+            args = top.get("args")
+            return chunks, {k: v for k, v in args.state.items() if isinstance(v, (int, str, type(None)))} \
+                if isinstance(args, _Record) else {}
+        except FAST_PATH_MISSES:
+            pass
+    return _load_with_torch(path, megatron_chunks=True), {}
+
+
+def _fast_load(path: str, inert_unknown: bool):
+    """The file's top-level object through the restricted unpickler; None where it meets something unknown."""
     try:
         with open(path, "rb") as f:
             data, prefix, offsets = _read_archive(f, path)
         try:
-            state = _FastUnpickler(data, prefix, offsets, inert_unknown=key is not None).load()
-            return _convert_fast(_select(state, key, path), path)
+            return _FastUnpickler(data, prefix, offsets, inert_unknown=inert_unknown).load()
         except FAST_PATH_MISSES:
-            pass
+            return None
     except (zipfile.BadZipFile, EOFError, OSError, struct.error) as e:
         raise _io_error(path, e) from None
-    return _load_with_torch(path, key)
 
 
-def _select(state, key: str | None, path: str):
-    if key is None:
-        return state
-    if not isinstance(state, dict) or not isinstance(state.get(key), dict):
-        raise MergeError(f"{path} has no state dict under {key!r}; it is not a Megatron-LM model checkpoint")
-    return state[key]
+def _model_chunks(top, path: str) -> list[dict]:
+    if isinstance(top, dict) and isinstance(top.get("model"), dict):
+        return [top["model"]]
+    chunks = []
+    while isinstance(top, dict) and isinstance(top.get(f"model{len(chunks)}"), dict):
+        chunks.append(top[f"model{len(chunks)}"])
+    if not chunks:
+        raise MergeError(f"{path} has no state dict under 'model' (or 'model0', 'model1', ... for virtual "
+                         "pipeline stages); it is not a Megatron-LM model checkpoint")
+    return chunks
 
 
 class _Window(io.RawIOBase):
@@ -381,9 +407,10 @@ def _convert_fast(state, path: str) -> dict:
 
 # ---------------------------------------------------------------- the fallback: torch's own safe loader
 
-def _load_with_torch(path: str, key: str | None = None) -> dict:
+def _load_with_torch(path: str, megatron_chunks: bool = False):
+    """torch's own safe loader: a state dict's records, or with `megatron_chunks` a list of them, one per
+    model chunk of a Megatron-LM legacy file."""
     import torch.distributed.tensor  # noqa: F401  registers DTensor and its placements as safe globals
-    from torch.distributed.tensor import DTensor, Replicate, Shard
     from torch.distributed.tensor.placement_types import _StridedShard
 
     # torch warns on every DeviceMesh unpickled without process groups; we never use those groups
@@ -405,7 +432,15 @@ def _load_with_torch(path: str, key: str | None = None) -> dict:
                          f"or DTensor ({culprit}). distmerge never runs code from a checkpoint") from None
     except (RuntimeError, EOFError, OSError) as e:
         raise _io_error(path, e) from None
-    state = _select(state, key, path)
+    if megatron_chunks:
+        return [_convert_torch(chunk, path) for chunk in _model_chunks(state, path)]
+    return _convert_torch(state, path)
+
+
+def _convert_torch(state, path: str) -> dict:
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+    from torch.distributed.tensor.placement_types import _StridedShard
+
     if not isinstance(state, dict):
         raise MergeError(f"{path} does not hold a state dict (found {type(state).__name__})")
 
