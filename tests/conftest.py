@@ -80,6 +80,10 @@ MEGATRON_LAYOUTS = {
     "mg_qwen2moe_singleton_ep2": (2, QWEN2MOE_MG + ["--ep", "2", "--singleton"], "mg_qwen2moe_ref"),
     "mg_qwen3moe_ref": (1, ["--model", "qwen3_moe"], None),                    # q/k norms, renormalised top-k
     "mg_qwen3moe_ep2": (2, ["--model", "qwen3_moe", "--ep", "2"], "mg_qwen3moe_ref"),
+    # DeepSeek-V3: multi-latent attention (q_lora_rank 32), sigmoid routing with expert_bias, a shared
+    # expert, layer 0 dense
+    "mg_deepseekv3_ref": (1, ["--model", "deepseek_v3"], None),
+    "mg_deepseekv3_tp2ep2": (4, ["--model", "deepseek_v3", "--tp", "2", "--ep", "2"], "mg_deepseekv3_ref"),
 }
 
 

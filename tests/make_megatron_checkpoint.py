@@ -27,7 +27,7 @@ def parse_args():
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--pp", type=int, default=1)
     p.add_argument("--vpp", type=int, default=None, help="virtual pipeline stages (model chunks) per PP rank")
-    p.add_argument("--model", choices=["llama", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe"], default="llama")
+    p.add_argument("--model", choices=["llama", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3"], default="llama")
     p.add_argument("--experts", type=int, default=4, help="MoE experts (mixtral)")
     p.add_argument("--ep", type=int, default=1, help="expert parallel size")
     p.add_argument("--value-head", action="store_true",
@@ -85,20 +85,30 @@ def build(args, vp_stage=None):
     from megatron.core import parallel_state as ps
 
     dtype = getattr(torch, args.dtype)
-    moe = args.model in ("mixtral", "qwen2_moe", "qwen3_moe")
-    qk_norm = args.model in ("qwen3", "qwen3_moe")
+    moe = args.model in ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3")
+    mla = args.model == "deepseek_v3"
+    qk_norm = args.model in ("qwen3", "qwen3_moe") or mla  # MLA: q_a_layernorm / kv_a_layernorm
     moe_args = dict(num_moe_experts=args.experts, moe_router_topk=2, moe_ffn_hidden_size=args.ffn,
                     moe_token_dispatcher_type="allgather", expert_model_parallel_size=args.ep) if moe else {}
     if args.model == "qwen2_moe":  # shared expert with a sigmoid gate; softmax over all experts, no renormalisation
         moe_args.update(moe_shared_expert_intermediate_size=2 * args.ffn, moe_shared_expert_gate=True,
                         moe_router_pre_softmax=True)
+    if mla:  # DeepSeek-V3: sigmoid routing with expert_bias, scaled top-k, one shared expert, layer 0 dense
+        args.expert_bias = args.dense_first = True
+        moe_args.update(moe_shared_expert_intermediate_size=args.ffn, moe_router_topk_scaling_factor=2.5)
     if args.expert_bias:
         moe_args.update(moe_router_enable_expert_bias=True, moe_router_score_function="sigmoid")
     if args.dense_first:
         moe_args.update(moe_layer_freq=[0] + [1] * (args.layers - 1))
-    config = TransformerConfig(
+    config_class = TransformerConfig
+    if mla:
+        from megatron.core.transformer.transformer_config import MLATransformerConfig as config_class
+
+        moe_args.update(multi_latent_attention=True, q_lora_rank=32, kv_lora_rank=32, qk_head_dim=16,
+                        qk_pos_emb_head_dim=8, v_head_dim=16, rope_type="rope", rotary_scaling_factor=1.0)
+    config = config_class(
         num_layers=args.layers, hidden_size=args.hidden, num_attention_heads=args.heads,
-        num_query_groups=args.groups, ffn_hidden_size=args.ffn, kv_channels=args.hidden // args.heads,
+        num_query_groups=args.heads if mla else args.groups, ffn_hidden_size=args.ffn, kv_channels=args.hidden // args.heads,
         normalization="RMSNorm", layernorm_epsilon=1e-6, gated_linear_unit=True, activation_func=F.silu,
         add_bias_linear=False, add_qkv_bias=args.model in ("qwen2", "qwen2_moe"), use_cpu_initialization=True,
         params_dtype=dtype, bf16=dtype == torch.bfloat16, pipeline_dtype=dtype,
@@ -111,6 +121,9 @@ def build(args, vp_stage=None):
     if args.dense_first:  # a block spec: one layer spec per layer
         spec = get_gpt_decoder_block_spec(config, use_transformer_engine=False, normalization="RMSNorm",
                                           vp_stage=vp_stage)
+        if mla:
+            for layer_spec in spec.layer_specs:
+                layer_spec.submodules.self_attention.submodules.core_attention = CausalAttention
     else:
         spec = get_gpt_layer_local_spec(num_experts=args.experts if moe else None, moe_grouped_gemm=False,
                                         qk_layernorm=qk_norm)
@@ -127,7 +140,24 @@ def build(args, vp_stage=None):
             gen = torch.Generator().manual_seed(1)
             for p in model.parameters():
                 p.add_(torch.randn(p.shape, generator=gen).to(p.dtype) * 0.02)
+            for name, b in model.named_buffers():  # a bias large enough to change which experts are picked
+                if name.endswith("expert_bias"):
+                    b.add_(torch.randn(b.shape, generator=gen).to(b.dtype))
     return model.to(dtype)
+
+
+class CausalAttention(torch.nn.Module):
+    """MLA's core attention on CPU: megatron-core's local DotProductAttention cannot take MLA's
+    different q/k and v head sizes (only Transformer Engine's can). It has no weights."""
+
+    def __init__(self, config, layer_number, attn_mask_type, attention_type, softmax_scale=None, **unused):
+        super().__init__()
+        self.scale = softmax_scale
+
+    def forward(self, query, key, value, attention_mask, **unused):
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [s, b, h, d] -> [b, h, s, d]
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
+        return out.permute(2, 0, 1, 3).reshape(out.shape[2], out.shape[0], -1)
 
 
 class ValueHead(torch.nn.Linear):
@@ -141,13 +171,20 @@ class ValueHead(torch.nn.Linear):
 
 
 def hf_config(args):
-    from transformers import LlamaConfig, MixtralConfig, Qwen2Config, Qwen2MoeConfig, Qwen3Config, Qwen3MoeConfig
+    from transformers import (DeepseekV3Config, LlamaConfig, MixtralConfig, Qwen2Config, Qwen2MoeConfig, Qwen3Config,
+                              Qwen3MoeConfig)
 
     cls, arch = {"llama": (LlamaConfig, "LlamaForCausalLM"), "qwen2": (Qwen2Config, "Qwen2ForCausalLM"),
                  "qwen3": (Qwen3Config, "Qwen3ForCausalLM"), "mixtral": (MixtralConfig, "MixtralForCausalLM"),
                  "qwen2_moe": (Qwen2MoeConfig, "Qwen2MoeForCausalLM"),
-                 "qwen3_moe": (Qwen3MoeConfig, "Qwen3MoeForCausalLM")}[args.model]
+                 "qwen3_moe": (Qwen3MoeConfig, "Qwen3MoeForCausalLM"),
+                 "deepseek_v3": (DeepseekV3Config, "DeepseekV3ForCausalLM")}[args.model]
     extra = dict(num_local_experts=args.experts, num_experts_per_tok=2) if args.model == "mixtral" else {}
+    if args.model == "deepseek_v3":
+        extra = dict(n_routed_experts=args.experts, num_experts_per_tok=2, moe_intermediate_size=args.ffn,
+                     n_shared_experts=1, routed_scaling_factor=2.5, n_group=1, topk_group=1, norm_topk_prob=True,
+                     first_k_dense_replace=1, q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16,
+                     qk_rope_head_dim=8, v_head_dim=16, rope_interleave=True)
     if args.value_head:
         arch, extra = arch.replace("ForCausalLM", "ForTokenClassification"), dict(extra, num_labels=1)
     if args.model == "qwen2_moe":
@@ -157,11 +194,14 @@ def hf_config(args):
     if args.model == "qwen3_moe":  # top-k, then softmax over the k (Megatron's default) = renormalised top-k
         extra = dict(num_experts=args.experts, num_experts_per_tok=2, moe_intermediate_size=args.ffn,
                      norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[])
-    return cls(architectures=[arch], **extra, hidden_size=args.hidden, num_attention_heads=args.heads,
-               num_key_value_heads=args.groups, head_dim=args.hidden // args.heads, intermediate_size=args.ffn,
-               num_hidden_layers=args.layers, vocab_size=args.vocab, tie_word_embeddings=args.tie,
-               rms_norm_eps=1e-6, rope_theta=10000.0, max_position_embeddings=128, bos_token_id=1, eos_token_id=2,
-               dtype=args.dtype)
+    common = dict(hidden_size=args.hidden, num_attention_heads=args.heads, num_key_value_heads=args.groups,
+                  head_dim=args.hidden // args.heads, intermediate_size=args.ffn, num_hidden_layers=args.layers,
+                  vocab_size=args.vocab, tie_word_embeddings=args.tie, rms_norm_eps=1e-6, rope_theta=10000.0,
+                  max_position_embeddings=128, bos_token_id=1, eos_token_id=2, dtype=args.dtype)
+    if args.model == "deepseek_v3":  # MLA: every head has its own k and v; head sizes come from the qk/v dims
+        common.update(num_key_value_heads=args.heads)
+        del common["head_dim"]
+    return cls(architectures=[arch], **{**common, **extra})
 
 
 def main():
@@ -173,7 +213,11 @@ def main():
 
     ps.initialize_model_parallel(tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp,
                                  virtual_pipeline_model_parallel_size=args.vpp, expert_model_parallel_size=args.ep)
-    if args.model in ("mixtral", "qwen2_moe", "qwen3_moe"):  # MoE forward on CPU
+    if args.model == "deepseek_v3":  # without Transformer Engine, MLA still takes TE's classes as present
+        from megatron.core.transformer import multi_latent_attention
+
+        multi_latent_attention.HAVE_TE = False
+    if args.model in ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3"):  # MoE forward on CPU
         from megatron.core.transformer.moe import moe_utils
 
         moe_utils.te_general_gemm = None

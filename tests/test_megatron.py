@@ -42,6 +42,7 @@ def logits_of(out, dtype=None):
     ("mixtral", ["mg_mixtral_ref", "mg_mixtral_ep2", "mg_mixtral_tp2ep2", "mg_mixtral_legacy_tp2ep2"], 1e-5),
     ("qwen2_moe", ["mg_qwen2moe_ref", "mg_qwen2moe_tp2ep2", "mg_qwen2moe_singleton_ep2"], 1e-5),
     ("qwen3_moe", ["mg_qwen3moe_ref", "mg_qwen3moe_ep2"], 1e-5),
+    ("deepseek_v3", ["mg_deepseekv3_ref", "mg_deepseekv3_tp2ep2"], 1e-5),
 ])
 def test_every_layout_merges_to_the_same_bytes_and_megatron_logits(family, layouts, tolerance, checkpoint, tmp_path):
     digests = {}
@@ -73,6 +74,11 @@ def test_every_layout_merges_to_the_same_bytes_and_megatron_logits(family, layou
 
         names = megatron.read_catalogue(str(checkpoint("mg_qwen2moe_singleton_ep2"))).tensors
         assert "decoder.layers.1.mlp.experts.experts.3.linear_fc1.weight_v" in names  # the layout the fixture claims
+    elif family == "deepseek_v3":
+        index = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+        for name in ("self_attn.q_a_proj.weight", "self_attn.q_a_layernorm.weight", "self_attn.kv_a_proj_with_mqa.weight",
+                     "self_attn.kv_b_proj.weight", "mlp.gate.e_score_correction_bias", "mlp.shared_experts.up_proj.weight"):
+            assert f"model.layers.1.{name}" in index, name
     elif family == "llama":
         from safetensors import safe_open
 

@@ -1,13 +1,14 @@
-"""Megatron-core GPT (Llama/Mistral, Qwen2, Qwen3 dense) -> HF, as a table of typed rules.
+"""Megatron-core GPT (Llama/Mistral, Qwen2, Qwen3, Mixtral, Qwen2/3-MoE, DeepSeek-V3) -> HF, as tables of typed rules.
 
-Megatron stacks layers into one key with a leading layer axis. Each rule maps one Megatron key to
-HF tensors of every layer:
+Megatron stores each per-layer key once for all layers (see find_slots for the three ways). Each
+rule maps one Megatron key to HF tensors of every layer:
 - `Same`: the layer's slice as is (norms, linear_proj -> o_proj, linear_fc2 -> down_proj);
 - `QKV`: linear_qkv is interleaved per query group, [q_g0 (nh/ng*d rows), k_g0 (d), v_g0 (d), q_g1, ...];
   q/k/v_proj each take their rows of every group (the bias uses the same layout);
-- `GateUp`: linear_fc1 is stored as [gate (F rows); up (F rows)].
+- `GateUp`: linear_fc1 is stored as [gate (F rows); up (F rows)];
+- `Router`, `RouterBias`, `Experts`: MoE, named per family by MOE_NAMES.
 Embedding and head rows beyond the config's vocab_size are Megatron's vocab padding and are dropped.
-A new family is mostly a new table.
+A new family is mostly a new entry in FAMILY_RULES and MOE_NAMES.
 """
 from __future__ import annotations
 
@@ -32,11 +33,11 @@ class QKV:
 
 @dataclass(frozen=True)
 class GateUp:
-    """A fused [gate (F rows); up (F rows)], F from config key `size`."""
+    """A fused [gate (F rows); up (F rows)], F from config key `size` (None: half the stored rows)."""
 
     gate: str = "mlp.gate_proj.weight"
     up: str = "mlp.up_proj.weight"
-    size: str = "intermediate_size"
+    size: str | None = "intermediate_size"
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,27 @@ LAYER_RULES = {
     "mlp.shared_experts.gate_weight": Same("mlp.shared_expert_gate.weight"),
 }
 
+# what differs per family: names that mean something else there, and names only it has
+FAMILY_RULES = {
+    # DeepSeek-V3's multi-latent attention (q_lora_rank > 0: q goes through a low-rank pair) and its
+    # shared experts (plural, no gate). Local specs keep q/kv_layernorm apart, TE specs fuse them
+    # into the up projections (layer_norm_weight).
+    "DeepseekV3ForCausalLM": {
+        "self_attention.linear_q_proj.weight": Same("self_attn.q_proj.weight"),
+        "self_attention.linear_q_down_proj.weight": Same("self_attn.q_a_proj.weight"),
+        "self_attention.q_layernorm.weight": Same("self_attn.q_a_layernorm.weight"),
+        "self_attention.linear_q_up_proj.layer_norm_weight": Same("self_attn.q_a_layernorm.weight"),
+        "self_attention.linear_q_up_proj.weight": Same("self_attn.q_b_proj.weight"),
+        "self_attention.linear_kv_down_proj.weight": Same("self_attn.kv_a_proj_with_mqa.weight"),
+        "self_attention.kv_layernorm.weight": Same("self_attn.kv_a_layernorm.weight"),
+        "self_attention.linear_kv_up_proj.layer_norm_weight": Same("self_attn.kv_a_layernorm.weight"),
+        "self_attention.linear_kv_up_proj.weight": Same("self_attn.kv_b_proj.weight"),
+        "mlp.shared_experts.linear_fc1.weight": GateUp("mlp.shared_experts.gate_proj.weight",
+                                                       "mlp.shared_experts.up_proj.weight", None),
+        "mlp.shared_experts.linear_fc2.weight": Same("mlp.shared_experts.down_proj.weight"),
+    },
+}
+
 
 @dataclass(frozen=True)
 class MoeNames:
@@ -97,6 +119,8 @@ MOE_NAMES = {
     "MixtralForCausalLM": MoeNames("block_sparse_moe.gate.weight", "block_sparse_moe.experts.{e}.", "w1", "w3", "w2"),
     "Qwen2MoeForCausalLM": MoeNames("mlp.gate.weight", "mlp.experts.{e}.", "gate_proj", "up_proj", "down_proj"),
     "Qwen3MoeForCausalLM": MoeNames("mlp.gate.weight", "mlp.experts.{e}.", "gate_proj", "up_proj", "down_proj"),
+    "DeepseekV3ForCausalLM": MoeNames("mlp.gate.weight", "mlp.experts.{e}.", "gate_proj", "up_proj", "down_proj",
+                                      router_bias="mlp.gate.e_score_correction_bias"),
 }
 EMBEDDING = "embedding.word_embeddings.weight"
 HEAD = "output_layer.weight"
@@ -125,7 +149,7 @@ class Slot:
         return SourceRows(self.name, self.index, first, last)
 
 
-def find_slots(tensors: dict, layers: int) -> tuple[dict, list[str]]:
+def find_slots(tensors: dict, layers: int, rules: dict) -> tuple[dict, list[str]]:
     """(per-layer key, layer, expert or None, GLU half "w"/"v" or None) -> Slot for every per-layer
     tensor, however the checkpoint stores it; and the names no rule knows."""
     slots, unknown = {}, []
@@ -142,7 +166,7 @@ def find_slots(tensors: dict, layers: int) -> tuple[dict, list[str]]:
         half = None
         if half_match:
             key, half = half_match.group(1), half_match.group(2)
-        if key not in LAYER_RULES:
+        if key not in rules:
             unknown.append(name)
             continue
         if layer is None and t.shape[0] != layers:
@@ -185,7 +209,8 @@ def map_outputs(catalogue: Catalogue, config: dict, cast) -> list[OutputTensor]:
     def out(name, source, parts, rows_shape):
         return OutputTensor(name, tuple(rows_shape), cast(tensors[source].dtype), parts)
 
-    slots, unmapped = find_slots(tensors, layers)
+    rules = {**LAYER_RULES, **FAMILY_RULES.get(arch, {})}
+    slots, unmapped = find_slots(tensors, layers, rules)
     unmapped += [n for n in tensors if not n.startswith("decoder.layers.") and n not in (EMBEDDING, HEAD, FINAL_NORM)]
     if unmapped:
         shown = ", ".join(sorted(unmapped)[:8]) + (f" and {len(unmapped) - 8} more" if len(unmapped) > 8 else "")
@@ -210,17 +235,14 @@ def map_outputs(catalogue: Catalogue, config: dict, cast) -> list[OutputTensor]:
     def gate_up(hf_gate, hf_up, key, i, expert, size, what):
         """A fused [gate; up] (one slot), or its two halves stored apart (singleton_local_shards)."""
         whole, w, v = (slots.get((key, i, expert, half)) for half in (None, "w", "v"))
-        if whole is None:
-            if w is None or v is None:
-                raise MergeError(f"layer {i} of {catalogue.source} holds only one half of {key}")
-            halves = [(hf_gate, w, 0), (hf_up, v, 0)]
-            rows = w.shape[0] + v.shape[0]
-        else:
-            halves = [(hf_gate, whole, 0), (hf_up, whole, size)]
-            rows = whole.shape[0]
-        if rows != 2 * (size or 0):
+        if whole is None and (w is None or v is None):
+            raise MergeError(f"layer {i} of {catalogue.source} holds only one half of decoder.layers.{key}")
+        rows = whole.shape[0] if whole is not None else w.shape[0] + v.shape[0]
+        size = rows // 2 if size is None else size
+        if rows != 2 * size:
             raise MergeError(f"decoder.layers.{key} has {rows} rows per {what} but config.json's "
-                             f"size {size} needs {2 * (size or 0)}; the config is not this model's")
+                             f"size {size} needs {2 * size}; the config is not this model's")
+        halves = [(hf_gate, whole, 0), (hf_up, whole, size)] if whole is not None else [(hf_gate, w, 0), (hf_up, v, 0)]
         for hf_name, slot, first in halves:
             add(hf_name, slot, [slot.rows(first, first + size)], (size,) + slot.shape[1:])
 
@@ -235,12 +257,12 @@ def map_outputs(catalogue: Catalogue, config: dict, cast) -> list[OutputTensor]:
             experts_of.setdefault((key, i), set()).add(e)
     for i in range(layers):
         prefix = LAYER.format(i=i)
-        for key, rule in LAYER_RULES.items():
+        for key, rule in rules.items():
             if isinstance(rule, Experts):
                 if (key, i) not in experts_of:
                     continue
                 names = moe_names(key)
-                experts = cfg.get("num_local_experts", cfg.get("num_experts"))
+                experts = cfg.get("num_local_experts") or cfg.get("num_experts") or cfg.get("n_routed_experts")
                 if sorted(experts_of[(key, i)]) != list(range(experts or 0)):
                     raise MergeError(f"decoder.layers.{key} of layer {i} holds {len(experts_of[(key, i)])} experts "
                                      f"but config.json says {experts}; the config is not this model's")
@@ -254,7 +276,8 @@ def map_outputs(catalogue: Catalogue, config: dict, cast) -> list[OutputTensor]:
                 continue
             if isinstance(rule, GateUp):
                 if any((key, i, None, half) in slots for half in (None, "w", "v")):
-                    gate_up(prefix + rule.gate, prefix + rule.up, key, i, None, cfg.get(rule.size), "layer")
+                    size = None if rule.size is None else cfg.get(rule.size) or 0
+                    gate_up(prefix + rule.gate, prefix + rule.up, key, i, None, size, "layer")
                 continue
             slot = slots.get((key, i, None, None))
             if slot is None:
