@@ -6,9 +6,10 @@ verl's merger as a baseline; writes bench/results.{json,md} and bench/scaling.pn
     python bench/run.py --sizes 1.4 --runs 5     # the 1.4 GB checkpoint only
     python bench/run.py --work /fast/disk/bench
 
-Floors, measured in the same run:
-  one process: `python -c "import torch"` + `cat` of the source files + `dd` write of the output bytes
-  M ranks:     torchrun of a script that only creates and destroys the process group + the same cat + dd
+Floors, measured in the same run, per launch mode:
+  one process, and M ranks forked by `merge --local-ranks M`: `python -c "import torch"` + `cat` of the
+               source files + `dd` write of the output bytes (the forked ranks get no allowance for starting)
+  M ranks under torchrun: torchrun of a script that only creates and destroys the process group + the same cat + dd
 Each distmerge configuration is run --runs times; the median wall time and the per-rank peak RSS
 (ru_maxrss, the figure `/usr/bin/time -v` prints, taken from distmerge's own summary) are recorded in
 bench/results.json and bench/results.md.
@@ -60,8 +61,11 @@ def source_files(ckpt: Path) -> list[str]:
     return sorted(str(p) for p in ckpt.glob("model_world_size_*.pt")) or sorted(str(p) for p in ckpt.rglob("*.distcp"))
 
 
-def floor(ckpt: Path, out_bytes: int, work: Path, ranks: int) -> float:
-    launch = [PY, "-c", "import torch"] if ranks == 1 else torchrun(ranks) + [str(ROOT / "bench" / "pg_only.py")]
+def floor(ckpt: Path, out_bytes: int, work: Path, ranks: int, launcher: str) -> float:
+    if ranks == 1 or launcher == "fork":
+        launch = [PY, "-c", "import torch"]
+    else:
+        launch = torchrun(ranks) + [str(ROOT / "bench" / "pg_only.py")]
     quiet = dict(stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     t = timed(launch, **quiet)
     t += timed(["cat"] + source_files(ckpt), **quiet)
@@ -71,12 +75,15 @@ def floor(ckpt: Path, out_bytes: int, work: Path, ranks: int) -> float:
     return t
 
 
-def distmerge(ckpt: Path, out: Path, ranks: int, transport: str, dtype: str) -> tuple[float, dict]:
+def distmerge(ckpt: Path, out: Path, ranks: int, transport: str, dtype: str, launcher: str) -> tuple[float, dict]:
     shutil.rmtree(out, ignore_errors=True)
     summary = out.parent / "summary.json"
     args = ["-m", "distmerge", "merge", "--source", str(ckpt), "--target", str(out), "--transport", transport,
             "--dtype", dtype, "--no-progress", "--summary-json", str(summary)]
-    cmd = [PY] + args if ranks == 1 else torchrun(ranks) + args
+    if ranks == 1 or launcher == "fork":
+        cmd = [PY] + args + ["--local-ranks", str(ranks)]
+    else:
+        cmd = torchrun(ranks) + args
     t = timed(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return t, json.loads(summary.read_text())
 
@@ -124,26 +131,28 @@ def verl_merge(py: str, ckpt: Path, out: Path, timeout: float) -> tuple[float, f
 
 
 def measure(label: str, ckpt: Path, work: Path, runs: int, configs, dtypes) -> list[dict]:
-    """Time each (ranks, transport) x dtype configuration `runs` times beside its floor."""
+    """Time each (ranks, transport, launcher) x dtype configuration `runs` times beside its floor."""
     src_bytes = sum(os.path.getsize(f) for f in source_files(ckpt))
     subprocess.run(["cat"] + source_files(ckpt), stdout=subprocess.DEVNULL, check=True)  # warm the page cache
     rows = []
     for dtype in dtypes:
-        for ranks, transport in configs:
+        for ranks, transport, launcher in configs:
+            launcher = "python" if ranks == 1 else launcher
             times, floors, summaries = [], [], []
             for _ in range(runs):
-                t, summary = distmerge(ckpt, work / "out", ranks, transport, dtype)
+                t, summary = distmerge(ckpt, work / "out", ranks, transport, dtype, launcher)
                 times.append(t)
                 summaries.append(summary)
-                floors.append(floor(ckpt, summary["bytes"], work, ranks))
+                floors.append(floor(ckpt, summary["bytes"], work, ranks, launcher))
             best = summaries[times.index(statistics.median(times))] if runs % 2 else summaries[-1]
-            row = {"source": label, "ranks": ranks, "transport": transport, "dtype": dtype, "source_gb": src_bytes / 1e9,
+            row = {"source": label, "ranks": ranks, "launcher": launcher, "transport": transport, "dtype": dtype,
+                   "source_gb": src_bytes / 1e9,
                    "output_gb": best["bytes"] / 1e9, "median_s": statistics.median(times),
                    "floor_s": statistics.median(floors), "peak_rss_mb": max(max(s["peak_rss_mb"]) for s in summaries),
                    "phases": best["phases"], "times": times}
             row["ratio"] = row["median_s"] / row["floor_s"]
             rows.append(row)
-            print(f"{label}: {ranks} rank(s) {transport:10s} {dtype:4s}: {row['median_s']:.2f} s (floor {row['floor_s']:.2f} s, "
+            print(f"{label}: {ranks} rank(s) {launcher:8s} {transport:10s} {dtype:4s}: {row['median_s']:.2f} s (floor {row['floor_s']:.2f} s, "
                   f"x{row['ratio']:.2f}), peak RSS/rank {row['peak_rss_mb']:.0f} MB", flush=True)
     return rows
 
@@ -169,13 +178,13 @@ def verl_row(py, ckpt, work, runs, ours, timeout) -> dict:
         times.append(t)
         rss.append(m)
     shutil.rmtree(work / "verl-out", ignore_errors=True)
-    row = {"source": ours["source"], "ranks": 1, "transport": "verl model_merger", "dtype": "bf16",
+    row = {"source": ours["source"], "ranks": 1, "launcher": "python", "transport": "verl model_merger", "dtype": "bf16",
            "source_gb": ours["source_gb"], "output_gb": ours["output_gb"], "floor_s": ours["floor_s"],
            "median_s": statistics.median(times) if times else None, "peak_rss_mb": max(rss) if rss else None,
            "times": times, "failure": failure}
     row["ratio"] = row["median_s"] / row["floor_s"] if times else None
     print(f"{ours['source']}: verl model_merger bf16: " + (f"{row['median_s']:.2f} s, peak RSS {row['peak_rss_mb']:.0f} MB; "
-          f"distmerge ({ours['ranks']} rank(s)) is {row['median_s'] / ours['median_s']:.1f}x faster" if times
+          f"distmerge ({ours['ranks']} rank(s), {ours['launcher']}) is {row['median_s'] / ours['median_s']:.1f}x faster" if times
           else f"failed: {failure}"), flush=True)
     return row
 
@@ -193,8 +202,8 @@ def plot(rows, path: Path) -> None:
     for r in rows:
         if not r["source"].startswith("verl FSDP2") or r["median_s"] is None:
             continue
-        key = (f"verl model_merger (bf16)" if r["transport"] == "verl model_merger"
-               else f"distmerge {r['ranks']} rank(s) {r['transport']} {r['dtype']}")
+        key = ("verl model_merger (bf16)" if r["transport"] == "verl model_merger"
+               else f"distmerge {r['ranks']} rank(s) {r['launcher']} {r['transport']} {r['dtype']}")
         series.setdefault(key, []).append((r["source_gb"], r["median_s"], r["peak_rss_mb"]))
     for key, points in sorted(series.items()):
         points.sort()
@@ -227,12 +236,12 @@ def main():
     for size in args.sizes.split(","):
         ckpt = checkpoint(work, LAYERS[size])
         label = f"verl FSDP2 {size} GB"
-        configs = [(1, "direct"), (2, "direct"), (2, "collective")]
+        configs = [(1, "direct", None), (2, "direct", "fork"), (2, "direct", "torchrun"), (2, "collective", "torchrun")]
         new = measure(label, ckpt, work, args.runs, configs, ("auto", "bf16"))
         rows += new
-        if py:  # verl against distmerge writing the same bytes: 1 process at 1.4 GB, 2 ranks above
+        if py:  # verl against distmerge writing the same bytes: 1 process at 1.4 GB, 2 (forked) ranks above
             ours = next(r for r in new if r["dtype"] == "bf16" and r["ranks"] == (1 if size == "1.4" else 2)
-                        and r["transport"] == "direct")
+                        and r["transport"] == "direct" and r["launcher"] in ("python", "fork"))
             rows.append(verl_row(py, ckpt, work, 1 if size == "11" else args.runs, ours, timeout=1200))
     if not args.no_megatron:
         megatron = work / "megatron"
@@ -240,23 +249,24 @@ def main():
             print("generating the Megatron TP2xPP2 benchmark checkpoint ...", flush=True)
             subprocess.run(torchrun(4) + [str(ROOT / "tests" / "make_megatron_checkpoint.py"), "--out", str(megatron)]
                            + MEGATRON_MODEL, check=True, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        rows += measure("Megatron TP2xPP2 1.4 GB", megatron, work, args.runs, [(1, "direct"), (2, "direct")], ("auto",))
+        rows += measure("Megatron TP2xPP2 1.4 GB", megatron, work, args.runs,
+                        [(1, "direct", None), (2, "direct", "fork"), (2, "direct", "torchrun")], ("auto",))
     (ROOT / "bench" / "results.json").write_text(json.dumps(rows, indent=2))
-    lines = ["| checkpoint | ranks | transport | dtype | output GB | seconds (median) | floor s | ratio | peak RSS / rank MB |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| checkpoint | ranks | launcher | transport | dtype | output GB | seconds (median) | floor s | ratio | peak RSS / rank MB |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r["median_s"] is None:
-            lines.append(f"| {r['source']} | {r['ranks']} | {r['transport']} | {r['dtype']} | {r['output_gb']:.2f} | "
+            lines.append(f"| {r['source']} | {r['ranks']} | {r['launcher']} | {r['transport']} | {r['dtype']} | {r['output_gb']:.2f} | "
                          f"failed: {r['failure']} | {r['floor_s']:.2f} | - | - |")
             continue
-        lines.append(f"| {r['source']} | {r['ranks']} | {r['transport']} | {r['dtype']} | {r['output_gb']:.2f} | "
+        lines.append(f"| {r['source']} | {r['ranks']} | {r['launcher']} | {r['transport']} | {r['dtype']} | {r['output_gb']:.2f} | "
                      f"{r['median_s']:.2f} | {r['floor_s']:.2f} | {r['ratio']:.2f} | {r['peak_rss_mb']:.0f} |")
     lines += ["", "Seconds per phase of the median run, per rank (the job's own summary):", ""]
     for r in rows:
         if r.get("phases"):
             phases = "; ".join(f"rank {i}: " + ", ".join(f"{k} {v:.2f}" for k, v in sorted(ph.items()))
                                for i, ph in enumerate(r["phases"]))
-            lines.append(f"- {r['source']}, {r['ranks']} rank(s) {r['transport']} {r['dtype']}: {phases}")
+            lines.append(f"- {r['source']}, {r['ranks']} rank(s) {r['launcher']} {r['transport']} {r['dtype']}: {phases}")
     (ROOT / "bench" / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     plot(rows, ROOT / "bench" / "scaling.png")
