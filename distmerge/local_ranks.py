@@ -35,7 +35,7 @@ def run_local_ranks(n: int, run_rank: Callable[[], int]) -> int:
                          "leave it out (the launcher's ranks are used)")
     if n < 1:
         raise MergeError(f"--local-ranks must be at least 1, not {n}")
-    port = str(free_port())
+    port = os.environ.get("MASTER_PORT") or str(free_port())
     sys.stdout.flush()
     sys.stderr.flush()
     ranks: dict[int, int] = {}  # pid -> rank

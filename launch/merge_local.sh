@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# distmerge on one machine: torchrun with one rank per GPU, or per CPU core (at most 8) without GPUs.
+# distmerge on one machine: one rank per GPU, or per CPU core (at most 8) without GPUs, forked by
+# `distmerge merge --local-ranks N` (one torch import for all ranks: ~2 s faster to start than torchrun).
 #   launch/merge_local.sh SOURCE TARGET [more `distmerge merge` options...]
 #   NPROC_PER_NODE=4 launch/merge_local.sh ckpts/global_step_500/actor out/step500 --dtype bf16
 # PYTHON picks the interpreter (default: python from PATH); MASTER_PORT the port (default: a free one).
@@ -18,6 +19,4 @@ else
   CPUS=$(nproc)
   NPROC=${NPROC_PER_NODE:-$(( CPUS < 8 ? CPUS : 8 ))}
 fi
-PORT=${MASTER_PORT:-$("$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}
-exec "$PYTHON" -m torch.distributed.run --nproc-per-node "$NPROC" --master-addr 127.0.0.1 --master-port "$PORT" \
-  -m distmerge merge --source "$SOURCE" --target "$TARGET" "$@"
+exec "$PYTHON" -m distmerge merge --local-ranks "$NPROC" --source "$SOURCE" --target "$TARGET" "$@"

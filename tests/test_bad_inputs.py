@@ -248,3 +248,9 @@ def test_checkpoint_vocab_smaller_than_the_config_is_refused(ckpt, tmp_path, cap
     code, err = merge(capsys, "--source", ckpt, "--target", tmp_path / "out")
     assert_refused(code, err, 2, "model.embed_tokens.weight has 1001 rows", "vocab_size=1024", "--hf-config",
                    tmp_path=tmp_path)
+
+
+def test_local_ranks_inside_another_launcher_is_refused(ckpt, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("RANK", "0")  # what torchrun or srun sets
+    code, err = merge(capsys, "--source", ckpt, "--target", tmp_path / "out", "--local-ranks", "2")
+    assert_refused(code, err, 2, "--local-ranks starts its own ranks", tmp_path=tmp_path)

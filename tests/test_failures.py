@@ -39,34 +39,49 @@ def uninterrupted(checkpoint, tmp_path_factory):
 
 
 def worker_with_rank(launcher: psutil.Process, rank: int) -> psutil.Process | None:
-    for child in launcher.children(recursive=True):
+    """Rank `rank` of a job: torchrun's workers carry RANK in their environment; ranks forked by
+    --local-ranks do not (a fork keeps the parent's /proc environ) and are the launcher's children
+    in rank order."""
+    children = launcher.children(recursive=True)
+    for child in children:
         try:
             if child.environ().get("RANK") == str(rank) and "slow_merge.py" in " ".join(child.cmdline()):
                 return child
         except psutil.Error:
             continue
+    forked = sorted(launcher.children(), key=lambda c: c.pid)
+    if forked and "--local-ranks" in launcher.cmdline() and len(forked) > rank:
+        return forked[rank]
     return None
 
 
+def start_slow_job(nproc: int, launcher: str, args: list[str]) -> subprocess.Popen:
+    if launcher == "fork":
+        cmd = [sys.executable, str(ROOT / "tests" / "slow_merge.py")] + args + ["--local-ranks", str(nproc)]
+    else:
+        cmd = torchrun_cmd(nproc) + [str(ROOT / "tests" / "slow_merge.py")] + args
+    return subprocess.Popen(cmd, env=clean_env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_finished_segments(staging: str, count: int = 2) -> None:
+    deadline = time.time() + 120
+    done = os.path.join(staging, ".done")
+    while time.time() < deadline and not (os.path.isdir(done) and len(os.listdir(done)) >= count):
+        time.sleep(0.05)
+
+
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("nproc, transport", [(2, "direct"), (4, "collective")])
-def test_a_killed_rank_stops_the_job_and_resume_completes_it(nproc, transport, uninterrupted, tmp_path):
+@pytest.mark.parametrize("nproc, transport, launcher", [(2, "direct", "torchrun"), (4, "collective", "torchrun"),
+                                                         (2, "direct", "fork")])
+def test_a_killed_rank_stops_the_job_and_resume_completes_it(nproc, transport, launcher, uninterrupted, tmp_path):
     ckpt, expected = uninterrupted
     out = tmp_path / "out"
     staging = staging_dir(str(out))
     args = ["merge", "--source", str(ckpt), "--target", str(out), *SHAPE, "--transport", transport, "--no-progress"]
-    job = subprocess.Popen(torchrun_cmd(nproc) + [str(ROOT / "tests" / "slow_merge.py")] + args, env=clean_env(),
-                           cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    job = start_slow_job(nproc, launcher, args)
     try:
-        launcher, victim = psutil.Process(job.pid), None
-        deadline = time.time() + 120
-        while time.time() < deadline:  # kill the last rank once some files are finished
-            done = os.path.join(staging, ".done")
-            if os.path.isdir(done) and len(os.listdir(done)) >= 2:
-                victim = worker_with_rank(launcher, nproc - 1)
-                if victim:
-                    break
-            time.sleep(0.05)
+        wait_for_finished_segments(staging)  # kill the last rank once some files are finished
+        victim = worker_with_rank(psutil.Process(job.pid), nproc - 1)
         assert victim is not None, "the slowed merge never got going"
         victim.send_signal(signal.SIGKILL)
         killed_at = time.time()
@@ -76,7 +91,7 @@ def test_a_killed_rank_stops_the_job_and_resume_completes_it(nproc, transport, u
             job.kill()
     stopped_in = time.time() - killed_at
     assert job.returncode != 0
-    # rank 0 either notices the dead peer itself or is stopped by torchrun's SIGTERM first
+    # rank 0 either notices the dead peer itself or is stopped by the launcher's SIGTERM first
     assert ("distmerge: error: lost contact with another rank" in err
             or "distmerge: error: stopped by signal SIGTERM" in err), err[-3000:]
     assert "[rank0]: Traceback" not in err, err[-3000:]
@@ -111,6 +126,30 @@ def crashed_run(ckpt, out, extra=()):
     job.wait(timeout=60)
     os.remove(lock_path(str(out)))  # a SIGKILLed merge leaves its lock (tested in test_bad_inputs)
     return args
+
+
+@pytest.mark.timeout(300)
+def test_sigterm_to_the_local_ranks_parent_stops_every_rank(uninterrupted, tmp_path):
+    """What SLURM or a user's kill does to `merge --local-ranks`: every rank unwinds, nothing is published."""
+    ckpt, _ = uninterrupted
+    out = tmp_path / "out"
+    staging = staging_dir(str(out))
+    job = start_slow_job(2, "fork", ["merge", "--source", str(ckpt), "--target", str(out), *SHAPE, "--no-progress"])
+    try:
+        wait_for_finished_segments(staging)
+        ranks = psutil.Process(job.pid).children()
+        assert len(ranks) == 2, ranks
+        job.send_signal(signal.SIGTERM)
+        _, err = job.communicate(timeout=120)
+    finally:
+        if job.poll() is None:
+            job.kill()
+    assert job.returncode == 4, err[-3000:]
+    assert "distmerge: error: stopped by signal SIGTERM" in err and "Traceback" not in err, err[-3000:]
+    assert not any(r.is_running() and r.status() != psutil.STATUS_ZOMBIE for r in ranks), "a rank outlived its parent"
+    assert not out.exists()
+    assert os.path.exists(os.path.join(staging, INCOMPLETE))
+    assert not os.path.exists(lock_path(str(out)))
 
 
 @pytest.mark.timeout(300)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import sys
 import warnings
 
 import pytest
@@ -11,7 +12,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from conftest import LAYOUTS, run_distmerge, source_dir
+from conftest import LAYOUTS, run, run_distmerge, source_dir
 
 FIXED_INPUT = [[1, 5, 9, 2, 7, 3, 11, 4]]
 
@@ -121,6 +122,12 @@ def test_output_is_the_same_for_any_rank_count_and_transport(layout, shard_size,
                                   "--transport", transport, "--no-progress"], nproc=nproc)
             assert proc.returncode == 0, proc.stderr[-4000:]
             digests[(nproc, transport)] = digest(out)
+    # ranks forked by one process instead of torchrun's (launch/merge_local.sh: merge --local-ranks N)
+    out = tmp_path / "forked"
+    proc = run(["bash", "launch/merge_local.sh", str(source), str(out), "--max-shard-size", shard_size,
+                "--transport", "collective", "--no-progress"], env={"PYTHON": sys.executable, "NPROC_PER_NODE": "3"})
+    assert proc.returncode == 0 and "with 3 rank(s)" in proc.stderr, proc.stderr[-4000:]
+    digests[("--local-ranks 3", "collective")] = digest(out)
     first = digests[(1, "direct")]
     assert len([n for n in first if n.endswith(".safetensors")]) > 3
     for key, d in digests.items():
