@@ -7,7 +7,9 @@ Two transports move the pieces:
   writes it (gloo on CPU, NCCL with CUDA tensors).
 Bytes are read with pread into fresh buffers (never a whole-file mmap, whose touched pages would
 count towards RSS), and a tensor stored as row blocks is written block by block at its offsets,
-so a rank holds at most a few pieces at once, never a whole file or model.
+so a rank holds at most a few pieces at once, never a whole file or model. Source pages already
+read are dropped from the page cache (POSIX_FADV_DONTNEED), so a model whose source and output
+together exceed RAM does not evict source bytes it has yet to read.
 """
 from __future__ import annotations
 
@@ -81,6 +83,9 @@ class PieceReader:
                 raise MergeIOError(f"{piece.file} ended at byte {at} but a tensor piece needs bytes up to "
                                    f"{offset + nbytes}; the file is truncated, copy it again")
             view, at = view[n:], at + n
+        # these source pages are done with: free them for the output's, so that source bytes not yet
+        # read stay cached when source and output together exceed RAM (11 GB fp32 here: ~2x faster)
+        os.posix_fadvise(fd, offset, nbytes, os.POSIX_FADV_DONTNEED)
         values = buf.view(piece.dtype)
         if span == math.prod(shape):
             return values.view(shape)
