@@ -68,6 +68,8 @@ def floor(ckpt: Path, out_bytes: int, work: Path, ranks: int, launcher: str) -> 
         launch = torchrun(ranks) + [str(ROOT / "bench" / "pg_only.py")]
     quiet = dict(stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     t = timed(launch, **quiet)
+    # warm, as for distmerge's runs: distmerge drops the source pages it has read from the cache
+    subprocess.run(["cat"] + source_files(ckpt), check=True, **quiet)
     t += timed(["cat"] + source_files(ckpt), **quiet)
     mb = -(-out_bytes // 2**20)
     t += timed(["dd", "if=/dev/zero", f"of={work / 'dd.out'}", "bs=1M", f"count={mb}"], **quiet)
@@ -133,13 +135,13 @@ def verl_merge(py: str, ckpt: Path, out: Path, timeout: float) -> tuple[float, f
 def measure(label: str, ckpt: Path, work: Path, runs: int, configs, dtypes) -> list[dict]:
     """Time each (ranks, transport, launcher) x dtype configuration `runs` times beside its floor."""
     src_bytes = sum(os.path.getsize(f) for f in source_files(ckpt))
-    subprocess.run(["cat"] + source_files(ckpt), stdout=subprocess.DEVNULL, check=True)  # warm the page cache
     rows = []
     for dtype in dtypes:
         for ranks, transport, launcher in configs:
             launcher = "python" if ranks == 1 else launcher
             times, floors, summaries = [], [], []
             for _ in range(runs):
+                subprocess.run(["cat"] + source_files(ckpt), stdout=subprocess.DEVNULL, check=True)  # warm
                 t, summary = distmerge(ckpt, work / "out", ranks, transport, dtype, launcher)
                 times.append(t)
                 summaries.append(summary)
