@@ -85,7 +85,8 @@ class PieceReader:
             view, at = view[n:], at + n
         # these source pages are done with: free them for the output's, so that source bytes not yet
         # read stay cached when source and output together exceed RAM (11 GB fp32 here: ~2x faster)
-        os.posix_fadvise(fd, offset, nbytes, os.POSIX_FADV_DONTNEED)
+        if hasattr(os, "posix_fadvise"):  # Linux; elsewhere the cache is left alone
+            os.posix_fadvise(fd, offset, nbytes, os.POSIX_FADV_DONTNEED)
         values = buf.view(piece.dtype)
         if span == math.prod(shape):
             return values.view(shape)

@@ -94,7 +94,8 @@ def intra_op_threads(ranks_on_this_machine: int):
 
     before = torch.get_num_threads()
     if "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // (2 * max(1, ranks_on_this_machine))))
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        torch.set_num_threads(max(1, cores // (2 * max(1, ranks_on_this_machine))))
     try:
         yield
     finally:
