@@ -225,7 +225,7 @@ def map_outputs(catalogue: Catalogue, config: dict, cast) -> list[OutputTensor]:
         return [SourceRows(name, (), 0, vocab)], (vocab,) + t.shape[1:]
 
     def add(hf_name, slot, parts, shape):
-        outputs.append(OutputTensor(hf_name, tuple(shape), cast(tensors[slot.name].dtype), parts))
+        outputs.append(out(hf_name, slot.name, parts, shape))
 
     def moe_names(key) -> MoeNames:
         if arch not in MOE_NAMES:
@@ -250,7 +250,7 @@ def map_outputs(catalogue: Catalogue, config: dict, cast) -> list[OutputTensor]:
     if EMBEDDING not in tensors:
         raise MergeError(f"{catalogue.source} holds no {EMBEDDING}; the checkpoint is incomplete")
     parts, shape = vocab_rows(EMBEDDING)
-    outputs.append(OutputTensor("model.embed_tokens.weight", shape, cast(tensors[EMBEDDING].dtype), parts))
+    outputs.append(out("model.embed_tokens.weight", EMBEDDING, parts, shape))
     experts_of = {}  # (key, layer) -> the experts stored for it
     for key, i, e, _ in slots:
         if e is not None:

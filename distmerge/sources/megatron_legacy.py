@@ -71,6 +71,13 @@ def _rank_files(iter_dir: str) -> dict[tuple[int, ...], str]:
 def _rank_grid(iter_dir: str, files: dict, states: dict) -> dict[tuple[int, int, int], str]:
     """(tp, pp, ep) -> file. mp_rank_TT_XXX names a PP rank or, with PP=1, an EP rank: the saved
     args say which, or else the content (PP stages hold different keys, EP ranks the same ones)."""
+    is_ep = False
+    if any(len(key) == 2 for key in files):  # one save: the names all have the same form
+        args = states[next(iter(files.values()))][1]
+        if args.get("pipeline_model_parallel_size") is not None:
+            is_ep = args["pipeline_model_parallel_size"] == 1
+        else:
+            is_ep = len({frozenset(k for chunk in states[p][0] for k in chunk) for p in files.values()}) == 1
     grid = {}
     for key, path in files.items():
         if len(key) == 1:
@@ -78,12 +85,6 @@ def _rank_grid(iter_dir: str, files: dict, states: dict) -> dict[tuple[int, int,
         elif len(key) == 3:
             grid[key] = path
         else:
-            chunks, args = states[path]
-            if args.get("pipeline_model_parallel_size") is not None:
-                is_ep = args["pipeline_model_parallel_size"] == 1
-            else:
-                key_sets = {frozenset(k for c in states[p][0] for k in c) for p in files.values()}
-                is_ep = len(key_sets) == 1
             grid[(key[0], 0, key[1]) if is_ep else (key[0], key[1], 0)] = path
     tp, pp, ep = (max(k[d] for k in grid) + 1 for d in range(3))
     missing = [(t, p, e) for t in range(tp) for p in range(pp) for e in range(ep) if (t, p, e) not in grid]

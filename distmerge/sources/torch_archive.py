@@ -89,8 +89,9 @@ def load_megatron_legacy(path: str) -> tuple[list[dict], dict]:
         try:
             chunks = [_convert_fast(chunk, path) for chunk in _model_chunks(top, path)]
             args = top.get("args")
-            return chunks, {k: v for k, v in args.state.items() if isinstance(v, (int, str, type(None)))} \
-                if isinstance(args, _Record) else {}
+            if not isinstance(args, _Record):
+                return chunks, {}
+            return chunks, {k: v for k, v in args.state.items() if isinstance(v, (int, str, type(None)))}
         except FAST_PATH_MISSES:
             pass
     return _load_with_torch(path, megatron_chunks=True), {}
