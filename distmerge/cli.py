@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
@@ -182,11 +183,30 @@ def setup_logging() -> None:
     log.setLevel(logging.INFO if rank == 0 else logging.WARNING)
 
 
-def on_sigterm(signum, frame):
+@contextlib.contextmanager
+def sigterm_unwinds():
     """torchrun stops the other workers with SIGTERM when one fails: unwind, so the lock is
-    released and the staging directory stays marked incomplete for --resume."""
-    raise MergeAbortedError(f"stopped by signal {signal.Signals(signum).name}; the partial output stays "
-                            "marked incomplete: rerun the same command with --resume to finish it")
+    released and the staging directory stays marked incomplete for --resume.
+
+    Only the first SIGTERM raises. A second one (torchrun and the --local-ranks parent may both
+    send one, or it lands while an earlier error is being reported) must not interrupt the
+    cleanup the first one started. Outside the merge the previous handler is back, so a SIGTERM
+    during interpreter exit ends the process quietly instead of raising inside a finaliser."""
+    armed = True
+
+    def on_sigterm(signum, frame):
+        nonlocal armed
+        if armed:
+            armed = False
+            raise MergeAbortedError(f"stopped by signal {signal.Signals(signum).name}; the partial output stays "
+                                    "marked incomplete: rerun the same command with --resume to finish it")
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        yield
+    finally:
+        armed = False
+        signal.signal(signal.SIGTERM, previous)
 
 
 def load_preset(path: str, merge_parser: argparse.ArgumentParser) -> dict:
@@ -248,9 +268,21 @@ def main(argv=None) -> int:
 
 
 def run_command(args: argparse.Namespace) -> int:
+    if args.command != "merge":
+        return run_one_command(args)
+    try:
+        with sigterm_unwinds():
+            return run_one_command(args)
+    except MergeAbortedError as e:  # the SIGTERM came while an earlier error was being reported
+        if args.debug:
+            raise
+        log.error("%s", e)
+        return e.exit_code
+
+
+def run_one_command(args: argparse.Namespace) -> int:
     try:
         if args.command == "merge":
-            signal.signal(signal.SIGTERM, on_sigterm)
             result = run_merge(merge_options(args))
             if args.summary_json and int(os.environ.get("RANK", "0")) == 0:
                 with open(args.summary_json, "w") as f:

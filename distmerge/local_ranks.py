@@ -58,7 +58,13 @@ def run_local_ranks(n: int, run_rank: Callable[[], int]) -> int:
                 os._exit(code)  # no interpreter teardown: the parent owns it
         ranks[pid] = rank
 
+    stopping = False
+
     def stop_all(signum=signal.SIGTERM, frame=None):
+        nonlocal stopping
+        if stopping:  # one SIGTERM per rank: a second would interrupt the cleanup the first started
+            return
+        stopping = True
         for pid in ranks:
             try:
                 os.kill(pid, signal.SIGTERM)

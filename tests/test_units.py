@@ -1,9 +1,14 @@
 """Small pure functions of the plan and the FSDP reader."""
 from __future__ import annotations
 
+import os
+import signal
+import time
+
 import pytest
 import torch
-from distmerge.errors import MergeError
+from distmerge.cli import sigterm_unwinds
+from distmerge.errors import MergeAbortedError, MergeError
 from distmerge.plan import balance, group_into_files, parse_size
 from distmerge.sources.fsdp import shard_region
 
@@ -78,3 +83,22 @@ def test_readme_option_tables_are_generated_from_the_parser():
     text = README.read_text()
     for command in ("merge", "inspect", "verify"):
         assert f"<!-- options: {command} -->" in text
+
+
+def test_only_the_first_sigterm_unwinds_and_the_cleanup_it_starts_finishes():
+    """torchrun and the --local-ranks parent can both send SIGTERM: the second must not cut the
+    cleanup (lock release, staging marked incomplete) that the first one started."""
+    previous = signal.getsignal(signal.SIGTERM)
+    cleaned = False
+    with pytest.raises(MergeAbortedError, match="stopped by signal SIGTERM"):
+        with sigterm_unwinds():
+            try:
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(5)  # interrupted by the handler's exception
+                raise AssertionError("SIGTERM did not unwind")
+            finally:
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(0.05)  # the handler runs here, and must not raise again
+                cleaned = True
+    assert cleaned
+    assert signal.getsignal(signal.SIGTERM) is previous
