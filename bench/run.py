@@ -10,9 +10,11 @@ Floors, measured in the same run, per launch mode:
   one process, and M ranks forked by `merge --local-ranks M`: `python -c "import torch"` + `cat` of the
                source files + `dd` write of the output bytes (the forked ranks get no allowance for starting)
   M ranks under torchrun: torchrun of a script that only creates and destroys the process group + the same cat + dd
-Each distmerge configuration is run --runs times; the median wall time and the per-rank peak RSS
-(ru_maxrss, the figure `/usr/bin/time -v` prints, taken from distmerge's own summary) are recorded in
-bench/results.json and bench/results.md.
+Each distmerge configuration is run --runs times, each run followed by its floor; recorded in
+bench/results.json and bench/results.md: the median wall time, the median floor, the ratio (the
+median of each run's time over the floor measured right after it, which cancels the VM's slow
+drifts), and the per-rank peak RSS (ru_maxrss, the figure `/usr/bin/time -v` prints, taken from
+distmerge's own summary).
 """
 from __future__ import annotations
 
@@ -62,6 +64,10 @@ def source_files(ckpt: Path) -> list[str]:
 
 
 def floor(ckpt: Path, out_bytes: int, work: Path, ranks: int, launcher: str) -> float:
+    """The floor starts from the page-cache state distmerge's run starts from: the previous output
+    deleted (its pages freed), the sources warm. On this VM, writing into pages that must first be
+    reclaimed from an earlier output was measured up to 10x slower (dd of 1.4 GB: 3.3 s, then 0.3 s)."""
+    shutil.rmtree(work / "out", ignore_errors=True)
     if ranks == 1 or launcher == "fork":
         launch = [PY, "-c", "import torch"]
     else:
@@ -139,20 +145,21 @@ def measure(label: str, ckpt: Path, work: Path, runs: int, configs, dtypes) -> l
     for dtype in dtypes:
         for ranks, transport, launcher in configs:
             launcher = "python" if ranks == 1 else launcher
-            times, floors, summaries = [], [], []
+            times, floors, ratios, summaries = [], [], [], []
             for _ in range(runs):
                 subprocess.run(["cat"] + source_files(ckpt), stdout=subprocess.DEVNULL, check=True)  # warm
                 t, summary = distmerge(ckpt, work / "out", ranks, transport, dtype, launcher)
                 times.append(t)
                 summaries.append(summary)
                 floors.append(floor(ckpt, summary["bytes"], work, ranks, launcher))
+                ratios.append(t / floors[-1])  # each run against the floor measured right after it
             best = summaries[times.index(statistics.median(times))] if runs % 2 else summaries[-1]
             row = {"source": label, "ranks": ranks, "launcher": launcher, "transport": transport, "dtype": dtype,
                    "source_gb": src_bytes / 1e9,
                    "output_gb": best["bytes"] / 1e9, "median_s": statistics.median(times),
                    "floor_s": statistics.median(floors), "peak_rss_mb": max(max(s["peak_rss_mb"]) for s in summaries),
-                   "phases": best["phases"], "times": times}
-            row["ratio"] = row["median_s"] / row["floor_s"]
+                   "phases": best["phases"], "stages": best.get("stages", {}), "times": times, "floors": floors,
+                   "ratio": statistics.median(ratios)}
             rows.append(row)
             print(f"{label}: {ranks} rank(s) {launcher:8s} {transport:10s} {dtype:4s}: {row['median_s']:.2f} s (floor {row['floor_s']:.2f} s, "
                   f"x{row['ratio']:.2f}), peak RSS/rank {row['peak_rss_mb']:.0f} MB", flush=True)
@@ -263,10 +270,10 @@ def main():
             continue
         lines.append(f"| {r['source']} | {r['ranks']} | {r['launcher']} | {r['transport']} | {r['dtype']} | {r['output_gb']:.2f} | "
                      f"{r['median_s']:.2f} | {r['floor_s']:.2f} | {r['ratio']:.2f} | {r['peak_rss_mb']:.0f} |")
-    lines += ["", "Seconds per phase of the median run, per rank (the job's own summary):", ""]
+    lines += ["", "Seconds per stage (rank 0) and per phase (each rank) of the median run, from the job's own summary:", ""]
     for r in rows:
         if r.get("phases"):
-            phases = "; ".join(f"rank {i}: " + ", ".join(f"{k} {v:.2f}" for k, v in sorted(ph.items()))
+            phases = "stages: " + ", ".join(f"{k} {v:.2f}" for k, v in r.get("stages", {}).items()) + "; " + "; ".join(f"rank {i}: " + ", ".join(f"{k} {v:.2f}" for k, v in sorted(ph.items()))
                                for i, ph in enumerate(r["phases"]))
             lines.append(f"- {r['source']}, {r['ranks']} rank(s) {r['launcher']} {r['transport']} {r['dtype']}: {phases}")
     (ROOT / "bench" / "results.md").write_text("\n".join(lines) + "\n")

@@ -91,7 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--no-progress", action="store_true", help="no progress bar")
     m.add_argument("--summary-json", metavar="PATH",
                    help="write the result as JSON: files, bytes, tensors, hashes, files kept by --resume, warnings, "
-                        "seconds, per-rank phases, files each rank wrote, per-rank peak RSS")
+                        "seconds, rank 0's stages (start-up, catalogue, plan, run, finish), per-rank phases, files each "
+                        "rank wrote, per-rank peak RSS")
     m.add_argument("--debug", action="store_true", help="show Python tracebacks on errors")
     parser.merge_parser = m
 

@@ -68,6 +68,7 @@ class MergeResult:
     verified: bool | None = None                                   # the --verify self-check passed
     uploaded: str | None = None                                    # the Hub repo URL (--hf-upload-path)
     phases: list[dict] = field(default_factory=list)   # per rank: {"read": s, "write": s, ...}
+    stages: dict = field(default_factory=dict)          # rank 0: {"start-up": s, "catalogue": s, "plan": s, ...}
     files_by_rank: list[list[str]] = field(default_factory=list)  # what each rank actually wrote
     peak_rss_mb: list[float] = field(default_factory=list)        # per rank, at the end of its writes
 
@@ -102,8 +103,39 @@ def intra_op_threads(ranks_on_this_machine: int):
         torch.set_num_threads(before)
 
 
+def process_age() -> float | None:
+    """Seconds since this process started (for --local-ranks ranks: since the parent that forked
+    them started), which is python's start-up and `import torch`; None where /proc is missing."""
+    try:
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        with open(f"/proc/{os.environ.get('DISTMERGE_LAUNCHER_PID', os.getpid())}/stat") as f:
+            started_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        return max(0.0, uptime - started_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+class Stages:
+    """Wall seconds of the job's stages on this rank, beside the run stage's own phases: the time
+    a merge takes outside reading and writing has a name in the summary."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        age = process_age()
+        if age is not None:
+            self.seconds["start-up"] = age
+        self.last = time.perf_counter()
+
+    def done(self, name: str) -> None:
+        now = time.perf_counter()
+        self.seconds[name] = self.seconds.get(name, 0.0) + now - self.last
+        self.last = now
+
+
 def run_merge(opts: MergeOptions) -> MergeResult:
     start = time.perf_counter()
+    stages = Stages()
     if opts.lora not in lora.MODES:
         raise MergeError(f"--lora {opts.lora} is not one of {', '.join(lora.MODES)}")
     if opts.transport not in TRANSPORTS:
@@ -112,6 +144,7 @@ def run_merge(opts: MergeOptions) -> MergeResult:
     cast = cast_rule(opts.dtype)
     source_kind = opts.backend if opts.backend in ("fsdp", "megatron") else None  # verl's --backend
     rt = runtime_mod.start("auto" if source_kind else opts.backend, opts.timeout)
+    stages.done("process group")
     lock, warnings = None, []
     try:
         # detect -> map -> plan: metadata only, the same on every rank, so every rank stops at the
@@ -122,6 +155,7 @@ def run_merge(opts: MergeOptions) -> MergeResult:
         warnings += check_verl_flags(opts, source_kind, catalogue.format, config)
         adapters = find_adapters(catalogue, opts.lora_alpha)
         outputs = map_outputs(catalogue, config, cast, adapters, opts.lora)
+        stages.done("catalogue")
         extra = None
         if adapters and opts.lora in ("adapter", "both"):
             extra = {lora.ADAPTER_FILE: lora.adapter_outputs(catalogue, adapters, cast)}
@@ -140,6 +174,7 @@ def run_merge(opts: MergeOptions) -> MergeResult:
             warnings.extend(prepare_staging(opts.target, job, opts.resume))
         rt.on_rank0(take_target)
         staging = staging_dir(opts.target)
+        stages.done("plan")
 
         # run: a --resume keeps the files a crashed run finished (each rank checks its own)
         kept = rt.gather_dicts(verified_done_files(plan, staging, rt.rank) if opts.resume else {})
@@ -158,6 +193,7 @@ def run_merge(opts: MergeOptions) -> MergeResult:
         for s in all_stats:
             hashes.update(s["hashes"])
         manifest = manifest_files(plan, hashes)
+        stages.done("run")
 
         # finish: rank 0 alone, after every rank's files are closed
         verified = uploaded = None
@@ -178,6 +214,7 @@ def run_merge(opts: MergeOptions) -> MergeResult:
                 from .upload import upload
                 uploaded = upload(opts.target, opts.hf_upload_path, opts.private)
         rt.on_rank0(finish)
+        stages.done("finish")
     finally:
         if lock:
             release_lock(lock)
@@ -187,7 +224,7 @@ def run_merge(opts: MergeOptions) -> MergeResult:
                          tensors=sum(len(f.entries) for f in plan.files), ranks=rt.world_size,
                          seconds=seconds, hashes=manifest, kept=sorted(kept), warnings=warnings, verified=verified,
                          uploaded=uploaded,
-                         phases=[s["seconds"] for s in all_stats],
+                         phases=[s["seconds"] for s in all_stats], stages=stages.seconds,
                          files_by_rank=[s["files"] for s in all_stats],
                          peak_rss_mb=[s["peak_rss_mb"] for s in all_stats])
     if rt.rank == 0:
@@ -197,6 +234,7 @@ def run_merge(opts: MergeOptions) -> MergeResult:
         log.info("merged %.3f GB into %d file(s) in %s with %d rank(s) in %.2f s (%.2f GB/s)",
                  result.bytes / 1e9, len(result.files), opts.target, rt.world_size, seconds,
                  result.bytes / 1e9 / max(seconds, 1e-9))
+        log.info("  stages: %s", "  ".join(f"{k} {v:.2f}s" for k, v in result.stages.items()))
         for r, phases in enumerate(result.phases):
             log.info("  rank %d: %s  peak RSS %.0f MB", r,
                      "  ".join(f"{k} {v:.2f}s" for k, v in sorted(phases.items())) or "idle", result.peak_rss_mb[r])
