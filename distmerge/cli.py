@@ -13,7 +13,7 @@ import sys
 import torch.distributed as dist
 
 from .errors import MergeAbortedError, MergeError, MergeVerifyError
-from .merge import DEFAULT_TRANSPORT, TRANSPORTS, MergeOptions, run_merge
+from .merge import DEFAULT_TRANSPORT, TRANSPORTS, MergeOptions, process_age, run_merge
 
 log = logging.getLogger("distmerge")
 
@@ -251,6 +251,7 @@ def parse(argv) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
+    start_up = process_age()  # python and the imports (torch's) so far: the summary's first stage
     setup_logging()
     try:
         args = parse(argv)
@@ -259,21 +260,21 @@ def main(argv=None) -> int:
 
             def run_rank() -> int:
                 setup_logging()  # this rank's prefix
-                return run_command(args)
+                return run_command(args, start_up)
 
             return run_local_ranks(args.local_ranks, run_rank)
     except MergeError as e:
         log.error("%s", e)
         return e.exit_code
-    return run_command(args)
+    return run_command(args, start_up)
 
 
-def run_command(args: argparse.Namespace) -> int:
+def run_command(args: argparse.Namespace, start_up: float | None = None) -> int:
     if args.command != "merge":
         return run_one_command(args)
     try:
         with sigterm_unwinds():
-            return run_one_command(args)
+            return run_one_command(args, start_up)
     except MergeAbortedError as e:  # the SIGTERM came while an earlier error was being reported
         if args.debug:
             raise
@@ -281,10 +282,10 @@ def run_command(args: argparse.Namespace) -> int:
         return e.exit_code
 
 
-def run_one_command(args: argparse.Namespace) -> int:
+def run_one_command(args: argparse.Namespace, start_up: float | None = None) -> int:
     try:
         if args.command == "merge":
-            result = run_merge(merge_options(args))
+            result = run_merge(merge_options(args), start_up)
             if args.summary_json and int(os.environ.get("RANK", "0")) == 0:
                 with open(args.summary_json, "w") as f:
                     json.dump(result.to_dict(), f, indent=2)

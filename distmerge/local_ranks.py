@@ -39,7 +39,6 @@ def run_local_ranks(n: int, run_rank: Callable[[], int]) -> int:
     sys.stdout.flush()
     sys.stderr.flush()
     ranks: dict[int, int] = {}  # pid -> rank
-    launcher = os.getpid()
     for rank in range(n):
         pid = os.fork()
         if pid == 0:
@@ -47,8 +46,7 @@ def run_local_ranks(n: int, run_rank: Callable[[], int]) -> int:
             try:
                 signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent, which sends SIGTERM
                 os.environ.update(RANK=str(rank), WORLD_SIZE=str(n), LOCAL_RANK=str(rank),
-                                  LOCAL_WORLD_SIZE=str(n), MASTER_ADDR="127.0.0.1", MASTER_PORT=port,
-                                  DISTMERGE_LAUNCHER_PID=str(launcher))  # its start-up is the ranks' start-up
+                                  LOCAL_WORLD_SIZE=str(n), MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
                 code = run_rank()
             except SystemExit as e:
                 code = e.code if isinstance(e.code, int) else 1

@@ -104,12 +104,12 @@ def intra_op_threads(ranks_on_this_machine: int):
 
 
 def process_age() -> float | None:
-    """Seconds since this process started (for --local-ranks ranks: since the parent that forked
-    them started), which is python's start-up and `import torch`; None where /proc is missing."""
+    """Seconds since this process started; None where /proc is missing. Called when the CLI
+    starts, it is python's start-up and `import torch`."""
     try:
         with open("/proc/uptime") as f:
             uptime = float(f.read().split()[0])
-        with open(f"/proc/{os.environ.get('DISTMERGE_LAUNCHER_PID', os.getpid())}/stat") as f:
+        with open("/proc/self/stat") as f:
             started_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
         return max(0.0, uptime - started_ticks / os.sysconf("SC_CLK_TCK"))
     except (OSError, ValueError, IndexError):
@@ -120,11 +120,8 @@ class Stages:
     """Wall seconds of the job's stages on this rank, beside the run stage's own phases: the time
     a merge takes outside reading and writing has a name in the summary."""
 
-    def __init__(self):
-        self.seconds: dict[str, float] = {}
-        age = process_age()
-        if age is not None:
-            self.seconds["start-up"] = age
+    def __init__(self, start_up: float | None):
+        self.seconds: dict[str, float] = {} if start_up is None else {"start-up": start_up}
         self.last = time.perf_counter()
 
     def done(self, name: str) -> None:
@@ -133,9 +130,10 @@ class Stages:
         self.last = now
 
 
-def run_merge(opts: MergeOptions) -> MergeResult:
+def run_merge(opts: MergeOptions, start_up: float | None = None) -> MergeResult:
+    """The whole job on this rank; `start_up` is the CLI's start-up time, for the summary."""
     start = time.perf_counter()
-    stages = Stages()
+    stages = Stages(start_up)
     if opts.lora not in lora.MODES:
         raise MergeError(f"--lora {opts.lora} is not one of {', '.join(lora.MODES)}")
     if opts.transport not in TRANSPORTS:

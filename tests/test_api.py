@@ -32,10 +32,9 @@ def test_merge_stand_alone_returns_a_result_and_raises_merge_error(checkpoint, t
     result = distmerge.merge(ckpt, tmp_path / "out", dtype="bf16", progress=False, verify=True)
     assert result.ranks == 1 and result.verified is True and result.tensors == 21 and result.warnings == []
     assert result.phases[0]["write"] > 0
-    # the time outside the run stage has names: pytest's process has been up since well before this test
-    assert list(result.stages) == ["start-up", "process group", "catalogue", "plan", "run", "finish"]
-    assert result.stages["start-up"] > result.stages["run"] > 0
-    assert sum(v for k, v in result.stages.items() if k != "start-up") <= result.seconds + 0.01
+    # the time outside the run stage has names (start-up is the CLI's alone: here it is pytest's business)
+    assert list(result.stages) == ["process group", "catalogue", "plan", "run", "finish"]
+    assert result.stages["run"] > 0 and sum(result.stages.values()) <= result.seconds + 0.01
     with pytest.raises(distmerge.MergeError, match="is not empty"):
         distmerge.merge(ckpt, tmp_path / "out")
     with pytest.raises(TypeError):
