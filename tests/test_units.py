@@ -102,3 +102,29 @@ def test_only_the_first_sigterm_unwinds_and_the_cleanup_it_starts_finishes():
                 cleaned = True
     assert cleaned
     assert signal.getsignal(signal.SIGTERM) is previous
+
+
+def test_fast_metadata_reader_takes_the_mesh_shape_from_releases_before_mesh_layout(tmp_path, monkeypatch):
+    """torch releases before _MeshLayout pickle a DeviceMesh's rank tensor (`mesh`, shaped like the
+    mesh) and no `_layout`. Such a DTensor is written here by patching DeviceMesh's pickled state to
+    that older form; the fast reader must take the mesh shape from the tensor (not fall back)."""
+    import torch.distributed as dist
+    from conftest import free_port
+    from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+    from distmerge.sources import torch_archive as ta
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1, 1), mesh_dim_names=("dp", "tp"))
+        weight = distribute_tensor(torch.arange(12.0).view(4, 3), mesh, [Shard(0), Shard(1)])
+        monkeypatch.setattr(DeviceMesh, "__getstate__", lambda self: {
+            "device_type": "cpu", "mesh": torch.zeros(1, 1, dtype=torch.int), "_coordinate_on_dim": [0, 0],
+            "_mesh_dim_names": ("dp", "tp")})
+        torch.save({"w": weight}, tmp_path / "old_mesh.pt")
+    finally:
+        dist.destroy_process_group()
+    stored = ta._convert_fast(ta._fast_load(str(tmp_path / "old_mesh.pt"), inert_unknown=False), "old_mesh.pt")["w"]
+    assert (stored.shape, stored.mesh_shape, stored.coordinate, stored.mesh_dim_names) == ((4, 3), (1, 1), (0, 0),
+                                                                                           ("dp", "tp"))
+    assert stored.placements == (("shard", 0), ("shard", 1))

@@ -51,6 +51,16 @@ class _Unsupported(Exception):
 
 FAST_PATH_MISSES = (_Unsupported, pickle.UnpicklingError, EOFError, AttributeError, TypeError, KeyError,
                     IndexError, ValueError)
+_missed: list[str] = []  # the first fast-path miss of this process, reported once
+
+
+def _fast_path_missed(path: str, e: Exception) -> None:
+    """Say once why metadata goes through torch.load: it is ~10x slower per file and imports
+    torch.distributed.tensor, so a slow catalogue stage has a named cause."""
+    if not _missed:
+        _missed.append(path)
+        logging.getLogger("distmerge").info("%s: reading metadata through torch.load (slower): the fast reader does not "
+                                            "know %s", path, f"{type(e).__name__} {e}".strip()[:200])
 
 
 def _read_archive(f, path: str, start: int = 0) -> tuple[bytes, str, dict]:
@@ -74,8 +84,8 @@ def load_state_metadata(path: str) -> dict:
     if state is not None:
         try:
             return _convert_fast(state, path)
-        except FAST_PATH_MISSES:
-            pass
+        except FAST_PATH_MISSES as e:
+            _fast_path_missed(path, e)
     return _load_with_torch(path)
 
 
@@ -92,8 +102,8 @@ def load_megatron_legacy(path: str) -> tuple[list[dict], dict]:
             if not isinstance(args, _Record):
                 return chunks, {}
             return chunks, {k: v for k, v in args.state.items() if isinstance(v, (int, str, type(None)))}
-        except FAST_PATH_MISSES:
-            pass
+        except FAST_PATH_MISSES as e:
+            _fast_path_missed(path, e)
     return _load_with_torch(path, megatron_chunks=True), {}
 
 
@@ -104,7 +114,8 @@ def _fast_load(path: str, inert_unknown: bool):
             data, prefix, offsets = _read_archive(f, path)
         try:
             return _FastUnpickler(data, prefix, offsets, inert_unknown=inert_unknown).load()
-        except FAST_PATH_MISSES:
+        except FAST_PATH_MISSES as e:
+            _fast_path_missed(path, e)
             return None
     except (zipfile.BadZipFile, EOFError, OSError, struct.error) as e:
         raise _io_error(path, e) from None
@@ -360,8 +371,11 @@ def _size(shape) -> int:
 
 
 def _mesh_shape(mesh: _Record) -> tuple[int, ...]:
-    """Mesh dim sizes from the pickled layout (torch 2.13: _MeshLayout(axes=(_FlatLayout(shape, stride), ...)))."""
+    """Mesh dim sizes from the pickled layout (torch 2.13: _MeshLayout(axes=(_FlatLayout(shape, stride), ...)));
+    releases before _MeshLayout pickle the mesh's rank tensor itself (`mesh`, shaped like the mesh)."""
     layout = mesh.state.get("_layout")
+    if layout is None and isinstance(mesh.state.get("mesh"), _TensorRef):
+        return tuple(mesh.state["mesh"].shape)
     if not isinstance(layout, _Record) or not isinstance(layout.state.get("axes"), tuple):
         raise _Unsupported("mesh layout")
     shapes = []
