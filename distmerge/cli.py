@@ -250,6 +250,18 @@ def parse(argv) -> argparse.Namespace:
     return args
 
 
+def entry() -> None:
+    """The command line's entry point: main(), then a quick exit. An interpreter that imported
+    torch spends about 0.4 s tearing itself down (here `python -c "import torch"` exits in 0.43 s
+    after its last line, 0.02 s with os._exit). A finished command has closed, fsynced and
+    published all it wrote, so that time buys nothing."""
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.shutdown()
+    os._exit(code)
+
+
 def main(argv=None) -> int:
     start_up = process_age()  # python and the imports (torch's) so far: the summary's first stage
     setup_logging()
