@@ -273,8 +273,9 @@ def main():
     lines += ["", "Seconds per stage (rank 0) and per phase (each rank) of the median run, from the job's own summary:", ""]
     for r in rows:
         if r.get("phases"):
-            phases = "stages: " + ", ".join(f"{k} {v:.2f}" for k, v in r.get("stages", {}).items()) + "; " + "; ".join(f"rank {i}: " + ", ".join(f"{k} {v:.2f}" for k, v in sorted(ph.items()))
-                               for i, ph in enumerate(r["phases"]))
+            stages = "stages: " + ", ".join(f"{k} {v:.2f}" for k, v in r.get("stages", {}).items())
+            phases = "; ".join([stages] + [f"rank {i}: " + ", ".join(f"{k} {v:.2f}" for k, v in sorted(ph.items()))
+                                           for i, ph in enumerate(r["phases"])])
             lines.append(f"- {r['source']}, {r['ranks']} rank(s) {r['launcher']} {r['transport']} {r['dtype']}: {phases}")
     (ROOT / "bench" / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -13,7 +13,7 @@ import sys
 import torch.distributed as dist
 
 from .errors import MergeAbortedError, MergeError, MergeVerifyError
-from .merge import DEFAULT_TRANSPORT, TRANSPORTS, MergeOptions, process_age, run_merge
+from .merge import DEFAULT_TRANSPORT, TRANSPORTS, MergeOptions, run_merge
 
 log = logging.getLogger("distmerge")
 
@@ -248,6 +248,19 @@ def parse(argv) -> argparse.Namespace:
         if not args.source or not args.target:
             parser.merge_parser.error("--source and --target are required (on the command line or in --config)")
     return args
+
+
+def process_age() -> float | None:
+    """Seconds since this process started; None where /proc is missing. Called when the CLI
+    starts, it is python's start-up and `import torch`."""
+    try:
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        with open("/proc/self/stat") as f:
+            started_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        return max(0.0, uptime - started_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def entry() -> None:

@@ -103,17 +103,9 @@ def intra_op_threads(ranks_on_this_machine: int):
         torch.set_num_threads(before)
 
 
-def process_age() -> float | None:
-    """Seconds since this process started; None where /proc is missing. Called when the CLI
-    starts, it is python's start-up and `import torch`."""
-    try:
-        with open("/proc/uptime") as f:
-            uptime = float(f.read().split()[0])
-        with open("/proc/self/stat") as f:
-            started_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
-        return max(0.0, uptime - started_ticks / os.sysconf("SC_CLK_TCK"))
-    except (OSError, ValueError, IndexError):
-        return None
+def seconds_line(named_seconds) -> str:
+    """`read 0.35s  write 0.49s`: one line of the summary."""
+    return "  ".join(f"{name} {s:.2f}s" for name, s in named_seconds)
 
 
 class Stages:
@@ -232,10 +224,10 @@ def run_merge(opts: MergeOptions, start_up: float | None = None) -> MergeResult:
         log.info("merged %.3f GB into %d file(s) in %s with %d rank(s) in %.2f s (%.2f GB/s)",
                  result.bytes / 1e9, len(result.files), opts.target, rt.world_size, seconds,
                  result.bytes / 1e9 / max(seconds, 1e-9))
-        log.info("  stages: %s", "  ".join(f"{k} {v:.2f}s" for k, v in result.stages.items()))
+        log.info("  stages: %s", seconds_line(result.stages.items()))
         for r, phases in enumerate(result.phases):
-            log.info("  rank %d: %s  peak RSS %.0f MB", r,
-                     "  ".join(f"{k} {v:.2f}s" for k, v in sorted(phases.items())) or "idle", result.peak_rss_mb[r])
+            log.info("  rank %d: %s  peak RSS %.0f MB", r, seconds_line(sorted(phases.items())) or "idle",
+                     result.peak_rss_mb[r])
     return result
 
 
