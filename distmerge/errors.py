@@ -14,6 +14,11 @@ class MergeIOError(MergeError):
     exit_code = 4
 
 
+def truncated_source(path: str, at: int, needed: int) -> MergeIOError:
+    return MergeIOError(f"{path} ended at byte {at} but a tensor piece needs bytes up to {needed}; "
+                        "the file is truncated, copy it again")
+
+
 class MergeLockedError(MergeError):
     """Another merge holds the target (or left a stale lock)."""
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from .errors import MergeIOError
+from .errors import MergeIOError, truncated_source
 from .integrity import record_done
 from .model import (Catalogue, FileEntry, LoraDelta, OutputFile, OutputTensor, Piece, Plan, Segment, SourceRows,
                     SourceTensor, dtype_size)
@@ -59,36 +59,46 @@ class PieceReader:
     def __init__(self):
         self.fds: dict[str, int] = {}
 
-    def read_rows(self, piece: Piece, lead: tuple[int, ...], first: int, stop: int) -> torch.Tensor:
-        """piece[lead][first:stop] in the piece's own coordinates: `lead` fixes its leading dims,
-        rows run along the next dim (the whole piece for a 0-d tensor)."""
-        fd = self.fds.get(piece.file)
+    def fd(self, path: str) -> int:
+        fd = self.fds.get(path)
         if fd is None:
             try:
-                fd = self.fds[piece.file] = os.open(piece.file, os.O_RDONLY)
+                fd = self.fds[path] = os.open(path, os.O_RDONLY)
             except OSError as e:
-                raise MergeIOError(f"cannot open {piece.file}: {e.strerror}") from None
+                raise MergeIOError(f"cannot open {path}: {e.strerror}") from None
+        return fd
+
+    def locate(self, piece: Piece, lead: tuple[int, ...], first: int, stop: int):
+        """Where piece[lead][first:stop] lies in its file: (shape, element strides, byte offset,
+        byte span). `lead` fixes the piece's leading dims, rows run along the next dim (the whole
+        piece for a 0-d tensor); piece coordinates."""
         d = len(lead)
         shape = (stop - first,) + piece.shape[d + 1:] if piece.shape else ()
         strides = piece.strides[d:]
         skip = sum(i * st for i, st in zip(lead, piece.strides)) + (first * strides[0] if piece.shape else 0)
-        offset = piece.offset + skip * dtype_size(piece.dtype)
         span = 1 + sum((n - 1) * st for n, st in zip(shape, strides)) if math.prod(shape) else 0
-        nbytes = span * dtype_size(piece.dtype)
+        return shape, strides, piece.offset + skip * dtype_size(piece.dtype), span * dtype_size(piece.dtype)
+
+    def byte_run(self, piece: Piece, lead: tuple[int, ...], first: int, stop: int) -> tuple[int, int] | None:
+        """(byte offset, byte count) when those rows are one run of bytes in the file, in row-major
+        order: then they can be copied file to file without passing through this process."""
+        shape, _, offset, nbytes = self.locate(piece, lead, first, stop)
+        return (offset, nbytes) if nbytes == math.prod(shape) * dtype_size(piece.dtype) else None
+
+    def read_rows(self, piece: Piece, lead: tuple[int, ...], first: int, stop: int) -> torch.Tensor:
+        """piece[lead][first:stop] (see locate) as a tensor of its own."""
+        fd = self.fd(piece.file)
+        shape, strides, offset, nbytes = self.locate(piece, lead, first, stop)
         buf = torch.empty(nbytes, dtype=torch.uint8)
         view, at = memoryview(buf.numpy()), offset
         while len(view):
             n = os.preadv(fd, [view[:IO_CHUNK]], at)
             if n == 0:
-                raise MergeIOError(f"{piece.file} ended at byte {at} but a tensor piece needs bytes up to "
-                                   f"{offset + nbytes}; the file is truncated, copy it again")
+                raise truncated_source(piece.file, at, offset + nbytes)
             view, at = view[n:], at + n
-        # these source pages are done with: free them for the output's, so that source bytes not yet
-        # read stay cached when source and output together exceed RAM (11 GB fp32 here: ~2x faster)
-        if hasattr(os, "posix_fadvise"):  # Linux; elsewhere the cache is left alone
-            os.posix_fadvise(fd, offset, nbytes, os.POSIX_FADV_DONTNEED)
+        drop_cached(fd, offset, nbytes)
         values = buf.view(piece.dtype)
-        if span == math.prod(shape):
+        if nbytes == math.prod(shape) * dtype_size(piece.dtype):
             return values.view(shape)
         return values.as_strided(shape, strides).contiguous()
 
@@ -96,6 +106,13 @@ class PieceReader:
         for fd in self.fds.values():
             os.close(fd)
         self.fds.clear()
+
+
+def drop_cached(fd: int, offset: int, nbytes: int) -> None:
+    """These source pages are done with: free them for the output's, so that source bytes not yet
+    read stay cached when source and output together exceed RAM (11 GB fp32 here: ~2x faster)."""
+    if hasattr(os, "posix_fadvise"):  # Linux; elsewhere the cache is left alone
+        os.posix_fadvise(fd, offset, nbytes, os.POSIX_FADV_DONTNEED)
 
 
 @dataclass(frozen=True)
@@ -245,8 +262,8 @@ class RankRunner:
             self._drain(0)
             self._wait_writes(0)
         finally:
+            self.write_pool.shutdown(wait=True)  # before the reader closes the files it copies from
             self.reader.close()
-            self.write_pool.shutdown(wait=True)
         peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
         return {"bytes": self.written, "files": self.closed, "hashes": self.hashes,
                 "seconds": dict(self.timers.seconds), "peak_rss_mb": round(peak_rss_mb, 1)}
@@ -265,11 +282,32 @@ class RankRunner:
         def get(k, piece, lead, lo, hi):
             return self._get(piece, lead, lo, hi, None if tag is None else tag + k)
 
+        run = self._byte_run(entry, band, tag)
+        if run is not None:  # bytes go out as they are stored: file to file, in the writer thread
+            path, offset, nbytes = run
+            self._submit(self._timed_copy, writer, entry.begin + band.first * row_bytes, self.reader.fd(path), path,
+                         offset, nbytes)
+            return
         block = assemble(band, get, self.timers.phase)
         if out.lora is not None:
             with self.timers.phase("lora"):
                 block = fold_lora(block, out.lora, band.first, band.stop, self.catalogue, self.reader, self.lora_a)
         self._write(writer, entry.begin + band.first * row_bytes, self._cast(block, out.dtype))
+
+    def _byte_run(self, entry: FileEntry, band: Band, tag: int | None) -> tuple[str, int, int] | None:
+        """(source file, byte offset, byte count) when the band's output bytes are one run of a
+        file this rank reads: one read of whole rows, no cast, no LoRA fold."""
+        source, out = band.source, entry.tensor
+        if len(band.reads) != 1 or out.lora is not None or source.dtype != out.dtype:
+            return None
+        i, lead, lo, hi = band.reads[0]
+        piece = source.pieces[i]
+        if not whole_rows(piece, source, len(band.index)):
+            return None
+        if tag is not None and self.plan.readers.get(piece.file, self.rt.rank) != self.rt.rank:
+            return None
+        run = self.reader.byte_run(piece, lead, lo, hi)
+        return None if run is None else (piece.file, *run)
 
     def _entry_done(self, seg: Segment, unit: str) -> None:
         self.remaining[unit] -= 1
@@ -298,13 +336,24 @@ class RankRunner:
             return tensor.to(dtype)
 
     def _write(self, writer: SafetensorsWriter, begin: int, tensor: torch.Tensor) -> None:
+        self._submit(self._timed_write, writer, begin, tensor)
+
+    def _submit(self, job, *args) -> None:
+        """Hand a job to the writer thread, once fewer than WRITES_IN_FLIGHT wait there."""
         self._wait_writes(WRITES_IN_FLIGHT - 1)
-        self.pending_writes.append(self.write_pool.submit(self._timed_write, writer, begin, tensor))
+        self.pending_writes.append(self.write_pool.submit(job, *args))
 
     def _timed_write(self, writer: SafetensorsWriter, begin: int, tensor: torch.Tensor) -> int:
         start = time.perf_counter()
         n = writer.write(begin, tensor)
         self.timers.seconds["write"] += time.perf_counter() - start  # only this thread adds "write"
+        return n
+
+    def _timed_copy(self, writer: SafetensorsWriter, begin: int, fd: int, path: str, offset: int, nbytes: int) -> int:
+        start = time.perf_counter()
+        n = writer.copy_from(begin, fd, path, offset, nbytes)
+        drop_cached(fd, offset, nbytes)
+        self.timers.seconds["copy"] += time.perf_counter() - start  # only this thread adds "copy"
         return n
 
     def _wait_writes(self, limit: int) -> None:

@@ -66,6 +66,18 @@ def balance(weights: list[int], bins: int) -> list[int]:
     return assignment
 
 
+def in_runs(weights: list[int], bins: int) -> list[int]:
+    """Consecutive items to each bin, balanced by weight (the bin holding each item's midpoint).
+    Segments given this way keep ranks in different files at the same time: filesystems lock a
+    file for each buffered write, so two ranks writing one file take turns (bench/copy_speed.py)."""
+    total = sum(weights) or 1
+    assignment, before = [], 0
+    for w in weights:
+        assignment.append(min(bins - 1, (2 * before + w) * bins // (2 * total)))
+        before += w
+    return assignment
+
+
 SEGMENT_BYTES = 256 * 2**20  # default --segment-size: a file is cut into runs of tensors of this size
 
 
@@ -104,10 +116,11 @@ def make_plan(catalogue: Catalogue, outputs: list[OutputTensor], world_size: int
             offset += t.nbytes
         files.append(OutputFile(name=name, entries=entries, header=safetensors_header(entries)))
     # the unit of work is a segment: a file, or a run of its tensors when it is large, so that every
-    # rank has work even when there are fewer files than ranks; segments are balanced by bytes
+    # rank has work even when there are fewer files than ranks; each rank gets a run of segments
+    # of about equal bytes, so that ranks write different files where there are several
     segments = [cut_segments(f, segment_bytes) for f in files]
     flat = [seg for segs in segments for seg in segs]
-    for seg, rank in zip(flat, balance([seg.end - seg.start for seg in flat], world_size)):
+    for seg, rank in zip(flat, in_runs([seg.end - seg.start for seg in flat], world_size)):
         seg.rank = rank
     for f, segs in zip(files, segments):
         f.segments = segs

@@ -3,19 +3,31 @@
 Bytes can arrive in any order (a tensor piece by piece), so a rank never holds a whole file.
 The content hash of each segment is computed on the way when bytes arrive in order (they do in
 the run stage); otherwise the range is read back once at close.
+
+Bytes that lie in a source file exactly as they go out (no cast, row blocks stored whole) are
+copied file to file by the kernel (copy_file_range): one copy instead of pread's and pwrite's
+two, no buffer to fault in, and a shared extent on filesystems that reflink. Here that moves a
+2.5 GB shard in 0.6 s against 2.4 s through a buffer (bench/copy_speed.py).
 """
 from __future__ import annotations
 
 import errno
+import logging
+import mmap
 import os
 
 import torch
 
-from .errors import MergeIOError
+from .errors import MergeIOError, truncated_source
 from .integrity import hash_range, new_hash
 from .model import OutputFile, Segment
 
 IO_CHUNK = 8 * 2**20  # bytes per pwrite call: one huge call is several times slower than 8 MiB ones
+HASH_MAP_BYTES = 64 * 2**20  # copied bytes are hashed through a read-only map of at most this much
+# copy_file_range's answers for "not between these two files": copy through a buffer instead
+KERNEL_COPY_REFUSED = {errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ETXTBSY}
+
+log = logging.getLogger("distmerge")
 
 
 def as_bytes(tensor: torch.Tensor) -> memoryview:
@@ -29,6 +41,8 @@ class SafetensorsWriter:
     0. Several ranks may write one file, each its own range; nobody truncates it (the staging
     directory starts without it, and a resumed run rewrites the same ranges)."""
 
+    kernel_copy = hasattr(os, "copy_file_range")  # for the process: off after the kernel's first refusal
+
     def __init__(self, path: str, plan_file: OutputFile, segment: Segment, fsync: bool = False):
         self.path, self.fsync = path, fsync
         self.segment = segment
@@ -37,7 +51,7 @@ class SafetensorsWriter:
         self.written = 0
         try:
             os.makedirs(os.path.dirname(path), exist_ok=True)
-            self.fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+            self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)  # read: to hash copied bytes
             if segment.index == 0:
                 self._pwrite(memoryview(plan_file.header), 0)
         except OSError as e:
@@ -51,6 +65,60 @@ class SafetensorsWriter:
         except OSError as e:
             raise _io_error(self.path, e) from None
         return len(data)
+
+    def copy_from(self, begin: int, src_fd: int, src_path: str, src_offset: int, nbytes: int) -> int:
+        """Copy `nbytes` of a source file from `src_offset` to data offset `begin`: in the kernel
+        where it can, else through a buffer."""
+        offset, done = self.data_start + begin, 0
+        try:
+            if SafetensorsWriter.kernel_copy:
+                done = self._kernel_copy(src_fd, src_path, src_offset, offset, nbytes)
+                self._hash_copied(offset, done)
+                self.written += done
+            view = memoryview(bytearray(min(IO_CHUNK, nbytes - done))) if done < nbytes else None
+            while done < nbytes:
+                n = os.preadv(src_fd, [view[:nbytes - done]], src_offset + done)
+                if n == 0:
+                    raise truncated_source(src_path, src_offset + done, src_offset + nbytes)
+                self._pwrite(view[:n], offset + done)
+                done += n
+        except OSError as e:
+            raise _io_error(self.path, e) from None
+        return nbytes
+
+    def _kernel_copy(self, src_fd: int, src_path: str, src_offset: int, offset: int, nbytes: int) -> int:
+        """Bytes copied by copy_file_range: all of them, or fewer where the kernel refused (then
+        every later copy of this process goes through a buffer)."""
+        done = 0
+        while done < nbytes:
+            try:
+                n = os.copy_file_range(src_fd, self.fd, nbytes - done, src_offset + done, offset + done)
+            except OSError as e:
+                if e.errno not in KERNEL_COPY_REFUSED:
+                    raise
+                SafetensorsWriter.kernel_copy = False
+                log.info("copy_file_range from %s to %s refused (%s); copying through a buffer",
+                         src_path, self.path, e.strerror)
+                return done
+            if n == 0:
+                raise truncated_source(src_path, src_offset + done, src_offset + nbytes)
+            done += n
+        return done
+
+    def _hash_copied(self, offset: int, nbytes: int) -> None:
+        """Hash bytes the kernel copied, where they landed, through a read-only map (no copy)."""
+        if self.hash is None or offset != self.hashed_to:
+            self.hash = None  # out of order: hash the range at close
+            return
+        end = offset + nbytes
+        while offset < end:
+            base = offset - offset % mmap.ALLOCATIONGRANULARITY
+            length = min(end, base + HASH_MAP_BYTES) - base
+            with mmap.mmap(self.fd, length, prot=mmap.PROT_READ, offset=base) as mapped:
+                with memoryview(mapped) as view:
+                    self.hash.update(view[offset - base:])
+            offset = base + length
+        self.hashed_to = end
 
     def _pwrite(self, data: memoryview, offset: int) -> None:
         data = data.cast("B")

@@ -39,3 +39,31 @@ def test_merge_stand_alone_returns_a_result_and_raises_merge_error(checkpoint, t
         distmerge.merge(ckpt, tmp_path / "out")
     with pytest.raises(TypeError):
         distmerge.merge(ckpt, tmp_path / "other", no_such_option=1)
+
+
+def test_bytes_stored_as_they_go_out_are_copied_by_the_kernel_or_else_through_a_buffer(checkpoint, tmp_path,
+                                                                                        monkeypatch):
+    """Without a cast, whole-row bands go file to file (copy_file_range); where the kernel refuses
+    (another filesystem, an old kernel), the same bytes and hashes come through a buffer."""
+    import errno
+    import os
+
+    from distmerge.writer import SafetensorsWriter
+
+    ckpt = checkpoint("llama_fsdp2_w2")
+    reference = load_file(ckpt / "reference" / "model.safetensors")
+    kernel = distmerge.merge(ckpt, tmp_path / "kernel", progress=False)
+    assert kernel.phases[0]["copy"] > 0, kernel.phases  # (the embedding, cut along dim 1, is assembled)
+    assert_bit_exact(reference, merged_tensors(tmp_path / "kernel"))
+
+    refusals = []
+
+    def refuse(*args):
+        refusals.append(args)
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+    monkeypatch.setattr(os, "copy_file_range", refuse)
+    monkeypatch.setattr(SafetensorsWriter, "kernel_copy", True)
+    buffered = distmerge.merge(ckpt, tmp_path / "buffered", progress=False)
+    assert len(refusals) == 1 and SafetensorsWriter.kernel_copy is False  # refused once, then not asked again
+    assert buffered.hashes == kernel.hashes
+    assert_bit_exact(reference, merged_tensors(tmp_path / "buffered"))

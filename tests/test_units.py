@@ -9,7 +9,7 @@ import pytest
 import torch
 from distmerge.cli import sigterm_unwinds
 from distmerge.errors import MergeAbortedError, MergeError
-from distmerge.plan import balance, group_into_files, parse_size
+from distmerge.plan import balance, group_into_files, in_runs, parse_size
 from distmerge.sources.fsdp import shard_region
 
 SHARD0 = ("shard", 0)
@@ -57,6 +57,11 @@ def test_group_into_files_and_balance():
     groups = group_into_files([T(4), T(4), T(10), T(1)], 8)
     assert [[t.nbytes for t in g] for g in groups] == [[4, 4], [10], [1]]
     assert balance([10, 8, 1], 2) == [0, 1, 1]
+    # segments go to ranks in runs of about equal bytes, in order: ranks keep to different files
+    assert in_runs([4, 4, 4, 4], 2) == [0, 0, 1, 1]
+    assert in_runs([4, 4, 4, 4, 4, 4], 3) == [0, 0, 1, 1, 2, 2]
+    assert in_runs([10, 1, 1, 1], 2) == [0, 1, 1, 1]
+    assert in_runs([3], 4) == [2] and in_runs([0, 0], 2) == [0, 0]
 
 
 def test_fast_metadata_reader_agrees_with_torch_load(checkpoint):
