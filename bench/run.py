@@ -1,6 +1,8 @@
 """Benchmark: distmerge against the copy floor on fp32 verl FSDP2 checkpoints of 1.4, ~5 and ~11 GB
 (the same Llama widths with 8, 40 and 94 layers), a ~1.5 GB Megatron-core TP2xPP2 checkpoint, and
-verl's merger as a baseline; writes bench/results.{json,md} and bench/scaling.png.
+verl's merger as a baseline; writes bench/results.{json,md} and bench/scaling.png. The ~5 GB
+checkpoint is also merged into 2 GB files (`--max-shard-size 2GB`), where ranks write files of
+their own; at the default 5GB it is one file, which the ranks share.
 
     python bench/run.py                          # generate (once), then measure; ~30 minutes on 2 cores
     python bench/run.py --sizes 1.4 --runs 5     # the 1.4 GB checkpoint only
@@ -83,11 +85,12 @@ def floor(ckpt: Path, out_bytes: int, work: Path, ranks: int, launcher: str) -> 
     return t
 
 
-def distmerge(ckpt: Path, out: Path, ranks: int, transport: str, dtype: str, launcher: str) -> tuple[float, dict]:
+def distmerge(ckpt: Path, out: Path, ranks: int, transport: str, dtype: str, launcher: str,
+              extra: tuple[str, ...] = ()) -> tuple[float, dict]:
     shutil.rmtree(out, ignore_errors=True)
     summary = out.parent / "summary.json"
     args = ["-m", "distmerge", "merge", "--source", str(ckpt), "--target", str(out), "--transport", transport,
-            "--dtype", dtype, "--no-progress", "--summary-json", str(summary)]
+            "--dtype", dtype, "--no-progress", "--summary-json", str(summary), *extra]
     if ranks == 1 or launcher == "fork":
         cmd = [PY] + args + ["--local-ranks", str(ranks)]
     else:
@@ -138,7 +141,7 @@ def verl_merge(py: str, ckpt: Path, out: Path, timeout: float) -> tuple[float, f
     return seconds, int(proc.stderr.strip().splitlines()[-1]) / 1024
 
 
-def measure(label: str, ckpt: Path, work: Path, runs: int, configs, dtypes) -> list[dict]:
+def measure(label: str, ckpt: Path, work: Path, runs: int, configs, dtypes, extra: tuple[str, ...] = ()) -> list[dict]:
     """Time each (ranks, transport, launcher) x dtype configuration `runs` times beside its floor."""
     src_bytes = sum(os.path.getsize(f) for f in source_files(ckpt))
     rows = []
@@ -148,7 +151,7 @@ def measure(label: str, ckpt: Path, work: Path, runs: int, configs, dtypes) -> l
             times, floors, ratios, summaries = [], [], [], []
             for _ in range(runs):
                 subprocess.run(["cat"] + source_files(ckpt), stdout=subprocess.DEVNULL, check=True)  # warm
-                t, summary = distmerge(ckpt, work / "out", ranks, transport, dtype, launcher)
+                t, summary = distmerge(ckpt, work / "out", ranks, transport, dtype, launcher, extra)
                 times.append(t)
                 summaries.append(summary)
                 floors.append(floor(ckpt, summary["bytes"], work, ranks, launcher))
@@ -159,7 +162,7 @@ def measure(label: str, ckpt: Path, work: Path, runs: int, configs, dtypes) -> l
                    "output_gb": best["bytes"] / 1e9, "median_s": statistics.median(times),
                    "floor_s": statistics.median(floors), "peak_rss_mb": max(max(s["peak_rss_mb"]) for s in summaries),
                    "phases": best["phases"], "stages": best.get("stages", {}), "times": times, "floors": floors,
-                   "ratio": statistics.median(ratios)}
+                   "ratio": statistics.median(ratios), "extra": list(extra), "files": len(best["files"])}
             rows.append(row)
             print(f"{label}: {ranks} rank(s) {launcher:8s} {transport:10s} {dtype:4s}: {row['median_s']:.2f} s (floor {row['floor_s']:.2f} s, "
                   f"x{row['ratio']:.2f}), peak RSS/rank {row['peak_rss_mb']:.0f} MB", flush=True)
@@ -209,7 +212,7 @@ def plot(rows, path: Path) -> None:
     fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(11, 4))
     series = {}
     for r in rows:
-        if not r["source"].startswith("verl FSDP2") or r["median_s"] is None:
+        if not r["source"].startswith("verl FSDP2") or r["median_s"] is None or r.get("extra"):
             continue
         key = ("verl model_merger (bf16)" if r["transport"] == "verl model_merger"
                else f"distmerge {r['ranks']} rank(s) {r['launcher']} {r['transport']} {r['dtype']}")
@@ -220,7 +223,7 @@ def plot(rows, path: Path) -> None:
         ax_t.plot([p[0] for p in points], [p[1] for p in points], style, marker="o", label=key)
         ax_m.plot([p[0] for p in points], [p[2] / 1024 for p in points], style, marker="o", label=key)
     floors = sorted({(r["source_gb"], r["floor_s"]) for r in rows if r["source"].startswith("verl FSDP2")
-                     and r["ranks"] == 1 and r["dtype"] == "auto" and r["transport"] == "direct"})
+                     and r["ranks"] == 1 and r["dtype"] == "auto" and r["transport"] == "direct" and not r.get("extra")})
     ax_t.plot([f[0] for f in floors], [f[1] for f in floors], ":", color="gray", label="floor, 1 process (fp32 out)")
     ax_t.set(xlabel="checkpoint GB (fp32)", ylabel="seconds (median of runs)", title="time")
     ax_m.set(xlabel="checkpoint GB (fp32)", ylabel="peak RSS per rank, GB", title="memory")
@@ -229,6 +232,10 @@ def plot(rows, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     print("wrote", path)
+
+
+def out_gb(row: dict) -> str:
+    return f"{row['output_gb']:.2f}" + (f" ({row['files']})" if row.get("files") else "")
 
 
 def main():
@@ -252,6 +259,9 @@ def main():
             ours = next(r for r in new if r["dtype"] == "bf16" and r["ranks"] == (1 if size == "1.4" else 2)
                         and r["transport"] == "direct" and r["launcher"] in ("python", "fork"))
             rows.append(verl_row(py, ckpt, work, 1 if size == "11" else args.runs, ours, timeout=1200))
+        if size == "5":  # ranks writing files of their own: a file takes one buffered write at a time
+            rows += measure(f"{label} into 2 GB files", ckpt, work, args.runs, configs[:2], ("auto", "bf16"),
+                            extra=("--max-shard-size", "2GB"))
     if not args.no_megatron:
         megatron = work / "megatron"
         if not (megatron / "dist_ckpt" / "metadata.json").exists():
@@ -261,14 +271,14 @@ def main():
         rows += measure("Megatron TP2xPP2 1.4 GB", megatron, work, args.runs,
                         [(1, "direct", None), (2, "direct", "fork"), (2, "direct", "torchrun")], ("auto",))
     (ROOT / "bench" / "results.json").write_text(json.dumps(rows, indent=2))
-    lines = ["| checkpoint | ranks | launcher | transport | dtype | output GB | seconds (median) | floor s | ratio | peak RSS / rank MB |",
+    lines = ["| checkpoint | ranks | launcher | transport | dtype | output GB (files) | seconds (median) | floor s | ratio | peak RSS / rank MB |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r["median_s"] is None:
-            lines.append(f"| {r['source']} | {r['ranks']} | {r['launcher']} | {r['transport']} | {r['dtype']} | {r['output_gb']:.2f} | "
+            lines.append(f"| {r['source']} | {r['ranks']} | {r['launcher']} | {r['transport']} | {r['dtype']} | {out_gb(r)} | "
                          f"failed: {r['failure']} | {r['floor_s']:.2f} | - | - |")
             continue
-        lines.append(f"| {r['source']} | {r['ranks']} | {r['launcher']} | {r['transport']} | {r['dtype']} | {r['output_gb']:.2f} | "
+        lines.append(f"| {r['source']} | {r['ranks']} | {r['launcher']} | {r['transport']} | {r['dtype']} | {out_gb(r)} | "
                      f"{r['median_s']:.2f} | {r['floor_s']:.2f} | {r['ratio']:.2f} | {r['peak_rss_mb']:.0f} |")
     lines += ["", "Seconds per stage (rank 0) and per phase (each rank) of the median run, from the job's own summary:", ""]
     for r in rows:

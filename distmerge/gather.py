@@ -30,7 +30,7 @@ from .integrity import record_done
 from .model import (Catalogue, FileEntry, LoraDelta, OutputFile, OutputTensor, Piece, Plan, Segment, SourceRows,
                     SourceTensor, dtype_size)
 from .runtime import Runtime
-from .writer import SafetensorsWriter
+from .writer import SafetensorsWriter, as_bytes
 
 BAND_BYTES = 16 * 2**20         # rows of a tensor assembled, cast and written at a time
 IO_CHUNK = 8 * 2**20            # bytes per pread call (as the writer's pwrite)
@@ -285,7 +285,8 @@ class RankRunner:
         run = self._byte_run(entry, band, tag)
         if run is not None:  # bytes go out as they are stored: file to file, in the writer thread
             path, offset, nbytes = run
-            self._submit(self._timed_copy, writer, entry.begin + band.first * row_bytes, self.reader.fd(path), path,
+            begin = entry.begin + band.first * row_bytes
+            self._submit(writer, begin, nbytes, None, self._timed_copy, writer, begin, self.reader.fd(path), path,
                          offset, nbytes)
             return
         block = assemble(band, get, self.timers.phase)
@@ -336,33 +337,37 @@ class RankRunner:
             return tensor.to(dtype)
 
     def _write(self, writer: SafetensorsWriter, begin: int, tensor: torch.Tensor) -> None:
-        self._submit(self._timed_write, writer, begin, tensor)
+        data = as_bytes(tensor)
+        self._submit(writer, begin, len(data), data, self._timed_write, writer, begin, data)
 
-    def _submit(self, job, *args) -> None:
-        """Hand a job to the writer thread, once fewer than WRITES_IN_FLIGHT wait there."""
+    def _submit(self, writer: SafetensorsWriter, begin: int, nbytes: int, data, job, *args) -> None:
+        """Hand a job to the writer thread, once fewer than WRITES_IN_FLIGHT wait there; the bytes
+        it writes (`data`, or None: read back from the file) are hashed when it is done."""
         self._wait_writes(WRITES_IN_FLIGHT - 1)
-        self.pending_writes.append(self.write_pool.submit(job, *args))
+        self.pending_writes.append((self.write_pool.submit(job, *args), writer, begin, nbytes, data))
 
-    def _timed_write(self, writer: SafetensorsWriter, begin: int, tensor: torch.Tensor) -> int:
+    def _timed_write(self, writer: SafetensorsWriter, begin: int, data: memoryview) -> None:
         start = time.perf_counter()
-        n = writer.write(begin, tensor)
+        writer.write(begin, data)
         self.timers.seconds["write"] += time.perf_counter() - start  # only this thread adds "write"
-        return n
 
-    def _timed_copy(self, writer: SafetensorsWriter, begin: int, fd: int, path: str, offset: int, nbytes: int) -> int:
+    def _timed_copy(self, writer: SafetensorsWriter, begin: int, fd: int, path: str, offset: int, nbytes: int) -> None:
         start = time.perf_counter()
-        n = writer.copy_from(begin, fd, path, offset, nbytes)
+        writer.copy_from(begin, fd, path, offset, nbytes)
         drop_cached(fd, offset, nbytes)
         self.timers.seconds["copy"] += time.perf_counter() - start  # only this thread adds "copy"
-        return n
 
     def _wait_writes(self, limit: int) -> None:
-        """Wait for the oldest writes until at most `limit` are pending; re-raises their errors."""
+        """Wait for the oldest writes until at most `limit` are pending (re-raising their errors),
+        and hash what they wrote: here, in the order they were handed over."""
         while len(self.pending_writes) > limit:
+            done, writer, begin, nbytes, data = self.pending_writes.popleft()
             with self.timers.phase("wait-write"):
-                n = self.pending_writes.popleft().result()
-            self.written += n
-            self.progress(n)
+                done.result()
+            with self.timers.phase("hash"):
+                writer.hash_written(begin, nbytes, data)
+            self.written += nbytes
+            self.progress(nbytes)
 
     # ---- the reader's side (collective transport)
     def _send_parts(self, band: Band, owner: int, tag: int) -> None:

@@ -2,7 +2,9 @@
 
 Bytes can arrive in any order (a tensor piece by piece), so a rank never holds a whole file.
 The content hash of each segment is computed on the way when bytes arrive in order (they do in
-the run stage); otherwise the range is read back once at close.
+the run stage); otherwise the range is read back once at close. Writing and hashing are apart:
+the run stage's writer thread moves bytes, its main thread hashes each write once it is done,
+in order (the write side is the bottleneck, so it does nothing else).
 
 Bytes that lie in a source file exactly as they go out (no cast, row blocks stored whole) are
 copied file to file by the kernel (copy_file_range): one copy instead of pread's and pwrite's
@@ -23,7 +25,7 @@ from .integrity import hash_range, new_hash
 from .model import OutputFile, Segment
 
 IO_CHUNK = 8 * 2**20  # bytes per pwrite call: one huge call is several times slower than 8 MiB ones
-HASH_MAP_BYTES = 64 * 2**20  # copied bytes are hashed through a read-only map of at most this much
+HASH_MAP_BYTES = 64 * 2**20  # copied bytes are hashed through read-only maps of at most this much
 # copy_file_range's answers for "not between these two files": copy through a buffer instead
 KERNEL_COPY_REFUSED = {errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ETXTBSY}
 
@@ -54,26 +56,52 @@ class SafetensorsWriter:
             self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)  # read: to hash copied bytes
             if segment.index == 0:
                 self._pwrite(memoryview(plan_file.header), 0)
+                self._hash(0, memoryview(plan_file.header))
         except OSError as e:
             raise _io_error(path, e) from None
 
-    def write(self, begin: int, tensor: torch.Tensor) -> int:
-        """Write a tensor's bytes at data offset `begin` (relative to the end of the header)."""
-        data = as_bytes(tensor)
+    def write(self, begin: int, data: memoryview) -> None:
+        """Write bytes at data offset `begin` (relative to the end of the header)."""
         try:
             self._pwrite(data, self.data_start + begin)
         except OSError as e:
             raise _io_error(self.path, e) from None
-        return len(data)
+
+    def hash_written(self, begin: int, nbytes: int, data: memoryview | None = None) -> None:
+        """Add bytes written at data offset `begin` to the segment's hash: `data` where the caller
+        still holds them, else read through a read-only map of the file (no copy). Call in the
+        order of the writes; out of order, the range is hashed at close instead."""
+        offset = self.data_start + begin
+        if data is not None:
+            self._hash(offset, data)
+            return
+        end = offset + nbytes
+        while offset < end and self.hash is not None:
+            base = offset - offset % mmap.ALLOCATIONGRANULARITY
+            length = min(end, base + HASH_MAP_BYTES) - base
+            try:
+                mapped = mmap.mmap(self.fd, length, prot=mmap.PROT_READ, offset=base)
+            except OSError:  # a filesystem without mmap: the range is read back at close
+                self.hash = None
+                return
+            with mapped, memoryview(mapped) as view:
+                self._hash(offset, view[offset - base:])
+            offset = base + length
+
+    def _hash(self, offset: int, data: memoryview) -> None:
+        if self.hash is not None and offset == self.hashed_to:
+            self.hash.update(data)
+            self.hashed_to += len(data)
+        else:
+            self.hash = None  # out of order: hash the range at close
 
     def copy_from(self, begin: int, src_fd: int, src_path: str, src_offset: int, nbytes: int) -> int:
         """Copy `nbytes` of a source file from `src_offset` to data offset `begin`: in the kernel
         where it can, else through a buffer."""
-        offset, done = self.data_start + begin, 0
+        offset, done = self.data_start + begin, 0  # (hash_written hashes them where they landed)
         try:
             if SafetensorsWriter.kernel_copy:
                 done = self._kernel_copy(src_fd, src_path, src_offset, offset, nbytes)
-                self._hash_copied(offset, done)
                 self.written += done
             view = memoryview(bytearray(min(IO_CHUNK, nbytes - done))) if done < nbytes else None
             while done < nbytes:
@@ -105,29 +133,8 @@ class SafetensorsWriter:
             done += n
         return done
 
-    def _hash_copied(self, offset: int, nbytes: int) -> None:
-        """Hash bytes the kernel copied, where they landed, through a read-only map (no copy)."""
-        if self.hash is None or offset != self.hashed_to:
-            self.hash = None  # out of order: hash the range at close
-            return
-        end = offset + nbytes
-        while offset < end:
-            base = offset - offset % mmap.ALLOCATIONGRANULARITY
-            length = min(end, base + HASH_MAP_BYTES) - base
-            with mmap.mmap(self.fd, length, prot=mmap.PROT_READ, offset=base) as mapped:
-                with memoryview(mapped) as view:
-                    self.hash.update(view[offset - base:])
-            offset = base + length
-        self.hashed_to = end
-
     def _pwrite(self, data: memoryview, offset: int) -> None:
         data = data.cast("B")
-        if self.hash is not None:
-            if offset == self.hashed_to:
-                self.hash.update(data)
-                self.hashed_to += len(data)
-            else:
-                self.hash = None  # out of order: hash the range at close
         self.written += len(data)
         while len(data):
             n = os.pwrite(self.fd, data[:IO_CHUNK], offset)
