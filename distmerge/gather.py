@@ -5,11 +5,13 @@ Two transports move the pieces:
 - direct: the rank that writes a tensor preads its pieces straight from the (shared) filesystem;
 - collective: each source file is read by one rank, which sends each piece to the rank that
   writes it (gloo on CPU, NCCL with CUDA tensors).
-Bytes are read with pread into fresh buffers (never a whole-file mmap, whose touched pages would
-count towards RSS), and a tensor stored as row blocks is written block by block at its offsets,
-so a rank holds at most a few pieces at once, never a whole file or model. Source pages already
-read are dropped from the page cache (POSIX_FADV_DONTNEED), so a model whose source and output
-together exceed RAM does not evict source bytes it has yet to read.
+A band whose bytes lie in a source file exactly as they go out is copied file to file by the
+kernel (writer.py). Other bands are read with pread into fresh buffers (never a whole-file mmap,
+whose touched pages would count towards RSS), and a tensor stored as row blocks is written block
+by block at its offsets, so a rank holds at most a few pieces at once, never a whole file or
+model. Source pages already read or copied are dropped from the page cache (POSIX_FADV_DONTNEED),
+so a model whose source and output together exceed RAM does not evict source bytes it has yet to
+read.
 """
 from __future__ import annotations
 
