@@ -4,7 +4,7 @@ verl's merger as a baseline; writes bench/results.{json,md} and bench/scaling.pn
 checkpoint is also merged into 2 GB files (`--max-shard-size 2GB`), where ranks write files of
 their own; at the default 5GB it is one file, which the ranks share.
 
-    python bench/run.py                          # generate (once), then measure; ~30 minutes on 2 cores
+    python bench/run.py                          # generate (once), then measure; ~45 minutes on 2 cores
     python bench/run.py --sizes 1.4 --runs 5     # the 1.4 GB checkpoint only
     python bench/run.py --work /fast/disk/bench
 
