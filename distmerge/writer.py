@@ -8,8 +8,8 @@ in order (the write side is the bottleneck, so it does nothing else).
 
 Bytes that lie in a source file exactly as they go out (no cast, row blocks stored whole) are
 copied file to file by the kernel (copy_file_range): one copy instead of pread's and pwrite's
-two, no buffer to fault in, and a shared extent on filesystems that reflink. Here that moves
-1.4 GB in 0.37 s, against 1.85 s (0.56-3.91 s) through fresh buffers (bench/copy_speed.py).
+two, and no buffer to fault in. Here that moves 1.4 GB in 0.37 s, against 1.85 s (0.56-3.91 s)
+through fresh buffers (bench/copy_speed.py).
 """
 from __future__ import annotations
 
@@ -124,7 +124,7 @@ class SafetensorsWriter:
                 if e.errno not in KERNEL_COPY_REFUSED:
                     raise
                 return self._refused(src_path, e.strerror, done)
-            if n == 0:  # the source's end, or a filesystem that copies nothing (some FUSE ones)
+            if n == 0:  # the source's end, or a kernel or filesystem that copied nothing
                 if os.fstat(src_fd).st_size < src_offset + nbytes:
                     raise truncated_source(src_path, src_offset + done, src_offset + nbytes)
                 return self._refused(src_path, "it copied 0 bytes", done)

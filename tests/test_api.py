@@ -68,7 +68,7 @@ def test_bytes_stored_as_they_go_out_are_copied_by_the_kernel_or_else_through_a_
     assert buffered.hashes == kernel.hashes
     assert_bit_exact(reference, merged_tensors(tmp_path / "buffered"))
 
-    # a filesystem whose copy_file_range copies nothing (some FUSE ones) is not a truncated source
+    # a copy_file_range that copies nothing from a source long enough is not a truncated source
     monkeypatch.setattr(os, "copy_file_range", lambda *args: 0)
     monkeypatch.setattr(SafetensorsWriter, "kernel_copy", True)
     nothing = distmerge.merge(ckpt, tmp_path / "nothing", progress=False)
