@@ -27,15 +27,14 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from .errors import MergeIOError, truncated_source
+from .errors import MergeIOError
 from .integrity import record_done
 from .model import (Catalogue, FileEntry, LoraDelta, OutputFile, OutputTensor, Piece, Plan, Segment, SourceRows,
                     SourceTensor, dtype_size)
 from .runtime import Runtime
-from .writer import SafetensorsWriter, as_bytes
+from .writer import SafetensorsWriter, as_bytes, pread_exactly
 
 BAND_BYTES = 16 * 2**20         # rows of a tensor assembled, cast and written at a time
-IO_CHUNK = 8 * 2**20            # bytes per pread call (as the writer's pwrite)
 SEND_WINDOW_BYTES = 64 * 2**20  # bytes in flight per sending rank before it waits for the oldest send
 WRITES_IN_FLIGHT = 2            # bands handed to the writer thread and not yet written
 
@@ -92,12 +91,7 @@ class PieceReader:
         fd = self.fd(piece.file)
         shape, strides, offset, nbytes = self.locate(piece, lead, first, stop)
         buf = torch.empty(nbytes, dtype=torch.uint8)
-        view, at = memoryview(buf.numpy()), offset
-        while len(view):
-            n = os.preadv(fd, [view[:IO_CHUNK]], at)
-            if n == 0:
-                raise truncated_source(piece.file, at, offset + nbytes)
-            view, at = view[n:], at + n
+        pread_exactly(fd, piece.file, memoryview(buf.numpy()), offset, offset + nbytes)
         drop_cached(fd, offset, nbytes)
         values = buf.view(piece.dtype)
         if nbytes == math.prod(shape) * dtype_size(piece.dtype):
@@ -167,12 +161,22 @@ def whole_rows(piece: Piece, source: SourceTensor, d: int) -> bool:
     return all(o == 0 for o in piece.region[d + 1:]) and piece.shape[d + 1:] == source.shape[d + 1:]
 
 
+def whole_block(band: Band):
+    """The band's one read when it is a block of whole rows of one piece (the band is that block
+    as stored); else None."""
+    source = band.source
+    if len(band.reads) == 1 and whole_rows(source.pieces[band.reads[0][0]], source, len(band.index)):
+        return band.reads[0]
+    return None
+
+
 def assemble(band: Band, get, phase=lambda name: nullcontext()) -> torch.Tensor:
     """The band's rows of its source part, from its reads: get(k, piece, lead, first, stop) returns
     the k-th read's block. A band read from one piece of whole rows is that block itself."""
     source, d = band.source, len(band.index)
-    if len(band.reads) == 1 and whole_rows(source.pieces[band.reads[0][0]], source, d):
-        i, lead, lo, hi = band.reads[0]
+    read = whole_block(band)
+    if read is not None:
+        i, lead, lo, hi = read
         return get(0, source.pieces[i], lead, lo, hi)
     shape = (band.stop - band.first,) + source.shape[d + 1:] if source.shape else ()
     assembled = torch.empty(shape, dtype=source.dtype)
@@ -300,13 +304,11 @@ class RankRunner:
     def _byte_run(self, entry: FileEntry, band: Band, tag: int | None) -> tuple[str, int, int] | None:
         """(source file, byte offset, byte count) when the band's output bytes are one run of a
         file this rank reads: one read of whole rows, no cast, no LoRA fold."""
-        source, out = band.source, entry.tensor
-        if len(band.reads) != 1 or out.lora is not None or source.dtype != out.dtype:
+        read, out = whole_block(band), entry.tensor
+        if read is None or out.lora is not None or band.source.dtype != out.dtype:
             return None
-        i, lead, lo, hi = band.reads[0]
-        piece = source.pieces[i]
-        if not whole_rows(piece, source, len(band.index)):
-            return None
+        i, lead, lo, hi = read
+        piece = band.source.pieces[i]
         if tag is not None and self.plan.readers.get(piece.file, self.rt.rank) != self.rt.rank:
             return None
         run = self.reader.byte_run(piece, lead, lo, hi)

@@ -24,7 +24,7 @@ from .errors import MergeIOError, truncated_source
 from .integrity import hash_range, new_hash
 from .model import OutputFile, Segment
 
-IO_CHUNK = 8 * 2**20  # bytes per pwrite call: one huge call is several times slower than 8 MiB ones
+IO_CHUNK = 8 * 2**20  # bytes per pread/pwrite call: one huge call is several times slower than 8 MiB ones
 HASH_MAP_BYTES = 64 * 2**20  # copied bytes are hashed through read-only maps of at most this much
 # copy_file_range's answers for "not between these two files": copy through a buffer instead
 KERNEL_COPY_REFUSED = {errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ETXTBSY}
@@ -36,6 +36,17 @@ def as_bytes(tensor: torch.Tensor) -> memoryview:
     """The raw little-endian bytes of a CPU tensor, without a copy when it is contiguous."""
     flat = tensor.contiguous().reshape(-1)
     return memoryview(flat.view(torch.uint8).numpy())
+
+
+def pread_exactly(fd: int, path: str, view: memoryview, offset: int, needed: int) -> None:
+    """Fill `view` from byte `offset` of a file, IO_CHUNK at a time; a file that ends first is
+    truncated (`needed`: the end of the whole range being read, for the message)."""
+    at = offset
+    while len(view):
+        n = os.preadv(fd, [view[:IO_CHUNK]], at)
+        if n == 0:
+            raise truncated_source(path, at, needed)
+        view, at = view[n:], at + n
 
 
 class SafetensorsWriter:
@@ -103,13 +114,12 @@ class SafetensorsWriter:
             if SafetensorsWriter.kernel_copy:
                 done = self._kernel_copy(src_fd, src_path, src_offset, offset, nbytes)
                 self.written += done
-            view = memoryview(bytearray(min(IO_CHUNK, nbytes - done))) if done < nbytes else None
+            buffer = memoryview(bytearray(min(IO_CHUNK, nbytes - done))) if done < nbytes else None
             while done < nbytes:
-                n = os.preadv(src_fd, [view[:nbytes - done]], src_offset + done)
-                if n == 0:
-                    raise truncated_source(src_path, src_offset + done, src_offset + nbytes)
-                self._pwrite(view[:n], offset + done)
-                done += n
+                chunk = buffer[:nbytes - done]
+                pread_exactly(src_fd, src_path, chunk, src_offset + done, src_offset + nbytes)
+                self._pwrite(chunk, offset + done)
+                done += len(chunk)
         except OSError as e:
             raise _io_error(self.path, e) from None
 
