@@ -4,11 +4,11 @@ from __future__ import annotations
 import json
 from collections import Counter
 
-from .arch import find_adapters, load_config, map_outputs
-from .merge import DEFAULT_TRANSPORT, cast_rule
+from .arch.config import architecture
+from .merge import DEFAULT_TRANSPORT
 from .model import dtype_str
 from .plan import describe, make_plan, parse_size
-from .sources import read_source
+from .prepare import PrepareOptions, prepare
 
 
 def skipped_files(source: str) -> list[str]:
@@ -28,10 +28,9 @@ def skipped_files(source: str) -> list[str]:
 def inspect_source(source: str, nproc: int = 1, max_shard_size: str = "5GB", dtype: str = "auto",
                    hf_config: str | None = None, iteration: int | None = None, as_json: bool = False,
                    lora_alpha: float | None = None, check_all: bool = False, segment_size: str = "256MiB") -> str:
-    catalogue = read_source(source, iteration, quick=not check_all)
-    config = load_config(hf_config or catalogue.hf_dir, source)
-    adapters = find_adapters(catalogue, lora_alpha)
-    outputs = map_outputs(catalogue, config, cast_rule(dtype), adapters)
+    p = prepare(source, PrepareOptions(hf_config=hf_config, iteration=iteration, quick=not check_all, dtype=dtype,
+                                       lora_alpha=lora_alpha))
+    catalogue, config, adapters, outputs = p.catalogue, p.config, p.adapters, p.outputs
     plan = make_plan(catalogue, outputs, nproc, parse_size(max_shard_size), DEFAULT_TRANSPORT,
                      segment_bytes=parse_size(segment_size))
     kept = set().union(*(t.sources for t in outputs))
@@ -51,10 +50,10 @@ def inspect_source(source: str, nproc: int = 1, max_shard_size: str = "5GB", dty
         dtypes[dtype_str(t.dtype)] += t.nbytes
     info = {
         "source": source, "format": catalogue.format, "world_size": catalogue.world_size, "mesh": catalogue.mesh,
-        "architecture": (config.get("architectures") or ["?"])[0],
+        "architecture": architecture(config),
         "source_tensors": len(catalogue.tensors), "source_bytes": sum(t.nbytes for t in catalogue.tensors.values()),
         "dtypes": dict(dtypes), "dropped": dropped, "trimmed": trimmed, "skipped": skipped,
-        "metadata_read": "every file" if check_all or catalogue.format != "verl-fsdp" else "rank 0 (--check-all: all)",
+        "metadata_read": "rank 0 (--check-all: all)" if catalogue.partial else "every file",
         "lora": None if adapters is None else {"r": adapters.r, "alpha": adapters.alpha,
                                                "target_modules": adapters.target_modules,
                                                "adapted": len(adapters.factors)},

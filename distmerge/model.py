@@ -73,7 +73,7 @@ class SourceTensor:
 class Catalogue:
     """What a source directory holds: every logical tensor and the pieces it is stored in."""
 
-    format: str                         # e.g. "verl-fsdp"
+    format: str                         # the format's user-facing name, e.g. "verl-fsdp"
     source: str                         # the source directory
     files: list[str]                    # every data file that holds pieces
     tensors: dict[str, SourceTensor]    # in the order the source lists them
@@ -81,6 +81,8 @@ class Catalogue:
     world_size: int = 1
     mesh: str = ""                      # human description, e.g. "fsdp=2" or "ddp=2 x fsdp=2"
     notes: list[str] = field(default_factory=list)
+    family: str = "hf"                  # the naming family arch/ maps from (set by the registry)
+    partial: bool = False               # only some files' metadata was read (inspect's quick read)
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,7 @@ distmerge runs inside a live torchrun job) is used as is and left alive.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 from dataclasses import dataclass
@@ -29,10 +30,6 @@ class Runtime:
         if self.backend == "nccl":
             return torch.device("cuda", self.local_rank)
         return torch.device("cpu")
-
-    def barrier(self) -> None:
-        if self.world_size > 1:
-            dist.barrier()
 
     def on_rank0(self, fn) -> None:
         """Run fn on rank 0 alone; a refusal there (MergeError) is raised on every rank, so all
@@ -95,3 +92,18 @@ def start(backend: str = "auto", timeout_s: float = 1800) -> Runtime:
         kwargs["device_id"] = torch.device("cuda", local_rank)
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
     return Runtime(dist.get_rank(), dist.get_world_size(), local_rank, backend, owns_group=True)
+
+
+@contextlib.contextmanager
+def intra_op_threads(ranks_on_this_machine: int):
+    """torch threads for the casts and copies: half this rank's share of the cores (the other half
+    reads and writes). torch's default, every core, is 2-3x slower for casts on a small machine,
+    where those threads fight the rank's own reader and writer. An explicit OMP_NUM_THREADS wins."""
+    before = torch.get_num_threads()
+    if "OMP_NUM_THREADS" not in os.environ:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        torch.set_num_threads(max(1, cores // (2 * max(1, ranks_on_this_machine))))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

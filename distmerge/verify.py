@@ -384,14 +384,13 @@ def compare_source_with_reference(source: str, reference: str, atol: float | Non
                                   hf_config: str | None = None, iteration: int | None = None) -> Report:
     """Like verl's `test` operation: the sharded checkpoint's tensors, as distmerge would write
     them, against a reference HF directory; nothing is written."""
-    from .arch import find_adapters, load_config, map_outputs
     from .gather import PieceReader, assemble, bands, fold_lora
-    from .sources import read_source
+    from .prepare import PrepareOptions, prepare
 
-    catalogue = read_source(source, iteration)
-    config = load_config(hf_config or catalogue.hf_dir or reference, source)
+    # LoRA: folded, as merge does
+    prepared = prepare(source, PrepareOptions(hf_config=hf_config, iteration=iteration, fallback_hf_dir=reference))
+    catalogue, outputs = prepared.catalogue, prepared.outputs
     ref = HFDirectory(reference)
-    outputs = map_outputs(catalogue, config, lambda d: d, find_adapters(catalogue, None))  # LoRA: folded, as merge does
     report = Report(f"{source} against {reference} (no output written)")
     problems = [f"tensor {n} is in the reference but the source has nothing that maps to it"
                 for n in ref.locations if n not in {o.name for o in outputs}]

@@ -81,15 +81,6 @@ def test_fast_metadata_reader_agrees_with_torch_load(checkpoint):
             assert fast == ta._load_with_torch(str(path)), path
 
 
-def test_readme_option_tables_are_generated_from_the_parser():
-    from distmerge.docs import README, main
-
-    assert main(["--check"]) == 0, "run: python -m distmerge.docs"
-    text = README.read_text()
-    for command in ("merge", "inspect", "verify"):
-        assert f"<!-- options: {command} -->" in text
-
-
 def test_only_the_first_sigterm_unwinds_and_the_cleanup_it_starts_finishes():
     """torchrun and the --local-ranks parent can both send SIGTERM: the second must not cut the
     cleanup (lock release, staging marked incomplete) that the first one started."""

@@ -9,6 +9,7 @@ import re
 
 from ..errors import MergeError
 from ..model import Catalogue, OutputTensor, SourceRows
+from .config import architecture, text_config
 
 LAYER = re.compile(r"\.layers\.(\d+)\.")
 HEADS = ("lm_head.weight", "score.weight", "v_head.weight")
@@ -39,13 +40,13 @@ def tie_word_embeddings(config: dict) -> bool:
 
 def is_value_model(config: dict) -> bool:
     """A critic / reward model: a classification head (score) instead of the LM head."""
-    arch = (config.get("architectures") or [""])[0]
+    arch = architecture(config, "")
     return arch.endswith(("ForTokenClassification", "ForSequenceClassification"))
 
 
 def check_vocab(catalogue: Catalogue, config: dict, sources: dict[str, str]) -> None:
     """The embedding and head rows must be the config's vocab_size: transformers refuses any other."""
-    vocab = config.get("vocab_size") or (config.get("text_config") or {}).get("vocab_size")
+    vocab = config.get("vocab_size") or text_config(config).get("vocab_size")
     if not vocab:
         return
     for name, source in sources.items():

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from ..errors import MergeError
 from ..model import Catalogue, OutputTensor, SourceRows
+from .config import architecture, text_config
 
 LAYER = "model.layers.{i}."
 
@@ -186,19 +187,15 @@ def find_slots(tensors: dict, layers: int, rules: dict) -> tuple[dict, list[str]
     return slots, unknown
 
 
-def _text_config(config: dict) -> dict:
-    return config.get("text_config") or config
-
-
 def map_outputs(catalogue: Catalogue, config: dict, cast) -> list[OutputTensor]:
-    declared = (config.get("architectures") or ["?"])[0]
+    declared = architecture(config)
     # a value model (verl's critic: output_layer [1, H]) is the same network with a `score` head
     value_model = declared.endswith("ForTokenClassification")
     arch = declared.replace("ForTokenClassification", "ForCausalLM")
     if arch not in ARCHITECTURES:
         raise MergeError(f"config.json names architecture {declared}, which has no Megatron mapping "
                          f"(supported: {', '.join(sorted(ARCHITECTURES))}); pass --hf-config with a matching config")
-    cfg = _text_config(config)
+    cfg = text_config(config)
     heads, groups = cfg["num_attention_heads"], cfg.get("num_key_value_heads") or cfg["num_attention_heads"]
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
     layers, vocab = cfg["num_hidden_layers"], cfg["vocab_size"]

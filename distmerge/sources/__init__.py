@@ -1,4 +1,8 @@
-"""Stage 1, detect/read: recognise the source format and build its Catalogue (metadata only)."""
+"""Stage 1, detect/read: recognise the source format and build its Catalogue (metadata only).
+
+The registry: one line per format, in detection order. A format is a module that defines
+`FORMAT = SourceFormat(...)` (see registry.py); nothing else in distmerge names a format.
+"""
 from __future__ import annotations
 
 import os
@@ -6,13 +10,19 @@ import os
 from ..errors import MergeError
 from ..model import Catalogue
 from . import dcp, fsdp, megatron, megatron_legacy
+from .registry import ReadOptions, SourceFormat
 
-# order matters: a legacy Megatron-LM run also has latest_checkpointed_iteration.txt
-FORMATS = [fsdp, megatron_legacy, megatron, dcp]  # each module has detect(dir) -> bool and read_catalogue(dir) -> Catalogue
+# order matters: a legacy Megatron-LM run also has latest_checkpointed_iteration.txt; DCP's .metadata
+# is also inside a Megatron torch_dist checkpoint
+FORMATS: list[SourceFormat] = [
+    fsdp.FORMAT,
+    megatron_legacy.FORMAT,
+    megatron.FORMAT,
+    dcp.FORMAT,
+]
 
 
-def read_source(source: str, iteration: int | None = None, quick: bool = False) -> Catalogue:
-    """quick (inspect without --check-all): verl FSDP reads rank 0's metadata only."""
+def _check_directory(source: str) -> None:
     if not os.path.exists(source):
         raise MergeError(f"source {source} does not exist")
     if not os.path.isdir(source):
@@ -20,12 +30,24 @@ def read_source(source: str, iteration: int | None = None, quick: bool = False) 
                          "(e.g. checkpoints/global_step_100/actor)")
     if not os.listdir(source):
         raise MergeError(f"source {source} is empty; pass the directory that holds the checkpoint files")
-    if iteration is not None:  # Megatron-LM's iter_XXXXXXX directories
-        if megatron_legacy.resolve(source, iteration):
-            return megatron_legacy.read_catalogue(source, iteration)
-        return megatron.read_catalogue(source, iteration)
-    for fmt in FORMATS:
-        if fmt.detect(source):
-            return fmt.read_catalogue(source, first_rank_only=True) if quick and fmt is fsdp else fmt.read_catalogue(source)
-    raise MergeError(f"{source} is not a checkpoint distmerge knows: no model_world_size_W_rank_R.pt files "
-                     "(verl FSDP), no .metadata (PyTorch DCP) and no metadata.json / dist_ckpt / iter_* (Megatron torch_dist) found. Pass the directory that holds them")
+
+
+def detect_format(source: str, opts: ReadOptions = ReadOptions()) -> SourceFormat:
+    """The first registered format that recognises `source`. With --iteration only formats that
+    take one are asked (a Megatron-LM run directory)."""
+    _check_directory(source)
+    candidates = [f for f in FORMATS if f.takes_iteration] if opts.iteration is not None else FORMATS
+    for fmt in candidates:
+        if fmt.detect(source, opts):
+            return fmt
+    looked_for = ", ".join(f.describe for f in FORMATS)
+    raise MergeError(f"{source} is not a checkpoint distmerge knows: none of {looked_for} found. "
+                     "Pass the directory that holds them")
+
+
+def read_source(source: str, opts: ReadOptions = ReadOptions()) -> tuple[SourceFormat, Catalogue]:
+    """Detect the format and read its catalogue (metadata only); the catalogue carries the family."""
+    fmt = detect_format(source, opts)
+    catalogue = fmt.read_catalogue(source, opts)
+    catalogue.family = fmt.family
+    return fmt, catalogue

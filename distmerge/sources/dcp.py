@@ -19,14 +19,16 @@ import re
 from ..errors import MergeError, MergeIOError
 from ..model import Catalogue, Piece, SourceTensor, dtype_size, dtype_str
 from .coverage import check_coverage
+from .layout import find_hf_dir
+from .registry import ReadOptions, SourceFormat
 from .torch_archive import FAST_PATH_MISSES, RecordClasses, StoredTensor, load_tensor_blob, plain_global
 
-FORMAT = "dcp"
+NAME = "dcp"
 SAVER_RANK = re.compile(r"^__(\d+)_\d+\.distcp$")  # only to report the world size, never to find a shard
 METADATA = ".metadata"
 
 
-def detect(source: str) -> bool:
+def detect(source: str, opts: ReadOptions = ReadOptions()) -> bool:
     # a Megatron torch_dist checkpoint is DCP underneath, but has its own reader (megatron.py)
     return os.path.isfile(os.path.join(source, METADATA)) and not os.path.isfile(os.path.join(source, "metadata.json"))
 
@@ -145,17 +147,10 @@ def tensors_from_metadata(ckpt_dir: str, rename=lambda names: {n: n for n in nam
     return tensors, list(files), notes, world
 
 
-def find_hf_dir(source: str) -> str | None:
-    """SOURCE/huggingface, or a huggingface/ beside SOURCE (verl: actor/dist_ckpt + actor/huggingface)."""
-    for d in (os.path.join(source, "huggingface"), os.path.join(os.path.dirname(os.path.abspath(source)), "huggingface")):
-        if os.path.isdir(d):
-            return d
-    return None
 
-
-def read_catalogue(source: str) -> Catalogue:
+def read_catalogue(source: str, opts: ReadOptions = ReadOptions()) -> Catalogue:
     tensors, files, notes, world = tensors_from_metadata(source, strip_dcp_prefix)
-    return Catalogue(format=FORMAT, source=source, files=files, tensors=tensors, hf_dir=find_hf_dir(source),
+    return Catalogue(format=NAME, source=source, files=files, tensors=tensors, hf_dir=find_hf_dir(source),
                      world_size=world, mesh="chunked (DCP)", notes=notes)
 
 
@@ -171,3 +166,7 @@ def _piece(path, start, length, fqn, offsets, sizes, dtype) -> Piece:
                          f"{dtype_str(stored.dtype)}, the metadata says {list(sizes)} {dtype_str(dtype)}")
     return Piece(file=path, offset=stored.offset, shape=stored.shape, strides=stored.strides,
                  region=tuple(offsets), dtype=dtype)
+
+
+FORMAT = SourceFormat(name=NAME, family="hf", detect=detect, read_catalogue=read_catalogue,
+                      describe=".metadata (PyTorch DCP)")

@@ -14,12 +14,14 @@ import re
 from ..errors import MergeError
 from ..model import Catalogue, Piece, SourceTensor, dtype_size, dtype_str
 from .coverage import check_coverage
+from .registry import ReadOptions, SourceFormat
 from .torch_archive import StoredDTensor, load_state_metadata
 
 RANK_FILE = re.compile(r"^model_world_size_(\d+)_rank_(\d+)\.pt$")
-FORMAT = "verl-fsdp"
+NAME = "verl-fsdp"
 
-def detect(source: str) -> bool:
+
+def detect(source: str, opts: ReadOptions = ReadOptions()) -> bool:
     return any(RANK_FILE.match(n) for n in os.listdir(source))
 
 
@@ -98,10 +100,11 @@ def _piece_of(name: str, value, path: str) -> tuple[tuple[int, ...], Piece]:
     return global_shape, piece
 
 
-def read_catalogue(source: str, first_rank_only: bool = False) -> Catalogue:
-    """first_rank_only (inspect): every rank file lists every tensor with its global shape and
+def read_catalogue(source: str, opts: ReadOptions = ReadOptions()) -> Catalogue:
+    """opts.quick (inspect): every rank file lists every tensor with its global shape and
     dtype, so rank 0's metadata alone describes the model and the plan; the pieces of the other
     ranks are not located and coverage is not checked (a merge always reads them all)."""
+    first_rank_only = opts.quick
     world, paths = _rank_files(source)
     tensors: dict[str, SourceTensor] = {}
     seen_regions: dict[str, set] = {}
@@ -131,8 +134,9 @@ def read_catalogue(source: str, first_rank_only: bool = False) -> Catalogue:
         check_coverage(t)
     hf_dir = os.path.join(source, "huggingface")
     mesh_desc = mesh_desc or ("single rank" if world == 1 else f"{world} ranks")
-    return Catalogue(format=FORMAT, source=source, files=paths, tensors=tensors,
-                     hf_dir=hf_dir if os.path.isdir(hf_dir) else None, world_size=world, mesh=mesh_desc)
+    return Catalogue(format=NAME, source=source, files=paths, tensors=tensors,
+                     hf_dir=hf_dir if os.path.isdir(hf_dir) else None, world_size=world, mesh=mesh_desc,
+                     partial=first_rank_only and world > 1)
 
 
 def strip_wrapper_prefixes(name: str) -> str:
@@ -140,3 +144,7 @@ def strip_wrapper_prefixes(name: str) -> str:
     for prefix in ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod."):
         name = name.replace(prefix, "")
     return name
+
+
+FORMAT = SourceFormat(name=NAME, family="hf", detect=detect, read_catalogue=read_catalogue,
+                      describe="model_world_size_W_rank_R.pt files (verl FSDP)", verl_backend="fsdp")

@@ -14,9 +14,11 @@ import os
 
 from ..errors import MergeError
 from ..model import Catalogue
-from .dcp import find_hf_dir, tensors_from_metadata
+from .dcp import tensors_from_metadata
+from .layout import find_hf_dir, latest_iteration
+from .registry import ReadOptions, SourceFormat
 
-FORMAT = "megatron-torch_dist"
+NAME = "megatron-torch_dist"
 
 
 def _is_dist_ckpt(d: str) -> bool:
@@ -29,17 +31,6 @@ def _is_dist_ckpt(d: str) -> bool:
     except (OSError, ValueError, AttributeError):
         return False
 
-
-def latest_iteration(source: str) -> int | None:
-    """The iteration Megatron-LM's latest_checkpointed_iteration.txt names, None without the file."""
-    tracker = os.path.join(source, "latest_checkpointed_iteration.txt")
-    if not os.path.isfile(tracker):
-        return None
-    with open(tracker) as f:
-        text = f.read().strip()
-    if not text.isdigit():
-        raise MergeError(f"{tracker} says {text!r}, not an iteration number; pass --iteration N")
-    return int(text)
 
 
 def resolve(source: str, iteration: int | None = None) -> str | None:
@@ -58,12 +49,18 @@ def resolve(source: str, iteration: int | None = None) -> str | None:
     return None
 
 
-def detect(source: str) -> bool:
-    return resolve(source) is not None
+def detect(source: str, opts: ReadOptions = ReadOptions()) -> bool:
+    return resolve(source, opts.iteration) is not None
 
 
-def read_catalogue(source: str, iteration: int | None = None) -> Catalogue:
-    ckpt = resolve(source, iteration)
+def read_catalogue(source: str, opts: ReadOptions = ReadOptions()) -> Catalogue:
+    ckpt = resolve(source, opts.iteration)
+    if ckpt is None:
+        raise MergeError(f"{source} holds no torch_dist checkpoint (metadata.json with sharded_backend torch_dist)")
     tensors, files, notes, world = tensors_from_metadata(ckpt)
-    return Catalogue(format=FORMAT, source=source, files=files, tensors=tensors, hf_dir=find_hf_dir(source)
+    return Catalogue(format=NAME, source=source, files=files, tensors=tensors, hf_dir=find_hf_dir(source)
                      or find_hf_dir(ckpt), world_size=world, mesh="resolved by dist_checkpointing", notes=notes)
+
+
+FORMAT = SourceFormat(name=NAME, family="megatron", detect=detect, read_catalogue=read_catalogue,
+                      describe="metadata.json / dist_ckpt / iter_* (Megatron torch_dist)", takes_iteration=True, verl_backend="megatron")

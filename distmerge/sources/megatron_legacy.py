@@ -23,11 +23,11 @@ from collections import defaultdict
 from ..errors import MergeError
 from ..model import Catalogue, Piece, SourceTensor, dtype_size
 from .coverage import check_coverage
-from .dcp import find_hf_dir
-from .megatron import latest_iteration
+from .layout import find_hf_dir, latest_iteration
+from .registry import ReadOptions, SourceFormat
 from .torch_archive import StoredTensor, load_megatron_legacy
 
-FORMAT = "megatron-legacy"
+NAME = "megatron-legacy"
 RANK_DIR = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?(?:_(\d{3}))?$")
 LAYER_KEY = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
 # an expert's tensor inside a layer: SequentialMLP's local_experts.{j}.X or TEGroupedMLP's X{j}
@@ -48,8 +48,8 @@ def resolve(source: str, iteration: int | None = None) -> str | None:
     return None
 
 
-def detect(source: str) -> bool:
-    return resolve(source) is not None
+def detect(source: str, opts: ReadOptions = ReadOptions()) -> bool:
+    return resolve(source, opts.iteration) is not None
 
 
 def _rank_files(iter_dir: str) -> dict[tuple[int, ...], str]:
@@ -96,8 +96,8 @@ def _rank_grid(iter_dir: str, files: dict, states: dict) -> dict[tuple[int, int,
     return grid
 
 
-def read_catalogue(source: str, iteration: int | None = None) -> Catalogue:
-    iter_dir = resolve(source, iteration)
+def read_catalogue(source: str, opts: ReadOptions = ReadOptions()) -> Catalogue:
+    iter_dir = resolve(source, opts.iteration)
     if iter_dir is None:
         raise MergeError(f"{source} holds no iter_XXXXXXX/mp_rank_* directories")
     files = _rank_files(iter_dir)
@@ -143,7 +143,7 @@ def read_catalogue(source: str, iteration: int | None = None) -> Catalogue:
         tensors[name] = _stack(name, parts, tp, layer_total)
         check_coverage(tensors[name])
     mesh = f"tp={tp} x pp={pp}" + (f" x vpp={vpp}" if vpp > 1 else "") + (f" x ep={ep}" if ep > 1 else "")
-    return Catalogue(format=FORMAT, source=source, files=sorted(grid.values()), tensors=tensors,
+    return Catalogue(format=NAME, source=source, files=sorted(grid.values()), tensors=tensors,
                      hf_dir=find_hf_dir(source) or find_hf_dir(iter_dir), world_size=tp * pp * ep, mesh=mesh)
 
 
@@ -191,3 +191,6 @@ def _piece(path: str, stored: StoredTensor, lead: tuple, region: tuple, first_ro
     offset = stored.offset + (first_row * stored.strides[0] * itemsize if stored.shape else 0)
     return Piece(file=path, offset=offset, shape=shape, strides=strides, region=lead + region, dtype=stored.dtype)
 
+
+FORMAT = SourceFormat(name=NAME, family="megatron", detect=detect, read_catalogue=read_catalogue,
+                      describe="iter_*/mp_rank_* (Megatron-LM legacy)", takes_iteration=True, verl_backend="megatron")

@@ -1,0 +1,69 @@
+"""detect -> validate -> map, once: what `merge`, `inspect` and `verify --source` all start from.
+
+Metadata only. Every rank calls it with the same inputs and gets the same answer, so every rank
+stops at the same bad input before anything is written.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .arch import find_adapters, load_config, lora, map_outputs
+from .arch.lora import Adapters
+from .errors import MergeError
+from .model import DTYPE_NAMES, Catalogue, OutputTensor
+from .sources import read_source
+from .sources.registry import ReadOptions, SourceFormat
+from .validate import check_outputs, validate_catalogue
+
+
+@dataclass(frozen=True)
+class PrepareOptions:
+    """The subset of the merge options that decides what is read and what is written."""
+
+    hf_config: str | None = None
+    iteration: int | None = None
+    quick: bool = False                 # inspect without --check-all
+    dtype: str = "auto"
+    lora: str = "merge"
+    lora_alpha: float | None = None
+    zero_weights: str = "master"
+    fallback_hf_dir: str | None = None  # verify --source: the reference's config when the source has none
+
+
+@dataclass
+class Prepared:
+    format: SourceFormat
+    catalogue: Catalogue
+    hf_dir: str | None
+    config: dict
+    adapters: Adapters | None
+    outputs: list[OutputTensor]
+    extra: dict[str, list[OutputTensor]] = field(default_factory=dict)  # file -> tensors (lora_adapter/)
+
+
+def cast_rule(dtype: str):
+    """auto keeps every tensor's dtype; a named dtype casts floating tensors only."""
+    if dtype == "auto":
+        return lambda d: d
+    if dtype not in DTYPE_NAMES:
+        raise MergeError(f"--dtype {dtype} is not one of auto, {', '.join(DTYPE_NAMES)}")
+    target = DTYPE_NAMES[dtype]
+    return lambda d: target if d.is_floating_point else d
+
+
+def prepare(source: str, opts: PrepareOptions = PrepareOptions()) -> Prepared:
+    if opts.lora not in lora.MODES:
+        raise MergeError(f"--lora {opts.lora} is not one of {', '.join(lora.MODES)}")
+    cast = cast_rule(opts.dtype)
+    fmt, catalogue = read_source(source, ReadOptions(iteration=opts.iteration, quick=opts.quick,
+                                                     zero_weights=opts.zero_weights))
+    validate_catalogue(catalogue)
+    hf_dir = opts.hf_config or catalogue.hf_dir or opts.fallback_hf_dir
+    config = load_config(hf_dir, source)
+    adapters = find_adapters(catalogue, opts.lora_alpha)
+    outputs = map_outputs(catalogue, config, cast, adapters, opts.lora)
+    check_outputs(catalogue, outputs, config)
+    extra = {}
+    if adapters and opts.lora in ("adapter", "both"):
+        extra[lora.ADAPTER_FILE] = lora.adapter_outputs(catalogue, adapters, cast)
+    return Prepared(fmt, catalogue, hf_dir, config, adapters, outputs, extra)
