@@ -49,6 +49,7 @@ class MergeOptions:
     hf_config: str | None = None
     iteration: int | None = None
     zero_weights: str = "master"          # DeepSpeed ZeRO-1/2: fp32 master weights or the 16-bit module
+    untie_word_embeddings: bool = False   # keep a head trained apart from the embedding; config says untied
     backend: str = "auto"
     timeout: float = 1800.0
     progress: bool = True
@@ -124,7 +125,7 @@ class MergeJob:
         o = self.opts
         self.p: Prepared = prepare(o.source, PrepareOptions(
             hf_config=o.hf_config, iteration=o.iteration, dtype=o.dtype, lora=o.lora, lora_alpha=o.lora_alpha,
-            zero_weights=o.zero_weights))
+            zero_weights=o.zero_weights, untie_word_embeddings=o.untie_word_embeddings))
         self.warnings += check_verl_flags(o.source, source_kind(o.backend), self.p.format, self.p.config,
                                           o.tie_word_embedding, o.is_value_model)
         self.stages.done("catalogue")

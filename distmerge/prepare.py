@@ -7,12 +7,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .arch import find_adapters, load_config, lora, map_outputs
+from .arch import find_adapters, hf, load_config, lora, map_outputs
 from .arch.lora import Adapters
 from .errors import MergeError
 from .model import DTYPE_NAMES, Catalogue, OutputTensor
 from .sources import read_source
 from .sources.registry import ReadOptions, SourceFormat
+from .tied import check_tied_head, untie
 from .validate import check_outputs, validate_catalogue
 
 
@@ -27,6 +28,7 @@ class PrepareOptions:
     lora: str = "merge"
     lora_alpha: float | None = None
     zero_weights: str = "master"
+    untie_word_embeddings: bool = False  # keep a trained head and write tie_word_embeddings: false
     fallback_hf_dir: str | None = None  # verify --source: the reference's config when the source has none
 
 
@@ -60,6 +62,9 @@ def prepare(source: str, opts: PrepareOptions = PrepareOptions()) -> Prepared:
     validate_catalogue(catalogue)
     hf_dir = opts.hf_config or catalogue.hf_dir or opts.fallback_hf_dir
     config = load_config(hf_dir, source)
+    if opts.untie_word_embeddings:
+        config = untie(config)
+    check_tied_head(catalogue, hf.tie_word_embeddings(config))
     adapters = find_adapters(catalogue, opts.lora_alpha)
     outputs = map_outputs(catalogue, config, cast, adapters, opts.lora)
     check_outputs(catalogue, outputs, config)

@@ -20,7 +20,7 @@ def upload(target: str, repo_id: str, private: bool) -> str:
     try:
         from huggingface_hub import HfApi
     except ImportError:
-        raise MergeError(f"--hf-upload-path needs huggingface_hub (pip install huggingface_hub); the merged model "
+        raise MergeError(f"--hf-upload-path needs huggingface_hub (pip install 'distmerge[hub]'); the merged model "
                          f"is complete in {target}") from None
     retry = f"the merged model is complete in {target}; upload it later with: hf upload {repo_id} {target}"
     api = HfApi()

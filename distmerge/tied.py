@@ -1,0 +1,75 @@
+"""A tied head must be the embedding: with tie_word_embeddings the head is not written, so a trained
+head that differs from the embedding would be dropped without a word. Checked before planning."""
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from .errors import MergeError
+from .model import Catalogue, SourceTensor
+
+BAND_BYTES = 16 << 20
+UNTIE_FLAG = "--untie-word-embeddings"
+
+
+def untie(config: dict) -> dict:
+    """The config with tie_word_embeddings false (top level, and text_config where there is one)."""
+    config = copy.deepcopy(config)
+    config["tie_word_embeddings"] = False
+    if isinstance(config.get("text_config"), dict):
+        config["text_config"]["tie_word_embeddings"] = False
+    return config
+
+
+def _one(catalogue: Catalogue, suffix: str) -> SourceTensor | None:
+    found = [t for name, t in catalogue.tensors.items() if name.endswith(suffix) and "visual" not in name]
+    return found[0] if len(found) == 1 else None
+
+
+def _same_storage(a: SourceTensor, b: SourceTensor) -> bool:
+    """Both names point at the same stored bytes (torch.save keeps a tied parameter once)."""
+    key = lambda p: (p.file, p.offset, p.shape, p.strides, p.region)  # noqa: E731
+    return a.shape == b.shape and sorted(map(key, a.pieces)) == sorted(map(key, b.pieces))
+
+
+def heads_equal(catalogue: Catalogue, head: SourceTensor, embed: SourceTensor) -> bool:
+    """Compare the two tensors band by band (bounded memory); equal bytes, not equal values."""
+    from .gather import PieceReader, read_source_rows
+
+    if head.shape != embed.shape or head.dtype != embed.dtype:
+        return False
+    if _same_storage(head, embed):
+        return True
+    rows = head.shape[0] if head.shape else 1
+    row_bytes = max(1, head.nbytes // max(rows, 1))
+    step = max(1, BAND_BYTES // row_bytes)
+    reader = PieceReader()
+    try:
+        for first in range(0, rows, step):
+            stop = min(rows, first + step)
+            a = read_source_rows(catalogue, head.name, first, stop, reader)
+            b = read_source_rows(catalogue, embed.name, first, stop, reader)
+            if not torch.equal(a.view(_raw(a)), b.view(_raw(b))):
+                return False
+    finally:
+        reader.close()
+    return True
+
+
+def _raw(t: torch.Tensor) -> torch.dtype:
+    return {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()]
+
+
+def check_tied_head(catalogue: Catalogue, tied: bool) -> None:
+    """Refuse a tied config over a checkpoint whose head was trained apart from the embedding."""
+    if not tied or catalogue.partial or catalogue.family != "hf":
+        return
+    head, embed = _one(catalogue, "lm_head.weight"), _one(catalogue, "embed_tokens.weight")
+    if head is None or embed is None or not head.pieces:
+        return
+    if not heads_equal(catalogue, head, embed):
+        raise MergeError(f"config.json says tie_word_embeddings=true, but {catalogue.source} holds an "
+                         f"{head.name} that differs from {embed.name}: merging with this config would drop the "
+                         f"trained head. Pass {UNTIE_FLAG} to keep the head and write tie_word_embeddings: false, "
+                         "or pass --hf-config with the trained model's config")
