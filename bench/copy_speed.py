@@ -1,5 +1,5 @@
 """How fast bytes move from a source file to an output file here, and why distmerge copies the way
-it does (see README "Where the time goes").
+it does (see docs/performance.md "Where the time goes").
 
     python bench/copy_speed.py [--size-gb 1.4] [--runs 3] [--dir bench/work/copy]
 

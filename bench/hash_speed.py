@@ -1,4 +1,4 @@
-"""Hash speed on this machine: why distmerge records xxh3-128 (see README "Integrity").
+"""Hash speed on this machine: why distmerge records xxh3-128 (see docs/reliability.md "Integrity and the manifest").
 python bench/hash_speed.py  ->  GB/s per algorithm on 256 MiB of random bytes, fed in 16 MiB calls."""
 import hashlib
 import os

@@ -2,11 +2,14 @@
 (the same Llama widths with 8, 40 and 94 layers), a ~1.5 GB Megatron-core TP2xPP2 checkpoint, and
 verl's merger as a baseline; writes bench/results.{json,md} and bench/scaling.png. The ~5 GB
 checkpoint is also merged into 2 GB files (`--max-shard-size 2GB`), where ranks write files of
-their own; at the default 5GB it is one file, which the ranks share.
+their own; at the default 5GB it is one file, which the ranks share. A DeepSpeed ZeRO-3 save of a
+~374M-parameter Llama (2 training ranks, written by real DeepSpeed on CPU) is merged beside
+DeepSpeed's own `zero_to_fp32.py --safe_serialization` (same fp32 bytes out).
 
     python bench/run.py                          # generate (once), then measure; ~45 minutes on 2 cores
     python bench/run.py --sizes 1.4 --runs 5     # the 1.4 GB checkpoint only
     python bench/run.py --work /fast/disk/bench
+    python bench/run.py --sizes "" --no-verl --no-megatron --results-dir /tmp/ds   # the DeepSpeed rows only
 
 Floors, measured in the same run, per launch mode:
   one process, and M ranks forked by `merge --local-ranks M`: `python -c "import torch"` + `cat` of the
@@ -61,8 +64,10 @@ def timed(cmd, **kw) -> float:
 
 
 def source_files(ckpt: Path) -> list[str]:
-    """The data files a merge reads: verl rank files, or a Megatron checkpoint's .distcp files."""
-    return sorted(str(p) for p in ckpt.glob("model_world_size_*.pt")) or sorted(str(p) for p in ckpt.rglob("*.distcp"))
+    """The data files a merge reads: verl rank files, a Megatron checkpoint's .distcp files, or a DeepSpeed
+    save's state files (all of them, although the merge reads only the fp32 partitions of the optimizer files)."""
+    return (sorted(str(p) for p in ckpt.glob("model_world_size_*.pt")) or sorted(str(p) for p in ckpt.rglob("*.distcp"))
+            or sorted(str(p) for p in ckpt.rglob("*_states.pt")))
 
 
 def floor(ckpt: Path, out_bytes: int, work: Path, ranks: int, launcher: str) -> float:
@@ -125,13 +130,23 @@ def verl_python(work: Path) -> str | None:
 
 def verl_merge(py: str, ckpt: Path, out: Path, timeout: float) -> tuple[float, float]:
     """verl's model_merger on the same checkpoint (it writes bf16); wall seconds and max RSS in MB."""
+    return time_with_rss([py, "-m", "verl.model_merger", "merge", "--backend", "fsdp", "--local_dir", str(ckpt),
+                          "--target_dir", str(out)], out, timeout)
+
+
+def zero_to_fp32(ckpt: Path, out: Path, timeout: float) -> tuple[float, float]:
+    """DeepSpeed's own zero_to_fp32.py, as saved beside the checkpoint (fp32 safetensors); seconds, max RSS in MB."""
+    return time_with_rss([PY, str(ckpt / "zero_to_fp32.py"), str(ckpt), str(out), "--safe_serialization"], out, timeout)
+
+
+def time_with_rss(cmd: list[str], out: Path, timeout: float) -> tuple[float, float]:
+    """Wall seconds and max RSS in MB (`/usr/bin/time -f %M`) of a one-process baseline writing into `out`."""
     shutil.rmtree(out, ignore_errors=True)
     subprocess.run(["sync"], check=True)
     start = time.perf_counter()
     try:
-        proc = subprocess.run(["/usr/bin/time", "-f", "%M", py, "-m", "verl.model_merger", "merge", "--backend", "fsdp",
-                               "--local_dir", str(ckpt), "--target_dir", str(out)], capture_output=True, text=True,
-                              cwd=ROOT, timeout=timeout)
+        proc = subprocess.run(["/usr/bin/time", "-f", "%M", *cmd], capture_output=True, text=True, cwd=ROOT,
+                              timeout=timeout)
     except subprocess.TimeoutExpired:
         raise RuntimeError(f"did not finish in {timeout:.0f} s") from None
     seconds = time.perf_counter() - start
@@ -180,25 +195,54 @@ def checkpoint(work: Path, layers: int) -> Path:
 
 def verl_row(py, ckpt, work, runs, ours, timeout) -> dict:
     """verl's merger beside distmerge's matching row; a run that fails (out of memory) is recorded as such."""
+    return baseline_row("verl model_merger", "bf16", lambda out: verl_merge(py, ckpt, out, timeout), work, runs, ours)
+
+
+def baseline_row(name: str, dtype: str, run_once, work: Path, runs: int, ours: dict) -> dict:
+    """A one-process baseline (`run_once(out)` -> seconds, MB) beside distmerge's matching row."""
     times, rss, failure = [], [], None
     for _ in range(runs):
         try:
-            t, m = verl_merge(py, ckpt, work / "verl-out", timeout)
+            t, m = run_once(work / "baseline-out")
         except RuntimeError as e:
             failure = str(e).strip().splitlines()[-1][:200] if str(e).strip() else "failed"
             break
         times.append(t)
         rss.append(m)
-    shutil.rmtree(work / "verl-out", ignore_errors=True)
-    row = {"source": ours["source"], "ranks": 1, "launcher": "python", "transport": "verl model_merger", "dtype": "bf16",
+    shutil.rmtree(work / "baseline-out", ignore_errors=True)
+    row = {"source": ours["source"], "ranks": 1, "launcher": "python", "transport": name, "dtype": dtype,
            "source_gb": ours["source_gb"], "output_gb": ours["output_gb"], "floor_s": ours["floor_s"],
            "median_s": statistics.median(times) if times else None, "peak_rss_mb": max(rss) if rss else None,
            "times": times, "failure": failure}
     row["ratio"] = row["median_s"] / row["floor_s"] if times else None
-    print(f"{ours['source']}: verl model_merger bf16: " + (f"{row['median_s']:.2f} s, peak RSS {row['peak_rss_mb']:.0f} MB; "
+    print(f"{ours['source']}: {name} {dtype}: " + (f"{row['median_s']:.2f} s, peak RSS {row['peak_rss_mb']:.0f} MB; "
           f"distmerge ({ours['ranks']} rank(s), {ours['launcher']}) is {row['median_s'] / ours['median_s']:.1f}x faster" if times
           else f"failed: {failure}"), flush=True)
     return row
+
+
+def deepspeed_checkpoint(work: Path) -> Path:
+    """A ZeRO-3 save of a ~374M-parameter Llama (hidden 1024, 24 layers, vocab 32000) by 2 training ranks,
+    written by real DeepSpeed on CPU; its checkpoint-2/ is what users pass."""
+    ckpt = work / "deepspeed" / "z3" / "checkpoint-2"
+    if not (ckpt / "latest").exists():
+        print("generating the DeepSpeed ZeRO-3 benchmark checkpoint ...", flush=True)
+        maker = str(ROOT / "tests" / "make_deepspeed_checkpoint.py")
+        args = ["--out", str(work / "deepspeed"), "--variants", "z3", "--big", "--no-reference"]
+        subprocess.run(torchrun(2) + [maker] + args, check=True, cwd=ROOT, stdout=subprocess.DEVNULL,
+                       env=dict(os.environ, DS_ACCELERATOR="cpu"))
+    return ckpt
+
+
+def deepspeed_rows(work: Path, runs: int) -> list[dict]:
+    """distmerge against DeepSpeed's zero_to_fp32.py --safe_serialization on the same save, same (fp32) bytes out."""
+    ckpt = deepspeed_checkpoint(work)
+    label = "DeepSpeed ZeRO-3 W=2 ~374M"
+    rows = measure(label, ckpt, work, runs, [(1, "direct", None), (2, "direct", "fork"), (2, "direct", "torchrun")],
+                   ("auto",))
+    rows.append(baseline_row("zero_to_fp32.py", "auto", lambda out: zero_to_fp32(ckpt, out, timeout=1200), work, runs,
+                             rows[0]))
+    return rows
 
 
 def plot(rows, path: Path) -> None:
@@ -245,11 +289,13 @@ def main():
     p.add_argument("--sizes", default="1.4,5,11", help="checkpoint sizes in GB, of " + ", ".join(LAYERS))
     p.add_argument("--no-verl", action="store_true", help="skip verl's model_merger baseline")
     p.add_argument("--no-megatron", action="store_true")
+    p.add_argument("--no-deepspeed", action="store_true", help="skip the DeepSpeed ZeRO-3 rows (zero_to_fp32 baseline)")
+    p.add_argument("--results-dir", default=str(ROOT / "bench"), help="where results.{json,md} and scaling.png go")
     args = p.parse_args()
     work = Path(args.work)
     py = None if args.no_verl else verl_python(work)
     rows = []
-    for size in args.sizes.split(","):
+    for size in filter(None, args.sizes.split(",")):
         ckpt = checkpoint(work, LAYERS[size])
         label = f"verl FSDP2 {size} GB"
         configs = [(1, "direct", None), (2, "direct", "fork"), (2, "direct", "torchrun"), (2, "collective", "torchrun")]
@@ -270,7 +316,11 @@ def main():
                            + MEGATRON_MODEL, check=True, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         rows += measure("Megatron TP2xPP2 1.4 GB", megatron, work, args.runs,
                         [(1, "direct", None), (2, "direct", "fork"), (2, "direct", "torchrun")], ("auto",))
-    (ROOT / "bench" / "results.json").write_text(json.dumps(rows, indent=2))
+    if not args.no_deepspeed:
+        rows += deepspeed_rows(work, args.runs)
+    results = Path(args.results_dir)
+    results.mkdir(parents=True, exist_ok=True)
+    (results / "results.json").write_text(json.dumps(rows, indent=2))
     lines = ["| checkpoint | ranks | launcher | transport | dtype | output GB (files) | seconds (median) | floor s | ratio | peak RSS / rank MB |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -287,9 +337,9 @@ def main():
             phases = "; ".join([stages] + [f"rank {i}: " + ", ".join(f"{k} {v:.2f}" for k, v in sorted(ph.items()))
                                            for i, ph in enumerate(r["phases"])])
             lines.append(f"- {r['source']}, {r['ranks']} rank(s) {r['launcher']} {r['transport']} {r['dtype']}: {phases}")
-    (ROOT / "bench" / "results.md").write_text("\n".join(lines) + "\n")
+    (results / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
-    plot(rows, ROOT / "bench" / "scaling.png")
+    plot(rows, results / "scaling.png")
 
 
 if __name__ == "__main__":

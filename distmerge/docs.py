@@ -1,7 +1,10 @@
-"""README's option tables, generated from the argument parser so they cannot drift.
+"""The option tables of docs/options.md, generated from the argument parser so they cannot drift.
 
-    python -m distmerge.docs          # rewrite the tables in README.md
-    python -m distmerge.docs --check  # exit 1 if README.md is out of date (the tests run this)
+    python -m distmerge.docs          # rewrite the tables; add a section for a subcommand that has none
+    python -m distmerge.docs --check  # exit 1 if docs/options.md is out of date (the tests run this)
+
+A table lives between `<!-- options: NAME -->` and `<!-- end options -->`; everything else on the page is
+written by hand and left as it is.
 """
 from __future__ import annotations
 
@@ -12,18 +15,43 @@ from pathlib import Path
 
 from .cli import build_parser
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+OPTIONS_PAGE = Path(__file__).resolve().parent.parent / "docs" / "options.md"
 BLOCK = re.compile(r"(<!-- options: (\w+) -->\n)(.*?)(<!-- end options -->)", re.S)
 
 
+class StaleTableError(ValueError):
+    """The page has a table for a subcommand the parser no longer has."""
+
+
+def subcommands() -> dict[str, argparse.ArgumentParser]:
+    """Every subcommand of `distmerge`, by name, in the parser's order."""
+    action = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return dict(action.choices)
+
+
 def subparser(name: str) -> argparse.ArgumentParser:
-    parser = build_parser()
-    return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[name]
+    return subcommands()[name]
 
 
-def options_table(command: str) -> str:
+def _cell(text: str) -> str:
+    """Text for a table cell: a bare `|` would end the cell, even inside backticks (as in `all|latest`)."""
+    return text.replace("|", "\\|")
+
+
+def _default(action: argparse.Action) -> str:
+    if action.nargs == 0:
+        return "off"
+    if action.default is None:
+        return "none"
+    if isinstance(action.default, float):
+        return f"`{action.default:g}`"
+    return f"`{action.default}`"
+
+
+def options_table(command: str, parser: argparse.ArgumentParser | None = None) -> str:
+    """The markdown table of one subcommand's arguments: name (with metavar or choices), default, help."""
     rows = ["| option | default | meaning |", "|---|---|---|"]
-    for action in subparser(command)._actions:
+    for action in (parser or subparser(command))._actions:
         if isinstance(action, argparse._HelpAction) or action.help == argparse.SUPPRESS:
             continue
         name = " / ".join(action.option_strings) if action.option_strings else action.metavar
@@ -31,31 +59,42 @@ def options_table(command: str) -> str:
             name += " {" + ",".join(map(str, action.choices)) + "}"
         elif action.option_strings and action.nargs != 0:
             name += f" {action.metavar or action.dest.upper()}"
-        if action.nargs == 0:
-            default = "off"
-        elif action.default is None:
-            default = "none"
-        else:
-            default = f"`{action.default:g}`" if isinstance(action.default, float) else f"`{action.default}`"
-        meaning = (action.help or "").replace("|", "\\|")
-        rows.append(f"| `{name}` | {default} | {meaning} |")
+        rows.append(f"| `{_cell(name)}` | {_cell(_default(action))} | {_cell(action.help or '')} |")
     return "\n".join(rows) + "\n"
 
 
 def render(text: str) -> str:
-    return BLOCK.sub(lambda m: m.group(1) + options_table(m.group(2)) + m.group(4), text)
+    """The page with every table regenerated, and a new section at the end for each subcommand without one.
+
+    Raises StaleTableError for a table whose subcommand is gone: deleting prose around it is a person's job.
+    """
+    commands = subcommands()
+    present = BLOCK.findall(text)
+    stale = sorted({name for _, name, _, _ in present} - set(commands))
+    if stale:
+        raise StaleTableError(f"tables for subcommands that no longer exist: {', '.join(stale)}")
+    have = {name for _, name, _, _ in present}
+    for name in commands:
+        if name not in have:
+            text = text.rstrip("\n") + f"\n\n## `distmerge {name}`\n\n<!-- options: {name} -->\n<!-- end options -->\n"
+    return BLOCK.sub(lambda m: m.group(1) + options_table(m.group(2), commands[m.group(2)]) + m.group(4), text)
 
 
-def main(argv=None) -> int:
+def main(argv: list[str] | None = None, page: Path = OPTIONS_PAGE) -> int:
+    """Rewrite `page` (or with --check, only compare it): 0 when it is up to date, 1 when not."""
     check = "--check" in (argv if argv is not None else sys.argv[1:])
-    text = README.read_text()
-    new = render(text)
+    try:
+        text = page.read_text()
+        new = render(text)
+    except (OSError, StaleTableError) as e:
+        print(f"distmerge.docs: {page}: {e}", file=sys.stderr)
+        return 1
     if check:
         if new != text:
-            print("README.md's option tables are out of date: run python -m distmerge.docs", file=sys.stderr)
+            print(f"{page}'s option tables are out of date: run python -m distmerge.docs", file=sys.stderr)
             return 1
         return 0
-    README.write_text(new)
+    page.write_text(new)
     return 0
 
 

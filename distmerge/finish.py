@@ -11,10 +11,12 @@ import logging
 import os
 import shutil
 import socket
+import stat
 import time
+from dataclasses import dataclass
 
 from .errors import MergeError, MergeIOError, MergeLockedError
-from .integrity import DONE, HASH, JOB, done_record, hash_range, read_json, write_json
+from .integrity import DONE, HASH, JOB, MANIFEST, done_record, hash_range, read_json, write_json
 from .model import Plan, dtype_str
 
 log = logging.getLogger("distmerge")
@@ -25,8 +27,9 @@ WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json"
 
 
 def _beside(target: str, suffix: str) -> str:
-    """A hidden path next to the target: .TARGET.distmerge-<suffix>."""
-    target = os.path.abspath(target)
+    """A hidden path next to the target: .TARGET.distmerge-<suffix>, beside the directory a
+    symlinked target resolves to (where the output is renamed into place)."""
+    target = os.path.realpath(target)
     return os.path.join(os.path.dirname(target), f".{os.path.basename(target)}.distmerge-{suffix}")
 
 
@@ -36,6 +39,9 @@ def staging_dir(target: str) -> str:
 
 def check_target(target: str, source: str, overwrite: bool) -> None:
     """Refuse targets that would damage the source or an existing directory, before anything is written."""
+    if os.path.islink(target) and not os.path.exists(target):
+        raise MergeError(f"target {target} is a link to {os.readlink(target)}, which does not exist or loops; "
+                         "remove the link or point it at a directory")
     t, s = os.path.realpath(target), os.path.realpath(source)
     if t == s or t.startswith(s + os.sep):
         raise MergeError(f"target {target} is the source or inside it; choose a --target outside {source}")
@@ -59,30 +65,83 @@ def lock_path(target: str) -> str:
 
 
 def acquire_lock(target: str) -> str:
-    """Rank 0: one merge per target. The lock file (pid, host, start time) is created atomically;
-    a lock whose pid is dead on this host is stale and reported with the command that clears it."""
+    """Rank 0: one merge per target. The lock file (pid, host, start time) is created atomically. A
+    lock whose merge is gone (its pid dead on this host, or reused by another process) is taken
+    over with a warning, so rerunning a crashed merge just works; a lock from another host cannot
+    be checked from here and is refused with the command that clears it."""
     path = lock_path(target)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    except FileExistsError:
-        try:
-            with open(path) as f:
-                holder = json.load(f)
-        except (OSError, ValueError):
-            holder = {}
-        pid, host = holder.get("pid"), holder.get("host")
-        if host == socket.gethostname() and isinstance(pid, int) and not _alive(pid):
-            raise MergeLockedError(f"{path} is a stale lock: its merge (pid {pid} on {host}) is gone. "
-                                   f"Clear it with: rm {path}") from None
-        raise MergeLockedError(f"another merge (pid {pid} on {host}, since {holder.get('started', '?')}) is writing "
-                               f"{target}; wait for it to finish, or if it is dead: rm {path}") from None
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        for _ in range(3):
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+                break
+            except FileExistsError:
+                _take_over_stale(path, target)
+        else:
+            raise MergeLockedError(f"{path} keeps reappearing: another merge is starting on {target}; "
+                                   f"wait for it, or if none runs: rm {path}")
     except OSError as e:
         raise MergeIOError(f"cannot create {path}: {e.strerror}; choose a --target you may write to") from None
     with os.fdopen(fd, "w") as f:
-        json.dump({"pid": os.getpid(), "host": socket.gethostname(),
+        json.dump({"pid": os.getpid(), "host": socket.gethostname(), "pid_start": _process_start(os.getpid()),
                    "started": time.strftime("%Y-%m-%d %H:%M:%S")}, f)
     return path
+
+
+def _read_lock(path: str) -> dict | None:
+    try:
+        with open(path) as f:
+            holder = json.load(f)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, RecursionError, UnicodeDecodeError):
+        return {}
+    return holder if isinstance(holder, dict) else {}
+
+
+def _take_over_stale(path: str, target: str) -> None:
+    """Remove the lock at `path` if its merge is gone; raise MergeLockedError if it may still run.
+    The stale lock is renamed away first: of two reruns racing for it, only one succeeds."""
+    holder = _read_lock(path)
+    if holder is None:
+        return  # released meanwhile: try again
+    pid, host = holder.get("pid"), holder.get("host")
+    if not (host == socket.gethostname() and isinstance(pid, int) and pid > 0 and _gone(pid, holder.get("pid_start"))):
+        raise MergeLockedError(f"another merge (pid {pid} on {host}, since {holder.get('started', '?')}) is writing "
+                               f"{target}; wait for it to finish, or if it is dead: rm {path}")
+    aside = f"{path}.stale-{os.getpid()}"
+    try:
+        os.rename(path, aside)
+    except FileNotFoundError:
+        return  # another rerun took it first: try again
+    if _read_lock(aside) != holder:  # a live lock was created between our read and the rename: put it back
+        try:
+            os.link(aside, path)
+        finally:
+            os.remove(aside)
+        raise MergeLockedError(f"another merge started on {target} just now; wait for it to finish")
+    os.remove(aside)
+    log.warning("took over the stale lock %s: its merge (pid %s on %s, since %s) is gone", path, pid, host,
+                holder.get("started", "?"))
+
+
+def _process_start(pid: int) -> int | None:
+    """The process's start time in clock ticks since boot (Linux /proc), which tells a live merge
+    from an unrelated process that reuses its pid; None where /proc does not say."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return int(f.read().rsplit(b")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _gone(pid: int, started) -> bool:
+    """Whether the merge that wrote a lock is dead: its pid is free, or now names a younger process."""
+    if not _alive(pid):
+        return True
+    now = _process_start(pid)
+    return isinstance(started, int) and now is not None and now != started
 
 
 def _alive(pid: int) -> bool:
@@ -90,7 +149,7 @@ def _alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
+    except (PermissionError, OverflowError):
         return True
     return True
 
@@ -179,25 +238,134 @@ def write_index(plan: Plan, staging: str) -> None:
     write_json(os.path.join(staging, "model.safetensors.index.json"), index, sort_keys=False)  # HF order
 
 
-def copy_hf_files(hf_dir: str | None, staging: str, config: dict, plan: Plan) -> list[str]:
-    """Copy every non-weight file of the HF directory; config.json gets the dtype actually written."""
-    copied = []
-    if hf_dir:
-        for name in sorted(os.listdir(hf_dir)):
-            path = os.path.join(hf_dir, name)
-            if name == "config.json" or name.endswith(WEIGHT_SUFFIXES) or name in WEIGHT_INDEXES:
+MAX_HF_FILE_BYTES = 1 << 30   # tokenizers and custom code are MBs; a larger non-weight file is not one of them
+MAX_HF_FILES = 10_000
+MAX_HF_DEPTH = 8
+
+
+@dataclass(frozen=True)
+class HFFile:
+    """A non-weight file to copy: its name relative to the HF directory, and its size when checked."""
+
+    name: str
+    path: str
+    size: int
+
+
+def _inside(path: str, root: str) -> bool:
+    real, root = os.path.realpath(path), os.path.realpath(root)
+    return real == root or real.startswith(root.rstrip(os.sep) + os.sep)
+
+
+def _link_root(hf_dir: str) -> str:
+    """Where the links of an HF directory may lead: inside it, or for a Hugging Face cache snapshot
+    (REPO/snapshots/REV, whose files link to ../../blobs/HASH) inside its REPO directory."""
+    parent = os.path.dirname(os.path.abspath(hf_dir))
+    if os.path.basename(parent) == "snapshots" and os.path.isdir(os.path.join(os.path.dirname(parent), "blobs")):
+        return os.path.realpath(os.path.dirname(parent))
+    return os.path.realpath(hf_dir)
+
+
+def _hf_entry(path: str, name: str, root: str, explicit: bool) -> os.stat_result:
+    """The stat of one entry of the HF directory, refused unless it is a regular file or directory that
+    resolves inside `root`; a directory the user named (`explicit`) may link anywhere (an HF cache
+    snapshot links into ../../blobs)."""
+    fix = ("replace it with the file itself, or pass --hf-config DIR naming a directory whose links you trust")
+    if os.path.islink(path) and not explicit and not _inside(path, root):
+        raise MergeError(f"{path} is a link to {os.path.realpath(path)}, outside {root}; a checkpoint's files must "
+                         f"be its own. {fix}")
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise MergeError(f"{path} cannot be followed ({e.strerror}: a dangling link or a link loop); {fix}") from None
+    if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
+        raise MergeError(f"{path} is not a regular file (a FIFO, socket or device); remove it from the HF directory")
+    if stat.S_ISREG(st.st_mode) and st.st_size > MAX_HF_FILE_BYTES:
+        raise MergeError(f"{path} is {st.st_size} bytes, more than the {MAX_HF_FILE_BYTES >> 20} MiB a config, "
+                         f"tokenizer or code file ever needs; move it out of the HF directory ({name} is not copied "
+                         "as a weight either)")
+    return st
+
+
+def hf_files(hf_dir: str | None, explicit: bool = False, skip: tuple[str, ...] = ()) -> list[HFFile]:
+    """The non-weight files of the HF directory that the target gets (checked, nothing opened):
+    regular files only, each resolving inside the directory it comes from unless the user named
+    that directory (`explicit`), none larger than MAX_HF_FILE_BYTES. Weights, indexes, config.json
+    (written from the checked config) and `skip` (a format's training files) are left out."""
+    if not hf_dir:
+        return []
+    if not explicit and os.path.islink(os.path.normpath(hf_dir)):
+        raise MergeError(f"{hf_dir} is a link to {os.path.realpath(hf_dir)}; the checkpoint's HF files must be its "
+                         f"own. To use that directory, name it: --hf-config {os.path.realpath(hf_dir)}")
+    root, out, seen = _link_root(hf_dir), [], set()
+    config = os.path.join(hf_dir, "config.json")
+    if os.path.lexists(config):
+        _hf_entry(config, "config.json", root, explicit)  # its JSON is read elsewhere: it must be the checkpoint's
+
+    def walk(directory: str, rel: str, depth: int) -> None:
+        if depth > MAX_HF_DEPTH or os.path.realpath(directory) in seen:
+            raise MergeError(f"{directory} nests directories more than {MAX_HF_DEPTH} deep or in a loop; "
+                             "it is not an HF model directory")
+        seen.add(os.path.realpath(directory))
+        for name in sorted(os.listdir(directory)):
+            name_rel = os.path.join(rel, name) if rel else name
+            if (not rel and (name in ("config.json", *WEIGHT_INDEXES, *skip))) or name.endswith(WEIGHT_SUFFIXES) \
+                    or name.startswith(".distmerge") or name == MANIFEST:
                 continue
-            if os.path.isdir(path):
-                shutil.copytree(path, os.path.join(staging, name))
+            path = os.path.join(directory, name)
+            st = _hf_entry(path, name_rel, root, explicit)
+            if stat.S_ISDIR(st.st_mode):
+                walk(path, name_rel, depth + 1)
             else:
-                shutil.copy2(path, os.path.join(staging, name))
-            copied.append(name)
+                out.append(HFFile(name_rel, path, st.st_size))
+            if len(out) > MAX_HF_FILES:
+                raise MergeError(f"{hf_dir} holds more than {MAX_HF_FILES} files; it is not an HF model directory")
+
+    try:
+        walk(hf_dir, "", 0)
+    except OSError as e:
+        raise MergeError(f"{hf_dir} cannot be listed ({e.strerror}); pass --hf-config DIR") from None
+    return out
+
+
+def _copy_one(f: HFFile, dest: str) -> None:
+    """Copy a checked regular file, opened without blocking (a FIFO swapped in after the check is
+    refused, not waited on) and read no further than its checked size allows."""
+    fd = os.open(f.path, os.O_RDONLY | os.O_NONBLOCK)
+    with os.fdopen(fd, "rb") as src:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise MergeError(f"{f.path} changed into a special file during the merge; remove it and rerun")
+        os.set_blocking(fd, True)
+        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        with open(dest, "wb") as out:
+            left = MAX_HF_FILE_BYTES + 1
+            while left > 0:
+                chunk = src.read(min(left, 1 << 20))
+                if not chunk:
+                    break
+                out.write(chunk)
+                left -= len(chunk)
+        if left <= 0:
+            raise MergeError(f"{f.path} grew past {MAX_HF_FILE_BYTES >> 20} MiB while it was copied; "
+                             "move it out of the HF directory")
+
+
+def copy_hf_files(hf_dir: str | None, staging: str, config: dict, plan: Plan, explicit: bool = False,
+                  skip: tuple[str, ...] = ()) -> list[str]:
+    """Copy the non-weight files of the HF directory (see hf_files); config.json gets the dtype
+    actually written."""
+    files = hf_files(hf_dir, explicit, skip)
+    try:
+        for f in files:
+            _copy_one(f, os.path.join(staging, f.name))
+    except OSError as e:
+        raise MergeIOError(f"cannot copy {e.filename or hf_dir} into {staging}: {e.strerror}") from None
     config = dict(config)
     if plan.config_dtype is not None:
         key = "dtype" if "dtype" in config else "torch_dtype"
         config[key] = dtype_str(plan.config_dtype)
     write_json(os.path.join(staging, "config.json"), config)
-    return copied + ["config.json"]
+    return [f.name for f in files] + ["config.json"]
 
 
 def write_adapter_config(staging: str, adapter_dir: str, config: dict) -> None:
@@ -213,24 +381,52 @@ def fsync_path(path: str) -> None:
         os.close(fd)
 
 
-def publish(staging: str, target: str, overwrite: bool) -> None:
-    """Remove the marker and move staging into place; an old target is replaced only now. The
-    small files written last and both directories are fsynced, so after a power loss the target
-    is either absent or has its index and config (the weights' own fsync is --fsync)."""
-    for name in os.listdir(staging):
-        if name.endswith((".json", ".jinja", ".txt", ".model")) and os.path.isfile(os.path.join(staging, name)):
-            fsync_path(os.path.join(staging, name))
-    os.remove(os.path.join(staging, INCOMPLETE))
-    fsync_path(staging)
-    old = None
-    if os.path.exists(target) and os.listdir(target):
-        if not overwrite:
-            raise MergeError(f"target {target} became non-empty during the merge; the result is in {staging}")
-        old = staging + ".old"
-        os.rename(target, old)
-    elif os.path.exists(target):
-        os.rmdir(target)
-    os.rename(staging, target)
-    fsync_path(os.path.dirname(os.path.abspath(target)))
+def publish(staging: str, target: str, overwrite: bool) -> bool:
+    """Move staging into place (a symlinked target: where it resolves); an old target is replaced
+    only now. The marker stays in staging until the rename has succeeded, so a failure at any
+    point leaves a directory that says it is incomplete, never one that looks finished. The small
+    files and both directories are fsynced, so after a power loss the target is either absent or
+    has its index and config (the weights' own fsync is --fsync). True when an earlier, non-empty
+    target was replaced (--overwrite)."""
+    target = os.path.realpath(target)
+    try:
+        for name in os.listdir(staging):
+            if name.endswith((".json", ".jinja", ".txt", ".model")) and os.path.isfile(os.path.join(staging, name)):
+                fsync_path(os.path.join(staging, name))
+        fsync_path(staging)
+        old = _move_old_target(staging, target, overwrite)
+        try:
+            os.rename(staging, target)
+        except OSError:
+            if old:
+                os.rename(old, target)
+            raise
+        os.remove(os.path.join(target, INCOMPLETE))
+        fsync_path(target)
+        fsync_path(os.path.dirname(target))
+    except OSError as e:
+        raise MergeIOError(f"cannot move the finished output {staging} to {target}: {e.strerror}; the output "
+                           "stays there, marked incomplete; rerun with --resume") from None
     if old:
+        shutil.rmtree(old, ignore_errors=True)
+    return old is not None
+
+
+def _move_old_target(staging: str, target: str, overwrite: bool) -> str | None:
+    """Make room for the rename: an empty target is removed, a non-empty one (with --overwrite)
+    moved aside, and its new name returned, to be removed once the new output is in place."""
+    if not os.path.lexists(target):
+        return None
+    if not os.path.isdir(target) or os.path.islink(target):
+        raise MergeError(f"target {target} became something other than a directory during the merge; "
+                         f"the result is in {staging}")
+    if not os.listdir(target):
+        os.rmdir(target)
+        return None
+    if not overwrite:
+        raise MergeError(f"target {target} became non-empty during the merge; the result is in {staging}")
+    old = staging + ".old"
+    if os.path.lexists(old):
         shutil.rmtree(old)
+    os.rename(target, old)
+    return old

@@ -42,11 +42,6 @@ def hash_range(path: str, start: int = 0, end: int | None = None) -> str:
     return h.hexdigest()
 
 
-def segment_hashes(path: str, segments: list) -> list:
-    """[[start, end, xxh3-128], ...] of a file, as the manifest lists them."""
-    return [[start, end, hash_range(path, start, end)] for start, end, _ in segments]
-
-
 def fingerprint(catalogue: Catalogue, plan: Plan, options: dict) -> dict:
     """What makes two merges the same: the source files (name, size, mtime), every output header
     (names, dtypes, shapes, offsets: it captures --dtype and --max-shard-size), and the options
@@ -74,10 +69,12 @@ def write_json(path: str, data: dict, sort_keys: bool = True) -> None:
 
 
 def read_json(path: str) -> dict | None:
+    """A record of ours (job, done), or None when it is missing or damaged (a damaged record is
+    treated as absent: its segment is written again)."""
     try:
         with open(path) as f:
             data = json.load(f)
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None
     return data if isinstance(data, dict) else None
 

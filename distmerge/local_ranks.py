@@ -42,22 +42,32 @@ def run_local_ranks(n: int, run_rank: Callable[[], int]) -> int:
     for rank in range(n):
         pid = os.fork()
         if pid == 0:
-            code = 1
-            try:
-                signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent, which sends SIGTERM
-                os.environ.update(RANK=str(rank), WORLD_SIZE=str(n), LOCAL_RANK=str(rank),
-                                  LOCAL_WORLD_SIZE=str(n), MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
-                code = run_rank()
-            except SystemExit as e:
-                code = e.code if isinstance(e.code, int) else 1
-            except BaseException:
-                traceback.print_exc()
-            finally:
-                sys.stdout.flush()
-                sys.stderr.flush()
-                os._exit(code)  # no interpreter teardown: the parent owns it
+            _run_child(rank, n, port, run_rank)
         ranks[pid] = rank
+    return _wait_for(ranks)
 
+
+def _run_child(rank: int, n: int, port: str, run_rank: Callable[[], int]) -> None:
+    """In a forked rank: the launcher's environment, run_rank(), then exit without teardown."""
+    code = 1
+    try:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent, which sends SIGTERM
+        os.environ.update(RANK=str(rank), WORLD_SIZE=str(n), LOCAL_RANK=str(rank),
+                          LOCAL_WORLD_SIZE=str(n), MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+        code = run_rank()
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)  # no interpreter teardown: the parent owns it
+
+
+def _wait_for(ranks: dict[int, int]) -> int:
+    """Wait for every rank; the first failure stops the others. SIGTERM/SIGINT to the parent are
+    passed on to each rank once."""
     stopping = False
 
     def stop_all(signum=signal.SIGTERM, frame=None):

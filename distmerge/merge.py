@@ -9,22 +9,25 @@ from dataclasses import asdict, dataclass, field
 from . import runtime as runtime_mod
 from .arch import lora
 from .errors import MergeError
-from .finish import (acquire_lock, check_sizes, check_target, copy_hf_files, prepare_staging, publish, release_lock,
-                     remove_run_records, staging_dir, verified_done_files, write_adapter_config, write_index)
-from .gather import RankRunner
+from .engine import RankRunner
+from .finish import (acquire_lock, check_sizes, check_target, copy_hf_files, hf_files, prepare_staging, publish,
+                     release_lock, remove_run_records, staging_dir, verified_done_files, write_adapter_config,
+                     write_index)
 from .integrity import fingerprint, manifest_files, write_manifest
 from .model import DTYPE_NAMES, Plan
 from .plan import make_plan, parse_size
 from .prepare import Prepared, PrepareOptions, cast_rule, prepare  # noqa: F401  (cast_rule: re-exported)
 from .progress import Progress
 from .runtime import intra_op_threads
+from .scatter import scatter_shares
 from .selfcheck import self_check
+from .summary import log_summary
 from .verl_compat import check_verl_flags, source_kind
 
 log = logging.getLogger("distmerge")
 
 TRANSPORTS = ("collective", "direct")
-DEFAULT_TRANSPORT = "direct"  # chosen by measurement: see README "Transports"
+DEFAULT_TRANSPORT = "direct"  # chosen by measurement: see docs/performance.md "Transports"
 
 
 @dataclass
@@ -50,6 +53,7 @@ class MergeOptions:
     iteration: int | None = None
     zero_weights: str = "master"          # DeepSpeed ZeRO-1/2: fp32 master weights or the 16-bit module
     untie_word_embeddings: bool = False   # keep a head trained apart from the embedding; config says untied
+    vocab_size: int | None = None         # a Megatron checkpoint without config.json: the true vocabulary
     backend: str = "auto"
     timeout: float = 1800.0
     progress: bool = True
@@ -59,7 +63,7 @@ class MergeOptions:
 class MergeResult:
     target: str
     files: list[str]
-    bytes: int
+    bytes: int                   # tensor data the run stage wrote; each file's size on disk is hashes[f]["bytes"]
     tensors: int
     ranks: int
     seconds: float
@@ -72,14 +76,10 @@ class MergeResult:
     stages: dict = field(default_factory=dict)          # rank 0: {"start-up": s, "catalogue": s, "plan": s, ...}
     files_by_rank: list[list[str]] = field(default_factory=list)  # what each rank actually wrote
     peak_rss_mb: list[float] = field(default_factory=list)        # per rank, at the end of its writes
+    replaced: bool = False                                         # --overwrite replaced an earlier target
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def seconds_line(named_seconds) -> str:
-    """`read 0.35s  write 0.49s`: one line of the summary."""
-    return "  ".join(f"{name} {s:.2f}s" for name, s in named_seconds)
 
 
 class Stages:
@@ -118,32 +118,47 @@ class MergeJob:
         self.kept: dict[str, str] = {}
         self.verified: bool | None = None
         self.uploaded: str | None = None
+        self.replaced = False
 
     def prepare(self) -> None:
-        """detect -> validate -> map: metadata only, the same on every rank, so every rank stops at
-        the same bad input before anything is written."""
-        o = self.opts
-        self.p: Prepared = prepare(o.source, PrepareOptions(
-            hf_config=o.hf_config, iteration=o.iteration, dtype=o.dtype, lora=o.lora, lora_alpha=o.lora_alpha,
-            zero_weights=o.zero_weights, untie_word_embeddings=o.untie_word_embeddings))
-        self.warnings += check_verl_flags(o.source, source_kind(o.backend), self.p.format, self.p.config,
-                                          o.tie_word_embedding, o.is_value_model)
+        """detect -> validate -> map, on the reader rank (rank 0) alone: metadata only. A refusal
+        there reaches every rank, so every rank stops at the same bad input before anything is
+        written. The other ranks get their share of the result in plan()."""
+        self.p: Prepared | None = None
+        self.rt.on_rank0(self._prepare_here)
         self.stages.done("catalogue")
 
+    def _prepare_here(self) -> None:
+        o = self.opts
+        self.p = prepare(o.source, PrepareOptions(
+            hf_config=o.hf_config, iteration=o.iteration, dtype=o.dtype, lora=o.lora, lora_alpha=o.lora_alpha,
+            zero_weights=o.zero_weights, untie_word_embeddings=o.untie_word_embeddings, vocab_size=o.vocab_size))
+        self.warnings += check_verl_flags(o.source, source_kind(o.backend), self.p.format, self.p.config,
+                                          o.tie_word_embedding, o.is_value_model)
+
     def plan(self) -> None:
-        o, p, rt = self.opts, self.p, self.rt
-        self.plan_: Plan = make_plan(p.catalogue, p.outputs, rt.world_size, parse_size(o.max_shard_size), o.transport,
-                                     config_dtype=None if o.dtype == "auto" else DTYPE_NAMES[o.dtype],
-                                     extra_files=p.extra or None, segment_bytes=parse_size(o.segment_size))
-        check_target(o.target, o.source, o.overwrite)
-        lora_opts = {"lora": o.lora, "lora_scale": p.adapters.scale} if p.adapters else {}
-        self.job = fingerprint(p.catalogue, self.plan_, lora_opts)
-        rt.on_rank0(self._take_target)
-        self.staging = staging_dir(o.target)
+        """The reader plans, takes the target and sends each rank its share (scatter.py): the plan,
+        and the pieces of the tensors it writes. From here on every rank, the reader included,
+        holds only its share of the catalogue."""
+        self.rt.on_rank0(self._plan_here)
+        share = scatter_shares(self.rt, self.p, getattr(self, "plan_", None))
+        self.p, self.plan_ = share.prepared, share.plan
+        self.staging = staging_dir(self.opts.target)
         self.stages.done("plan")
 
+    def _plan_here(self) -> None:
+        o, p = self.opts, self.p
+        self.plan_: Plan = make_plan(p.catalogue, p.outputs, self.rt.world_size, parse_size(o.max_shard_size),
+                                     o.transport, config_dtype=None if o.dtype == "auto" else DTYPE_NAMES[o.dtype],
+                                     extra_files=p.extra or None, segment_bytes=parse_size(o.segment_size))
+        check_target(o.target, o.source, o.overwrite)
+        hf_files(p.hf_dir, **self._hf_file_rules())  # refused now, before any data is written, not at finish
+        lora_opts = {"lora": o.lora, "lora_scale": p.adapters.scale} if p.adapters else {}
+        self.job = fingerprint(p.catalogue, self.plan_, lora_opts)
+        self._take_target()
+
     def _take_target(self) -> None:
-        """Rank 0 alone; its refusal reaches every rank."""
+        """Rank 0 alone (in _plan_here); its refusal reaches every rank."""
         o, c, plan = self.opts, self.p.catalogue, self.plan_
         log.info("%s: %s, %d tensors, mesh %s; writing %d file(s) with %d rank(s), transport %s",
                  o.source, c.format, len(c.tensors), c.mesh, len(plan.files), self.rt.world_size,
@@ -183,17 +198,28 @@ class MergeJob:
         o, p, plan, staging = self.opts, self.p, self.plan_, self.staging
         check_sizes(plan, staging)
         write_index(plan, staging)
-        copy_hf_files(p.hf_dir, staging, p.config, plan)
+        copy_hf_files(p.hf_dir, staging, p.config, plan, **self._hf_file_rules())
         if p.extra:
             write_adapter_config(staging, lora.ADAPTER_DIR, lora.adapter_config(p.adapters))
         write_manifest(staging, self.manifest)
         if o.verify or o.hf_upload_path:  # an upload only ever follows a passed self-check
+            self.stages.done("finish")
             self.verified = self_check(staging, o.target, o.trust_remote_code)
+            self.stages.done("self-check")
         remove_run_records(staging)
-        publish(staging, o.target, o.overwrite)
+        self.replaced = publish(staging, o.target, o.overwrite)
         if o.hf_upload_path:
             from .upload import upload
+            self.stages.done("finish")
             self.uploaded = upload(o.target, o.hf_upload_path, o.private)
+            self.stages.done("upload")
+
+    def _hf_file_rules(self) -> dict:
+        """A directory the user named may hold symlinks; a format's training files are skipped only
+        in the directory the format found."""
+        p = self.p
+        return {"explicit": bool(self.opts.hf_config),
+                "skip": p.catalogue.hf_skip if p.hf_dir == p.catalogue.hf_dir else ()}
 
     def close(self) -> None:
         if self.lock:
@@ -205,7 +231,7 @@ class MergeJob:
         return MergeResult(target=self.opts.target, files=[f.name for f in plan.files], bytes=plan.total_bytes,
                            tensors=sum(len(f.entries) for f in plan.files), ranks=self.rt.world_size,
                            seconds=seconds, hashes=self.manifest, kept=sorted(self.kept), warnings=self.warnings,
-                           verified=self.verified, uploaded=self.uploaded,
+                           verified=self.verified, uploaded=self.uploaded, replaced=self.replaced,
                            phases=[s["seconds"] for s in stats], stages=self.stages.seconds,
                            files_by_rank=[s["files"] for s in stats], peak_rss_mb=[s["peak_rss_mb"] for s in stats])
 
@@ -226,21 +252,7 @@ def run_merge(opts: MergeOptions, start_up: float | None = None) -> MergeResult:
     finally:
         job.close()
     result = job.result(time.perf_counter() - start)
-    if rt.rank == 0:
-        log_summary(result, opts)
     return result
-
-
-def log_summary(result: MergeResult, opts: MergeOptions) -> None:
-    if result.kept:
-        log.info("resumed: kept %d verified segment(s) of the earlier run, wrote the others", len(result.kept))
-    log.info("merged %.3f GB into %d file(s) in %s with %d rank(s) in %.2f s (%.2f GB/s)",
-             result.bytes / 1e9, len(result.files), opts.target, result.ranks, result.seconds,
-             result.bytes / 1e9 / max(result.seconds, 1e-9))
-    log.info("  stages: %s", seconds_line(result.stages.items()))
-    for r, phases in enumerate(result.phases):
-        log.info("  rank %d: %s  peak RSS %.0f MB", r, seconds_line(sorted(phases.items())) or "idle",
-                 result.peak_rss_mb[r])
 
 
 def merge(source: str, target: str, **options) -> MergeResult:
@@ -250,4 +262,7 @@ def merge(source: str, target: str, **options) -> MergeResult:
     if unknown:
         raise TypeError(f"distmerge.merge() got unknown option(s) {', '.join(unknown)}; "
                         f"it takes {', '.join(sorted(known))}")
-    return run_merge(MergeOptions(source=str(source), target=str(target), **options))
+    result = run_merge(MergeOptions(source=str(source), target=str(target), **options))
+    if int(os.environ.get("RANK", "0")) == 0:
+        log_summary(result)  # the CLI logs its own, with the wall time since the command started
+    return result

@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .errors import MergeError
+
 # safetensors dtype names (https://github.com/huggingface/safetensors, format spec)
 SAFETENSORS_DTYPES = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
@@ -52,10 +54,6 @@ class Piece:
             return 0
         return 1 + sum((n - 1) * s for n, s in zip(self.shape, self.strides))
 
-    @property
-    def is_contiguous(self) -> bool:
-        return self.span_elements == self.numel
-
 
 @dataclass
 class SourceTensor:
@@ -81,19 +79,40 @@ class Catalogue:
     world_size: int = 1
     mesh: str = ""                      # human description, e.g. "fsdp=2" or "ddp=2 x fsdp=2"
     notes: list[str] = field(default_factory=list)
-    family: str = "hf"                  # the naming family arch/ maps from (set by the registry)
+    family: str = "hf"                  # the naming family arch/ maps from: hf, megatron, torchtitan
     partial: bool = False               # only some files' metadata was read (inspect's quick read)
+    hf_skip: tuple[str, ...] = ()       # names in hf_dir that are the training job's (DeepSpeed's tags, latest)
 
 
 @dataclass(frozen=True)
 class SourceRows:
     """Rows [start, stop) of source[index]: `index` fixes the leading dims (a stacked layer, an
-    expert), the next dim is the row dim. A 0-d source is one row with start=0, stop=1."""
+    expert), the next dim is the row dim. A 0-d source is one row with start=0, stop=1.
+
+    A row gather (`order`, a permutation of range(P)) takes those rows in another order, the same
+    in each block of P rows: output row r is source row start + r - r % P + order[r % P]. RoPE's
+    q/k permutation is one: P is head_dim, each head's rows reordered alike. The rows stream in
+    bands like any other part; none of them is held whole."""
 
     source: str
     index: tuple[int, ...] = ()
     start: int = 0
     stop: int = 0
+    order: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        period = len(self.order)
+        if period and (sorted(self.order) != list(range(period)) or (self.stop - self.start) % period):
+            raise MergeError(f"{self.source}: a row order must permute range(P) for a P that divides the "
+                             f"{self.stop - self.start} rows taken; got P={period}")
+
+    def source_rows(self, first: int, stop: int) -> torch.Tensor:
+        """The source rows that output rows [first, stop) of this part take (int64, in output order)."""
+        rows = torch.arange(first, stop, dtype=torch.int64)
+        if not self.order:
+            return rows + self.start
+        period = len(self.order)
+        return self.start + rows - rows % period + torch.tensor(self.order, dtype=torch.int64)[rows % period]
 
 
 @dataclass(frozen=True)
@@ -109,7 +128,8 @@ class LoraDelta:
 class OutputTensor:
     """One tensor of the HF checkpoint and its recipe: the concatenation, along the first dim, of
     row ranges of source tensors (identity, a layer of a stacked tensor, a head group of a fused
-    QKV, the gate half of a fused gate/up, the first vocab_size rows of a padded embedding).
+    QKV, the gate half of a fused gate/up, the first vocab_size rows of a padded embedding), each
+    optionally gathered in a row order (RoPE's per-head permutation).
     No parts means zeros: a bias the HF class has and the source model computes without."""
 
     name: str

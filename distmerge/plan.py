@@ -1,7 +1,7 @@
 """Stage 3, plan: output tensors -> files with known headers, an owner rank per file, a reader per source file.
 
-The plan is plain data, made identically on every rank from metadata alone; `distmerge inspect`
-prints it without moving a byte.
+The plan is plain data, made from metadata alone on the reader rank (rank 0), which sends every
+other rank its share (scatter.py); `distmerge inspect` prints it without moving a byte.
 """
 from __future__ import annotations
 
@@ -127,8 +127,12 @@ def make_plan(catalogue: Catalogue, outputs: list[OutputTensor], world_size: int
 
     held = Counter()
     for name in set().union(*(t.sources for t in outputs)):  # LoRA factors are read by their writer
-        for p in catalogue.tensors[name].pieces:
-            held[p.file] += p.nbytes
+        pieces = catalogue.tensors[name].pieces
+        if hasattr(pieces, "bytes_by_file"):  # a PieceTable (millions of chunks): summed in bulk
+            held.update(pieces.bytes_by_file())
+        else:
+            for p in pieces:
+                held[p.file] += p.nbytes
     sources = [f for f in catalogue.files if held[f]]
     readers = dict(zip(sources, balance([held[f] for f in sources], world_size)))
 

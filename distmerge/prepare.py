@@ -1,14 +1,15 @@
 """detect -> validate -> map, once: what `merge`, `inspect` and `verify --source` all start from.
 
-Metadata only. Every rank calls it with the same inputs and gets the same answer, so every rank
-stops at the same bad input before anything is written.
+Metadata only. A merge calls it on the reader rank (rank 0) alone, whose refusal reaches every
+rank before anything is written; the other ranks receive their share of the result (scatter.py).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .arch import find_adapters, hf, load_config, lora, map_outputs
+from .arch import find_adapters, load_config, lora, map_outputs
 from .arch.lora import Adapters
+from .arch.megatron_config import synthesize_config
 from .errors import MergeError
 from .model import DTYPE_NAMES, Catalogue, OutputTensor
 from .sources import read_source
@@ -30,6 +31,7 @@ class PrepareOptions:
     zero_weights: str = "master"
     untie_word_embeddings: bool = False  # keep a trained head and write tie_word_embeddings: false
     fallback_hf_dir: str | None = None  # verify --source: the reference's config when the source has none
+    vocab_size: int | None = None       # --vocab-size: a Megatron checkpoint's true vocabulary (config synthesis)
 
 
 @dataclass
@@ -61,13 +63,18 @@ def prepare(source: str, opts: PrepareOptions = PrepareOptions()) -> Prepared:
                                                      zero_weights=opts.zero_weights))
     validate_catalogue(catalogue)
     hf_dir = opts.hf_config or catalogue.hf_dir or opts.fallback_hf_dir
-    config = load_config(hf_dir, source)
+    if hf_dir is None and catalogue.family == "megatron":
+        built = synthesize_config(catalogue, opts.vocab_size)  # no config.json anywhere: build one
+        config, hf_dir = built.config, built.tokenizer_dir     # the tokenizer found is copied to the output
+        catalogue.notes.append(f"config.json {built.description}")
+    else:
+        config = load_config(hf_dir, source)
     if opts.untie_word_embeddings:
         config = untie(config)
-    check_tied_head(catalogue, hf.tie_word_embeddings(config))
     adapters = find_adapters(catalogue, opts.lora_alpha)
     outputs = map_outputs(catalogue, config, cast, adapters, opts.lora)
     check_outputs(catalogue, outputs, config)
+    check_tied_head(catalogue, outputs)
     extra = {}
     if adapters and opts.lora in ("adapter", "both"):
         extra[lora.ADAPTER_FILE] = lora.adapter_outputs(catalogue, adapters, cast)

@@ -7,9 +7,12 @@ import copy
 import torch
 
 from .errors import MergeError
-from .model import Catalogue, SourceTensor
+from .model import Catalogue, OutputTensor, SourceTensor
 
 BAND_BYTES = 16 << 20
+# naming family -> (head, embedding) name suffixes
+HEAD_AND_EMBEDDING = {"hf": ("lm_head.weight", "embed_tokens.weight"),
+                      "megatron": ("output_layer.weight", "word_embeddings.weight")}
 UNTIE_FLAG = "--untie-word-embeddings"
 
 
@@ -35,7 +38,7 @@ def _same_storage(a: SourceTensor, b: SourceTensor) -> bool:
 
 def heads_equal(catalogue: Catalogue, head: SourceTensor, embed: SourceTensor) -> bool:
     """Compare the two tensors band by band (bounded memory); equal bytes, not equal values."""
-    from .gather import PieceReader, read_source_rows
+    from .reader import PieceReader, read_source_rows
 
     if head.shape != embed.shape or head.dtype != embed.dtype:
         return False
@@ -61,12 +64,15 @@ def _raw(t: torch.Tensor) -> torch.dtype:
     return {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()]
 
 
-def check_tied_head(catalogue: Catalogue, tied: bool) -> None:
-    """Refuse a tied config over a checkpoint whose head was trained apart from the embedding."""
-    if not tied or catalogue.partial or catalogue.family != "hf":
+def check_tied_head(catalogue: Catalogue, outputs: list[OutputTensor]) -> None:
+    """Refuse a mapping that drops a head trained apart from the embedding (the config ties them).
+    A head of another shape (a value model's score head) is not the tied one."""
+    written = any(o.name.endswith("lm_head.weight") for o in outputs)
+    if written or catalogue.partial or catalogue.family not in HEAD_AND_EMBEDDING:
         return
-    head, embed = _one(catalogue, "lm_head.weight"), _one(catalogue, "embed_tokens.weight")
-    if head is None or embed is None or not head.pieces:
+    head_name, embed_name = HEAD_AND_EMBEDDING[catalogue.family]
+    head, embed = _one(catalogue, head_name), _one(catalogue, embed_name)
+    if head is None or embed is None or not head.pieces or head.shape != embed.shape:
         return
     if not heads_equal(catalogue, head, embed):
         raise MergeError(f"config.json says tie_word_embeddings=true, but {catalogue.source} holds an "

@@ -15,26 +15,30 @@ def folder_bytes(folder: str) -> int:
     return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(folder) for f in files)
 
 
-def upload(target: str, repo_id: str, private: bool) -> str:
-    """Create the repo if needed and upload every file of target; returns the repo URL."""
+def upload(target: str, repo_id: str, private: bool, revision: str | None = None) -> str:
+    """Create the repo if needed and upload every file of target; returns the repo URL. With a
+    revision, onto that branch, created when missing (`watch` puts step N on `step-N`)."""
     try:
         from huggingface_hub import HfApi
     except ImportError:
         raise MergeError(f"--hf-upload-path needs huggingface_hub (pip install 'distmerge[hub]'); the merged model "
                          f"is complete in {target}") from None
-    retry = f"the merged model is complete in {target}; upload it later with: hf upload {repo_id} {target}"
+    retry = (f"the merged model is complete in {target}; upload it later with: hf upload {repo_id} {target}"
+             + (f" --revision {revision}" if revision else ""))
     api = HfApi()
     try:
         url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        if revision:
+            api.create_branch(repo_id, branch=revision, repo_type="model", exist_ok=True)
         large = getattr(api, "upload_large_folder", None)
         if large is not None and folder_bytes(target) >= LARGE_FOLDER_BYTES:
-            large(repo_id=repo_id, folder_path=target, repo_type="model", private=private)
+            large(repo_id=repo_id, folder_path=target, repo_type="model", private=private, revision=revision)
         else:
-            api.upload_folder(repo_id=repo_id, folder_path=target, repo_type="model",
+            api.upload_folder(repo_id=repo_id, folder_path=target, repo_type="model", revision=revision,
                               commit_message="Upload model merged by distmerge")
     except Exception as e:  # noqa: BLE001 - every failure gets the same advice
         raise MergeIOError(f"upload to {repo_id} at {api.endpoint} failed: {describe_failure(e)}; {retry}") from None
-    log.info("uploaded %s to %s", target, url)
+    log.info("uploaded %s to %s%s", target, url, f" (revision {revision})" if revision else "")
     return str(url)
 
 

@@ -13,9 +13,12 @@ import os
 import stat
 from dataclasses import dataclass
 
+import numpy as np
+
 from .errors import MergeError
 from .model import SAFETENSORS_DTYPES, Catalogue, OutputTensor, Piece, SourceTensor, dtype_str
 from .arch.config import text_config
+from .sources.chunks import PieceTable, gc_paused
 
 MAX_ELEMENTS = 1 << 50  # no real tensor comes near this; a larger claim is a corrupt or hostile record
 
@@ -110,19 +113,105 @@ def _overlap(pieces: list[Piece]) -> bool:
 
 
 def validate_catalogue(catalogue: Catalogue) -> None:
-    """Refuse, naming the file and record, anything a plan must not be built from."""
+    """Refuse, naming the file and record, anything a plan must not be built from. PieceTables (the
+    formats with millions of chunks) are screened in bulk first; a tensor the screen cannot clear
+    goes through the piece-by-piece checks below, which name what is wrong."""
     checked: dict[str, SourceFile] = {}
     for path in catalogue.files:
         checked[path] = check_file(path, catalogue.source)
+    with gc_paused():
+        cleared = _bulk_screen(catalogue, checked)
+        for t in catalogue.tensors.values():
+            if t.name in cleared:
+                continue
+            for p in t.pieces:
+                file = checked.get(p.file) or checked.setdefault(p.file, check_file(p.file, catalogue.source))
+                problem = piece_problem(p, file)
+                if problem:
+                    raise MergeError(f"{p.file}: the record of tensor {t.name} at {list(p.region)}: {problem}; "
+                                     "the checkpoint is corrupt or was not written by a trainer, copy it again")
+            if not catalogue.partial:
+                check_tensor(t)
+
+
+def _bulk_screen(catalogue: Catalogue, checked: dict[str, SourceFile]) -> set[str]:
+    """The names of the tensors whose PieceTables pass every check of piece_problem and check_tensor,
+    computed over all their rows at once (grouped by rank and files list)."""
+    groups: dict[tuple, list[SourceTensor]] = {}
     for t in catalogue.tensors.values():
-        for p in t.pieces:
-            file = checked.get(p.file) or checked.setdefault(p.file, check_file(p.file, catalogue.source))
-            problem = piece_problem(p, file)
-            if problem:
-                raise MergeError(f"{p.file}: the record of tensor {t.name} at {list(p.region)}: {problem}; "
-                                 "the checkpoint is corrupt or was not written by a trainer, copy it again")
-        if not catalogue.partial:
-            check_tensor(t)
+        table = t.pieces
+        if isinstance(table, PieceTable) and table.dtype == t.dtype and table.ndim == len(t.shape) >= 1 and \
+                t.dtype in SAFETENSORS_DTYPES and all(n >= 0 for n in t.shape) and math.prod(t.shape) <= MAX_ELEMENTS:
+            groups.setdefault((table.ndim, id(table.files)), []).append(t)
+    cleared: set[str] = set()
+    for group in groups.values():
+        files = group[0].pieces.files
+        sizes = np.array([_file_size(f, checked, catalogue) for f in files] or [0], dtype=np.int64)
+        bad = _screen_rows(group, sizes, catalogue.partial)
+        cleared.update(t.name for k, t in enumerate(group) if not bad[k])
+    return cleared
+
+
+def _file_size(path: str, checked: dict[str, SourceFile], catalogue: Catalogue) -> int:
+    file = checked.get(path) or checked.setdefault(path, check_file(path, catalogue.source))
+    return file.size
+
+
+def _screen_rows(group: list[SourceTensor], sizes: np.ndarray, partial: bool) -> np.ndarray:
+    """Per tensor of `group` (same rank, same files list): True where some check may fail. Values
+    are screened against MAX_ELEMENTS first, so no product below overflows int64."""
+    d = group[0].pieces.ndim
+    counts = np.array([len(t.pieces) for t in group], dtype=np.int64)
+    rows = np.concatenate([t.pieces.rows() for t in group]) if counts.sum() else np.zeros((0, 2 + 3 * d), np.int64)
+    tid = np.repeat(np.arange(len(group)), counts)
+    bounds = np.array([t.shape for t in group], dtype=np.int64).reshape(len(group), d)[tid]
+    itemsize = np.array([t.dtype.itemsize for t in group], dtype=np.int64)[tid]
+    file, offset = rows[:, 0], rows[:, 1]
+    region, shape, strides = rows[:, 2:2 + d], rows[:, 2 + d:2 + 2 * d], rows[:, 2 + 2 * d:]
+    bad = (offset < 0) | (offset > MAX_ELEMENTS) | (file < 0) | (file >= len(sizes)) | (region < 0).any(axis=1) | \
+        (shape < 0).any(axis=1) | (strides < 0).any(axis=1) | (strides > MAX_ELEMENTS).any(axis=1) | \
+        (region + shape > bounds).any(axis=1)
+    shape = np.where(bad[:, None], 0, shape)  # rows already refused take no part in the arithmetic below
+    numel = shape.prod(axis=1)
+    full = numel > 0
+    spanf = 1 + ((shape - 1).astype(np.float64) * strides * full[:, None]).sum(axis=1)
+    bad |= spanf > 2.0 ** 52  # spans this large go through the exact per-piece arithmetic
+    full &= ~bad
+    bad |= full & ~_strides_ok(shape, strides)
+    span = 1 + ((shape - 1) * strides * full[:, None]).sum(axis=1)
+    bad |= full & (offset + span * itemsize > sizes[np.clip(file, 0, len(sizes) - 1)])
+    per_tensor = np.bincount(tid[bad], minlength=len(group)) > 0
+    if partial:
+        return per_tensor
+    totals = np.bincount(tid, weights=numel, minlength=len(group))  # exact: each below 2**50
+    per_tensor |= totals != np.array([math.prod(t.shape) for t in group], dtype=np.float64)
+    return per_tensor | _rows_overlap(tid[full], region[full], shape[full], bounds[full], len(group))
+
+
+def _strides_ok(shape: np.ndarray, strides: np.ndarray) -> np.ndarray:
+    """piece_problem's stride rule, per row: sorted by stride, each dim of more than one element
+    starts past the span of the smaller ones (no two elements share bytes)."""
+    key = np.where(shape > 1, strides, np.iinfo(np.int64).max)
+    order = np.argsort(key, axis=1, kind="stable")
+    n, s = np.take_along_axis(shape, order, axis=1), np.take_along_axis(strides, order, axis=1)
+    reach = np.where(n > 1, (n - 1) * s, 0)
+    before = 1 + np.cumsum(reach, axis=1) - reach  # 1 + the span of the smaller dims
+    return ((n <= 1) | (s >= before)).all(axis=1)
+
+
+def _rows_overlap(tid: np.ndarray, region: np.ndarray, shape: np.ndarray, bounds: np.ndarray, n: int) -> np.ndarray:
+    """Per tensor: True unless its non-empty pieces are blocks of whole rows (every later dim
+    complete) that do not overlap: sorted by first row, each starts at or after the previous one's
+    end. Other layouts are left to the exact sweep (check_tensor)."""
+    flagged = np.zeros(n, dtype=bool)
+    partial_rows = (region[:, 1:] != 0).any(axis=1) | (shape[:, 1:] != bounds[:, 1:]).any(axis=1)
+    flagged[tid[partial_rows]] = True
+    order = np.lexsort((region[:, 0], tid))
+    t, first = tid[order], region[order, 0]
+    stop = first + shape[order, 0]
+    clash = (t[1:] == t[:-1]) & (first[1:] < stop[:-1])
+    flagged[t[1:][clash]] = True
+    return flagged
 
 
 def _expected_shapes(config: dict) -> dict[str, tuple[int, ...]]:

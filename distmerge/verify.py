@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from .errors import MergeError
+from .errors import MergeError, MergeVerifyError
 from .finish import INCOMPLETE
 from .integrity import MANIFEST, hash_range
 from .model import SAFETENSORS_DTYPES, dtype_size
@@ -46,9 +46,11 @@ class Report:
         lines = [f"verify {self.subject}"]
         lines += [f"  {status:<8} {name}" if status in ("ok", "FAILED") else f"  {'-':<8} {name} ({status})"
                   for name, status in self.checks]
-        if self.compared:
+        equal = sum(c["equal"] for c in self.compared)
+        if self.compared and equal == len(self.compared):
+            lines.append(f"  tensors compared: {len(self.compared)}, all bit-identical")
+        elif self.compared:
             worst = sorted(self.compared, key=lambda c: (c["equal"], -c["max_abs"]))[:WORST_SHOWN]
-            equal = sum(c["equal"] for c in self.compared)
             lines.append(f"  tensors compared: {len(self.compared)}, bit-identical: {equal}; worst:")
             lines.append(f"    {'tensor':<48} {'identical':>9} {'max abs diff':>13} {'max rel diff':>13}")
             lines += [f"    {c['name']:<48} {str(c['equal']):>9} {c['max_abs']:>13.3e} {c['max_rel']:>13.3e}"
@@ -66,24 +68,53 @@ class Report:
 
 
 # ---- reading safetensors headers (our own parse: every defect gets a message naming the file)
+MAX_HEADER_BYTES = 100 * 2**20
+
+
 def read_header(path: str) -> tuple[dict, int]:
     """The header of a safetensors file and where its data starts; ValueError says what is wrong."""
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise ValueError(f"{path} is {size} bytes, too short for a safetensors header")
-        n = struct.unpack("<Q", head)[0]
-        if n > size - 8 or n > 100 * 2**20:
-            raise ValueError(f"{path}: header length {n} does not fit in the file ({size} bytes)")
-        try:
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise ValueError(f"{path} is {size} bytes, too short for a safetensors header")
+            n = struct.unpack("<Q", head)[0]
+            if n > size - 8 or n > MAX_HEADER_BYTES:
+                raise ValueError(f"{path}: header length {n} does not fit in the file ({size} bytes)")
             header = json.loads(f.read(n))
-        except ValueError:
-            raise ValueError(f"{path}: the header is not valid JSON") from None
+    except OSError as e:
+        raise ValueError(f"{path} cannot be read ({e.strerror})") from None
+    except (ValueError, RecursionError) as e:
+        if str(e).startswith(path):
+            raise
+        raise ValueError(f"{path}: the header is not valid JSON ({type(e).__name__})") from None
     if not isinstance(header, dict):
         raise ValueError(f"{path}: the header is not a JSON object")
-    header.pop("__metadata__", None)
+    meta = header.pop("__metadata__", None)
+    if meta is not None and not (isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
+        raise ValueError(f"{path}: __metadata__ is not an object of strings")
     return header, 8 + n
+
+
+def _count(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def entry_problem(info) -> str | None:
+    """What is wrong with the types of one header entry, or None: dtype a known name, shape a list of
+    counts, data_offsets two counts in order."""
+    if not isinstance(info, dict):
+        return f"is {json.dumps(info)[:60]}, not an object"
+    dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        return f"has dtype {json.dumps(dtype)[:40]}, not one of {', '.join(sorted(DTYPES))}"
+    if not (isinstance(shape, list) and len(shape) <= 64 and all(_count(n) for n in shape)):
+        return f"has shape {json.dumps(shape)[:60]}, not a list of sizes"
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_count(n) for n in offsets)
+            and offsets[0] <= offsets[1]):
+        return f"has data_offsets {json.dumps(offsets)[:60]}, not [begin, end]"
+    return None
 
 
 def header_problems(path: str, header: dict, data_start: int) -> list[str]:
@@ -92,11 +123,11 @@ def header_problems(path: str, header: dict, data_start: int) -> list[str]:
     problems, spans = [], []
     data_len = os.path.getsize(path) - data_start
     for name, info in header.items():
-        try:
-            dtype, shape, (begin, end) = DTYPES[info["dtype"]], info["shape"], info["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            problems.append(f"{path}: tensor {name} has a malformed entry {info!r}")
+        problem = entry_problem(info)
+        if problem:
+            problems.append(f"{path}: tensor {name[:200]} {problem}")
             continue
+        dtype, shape, (begin, end) = DTYPES[info["dtype"]], info["shape"], info["data_offsets"]
         if end - begin != math.prod(shape) * dtype_size(dtype):
             problems.append(f"{path}: tensor {name} {info['dtype']}{shape} needs {math.prod(shape) * dtype_size(dtype)}"
                             f" bytes but spans {end - begin}")
@@ -112,16 +143,52 @@ def header_problems(path: str, header: dict, data_start: int) -> list[str]:
     return problems
 
 
+def plain_name(name) -> bool:
+    """A file name inside the directory: no separators, no '..' (an index must not lead verify outside)."""
+    return isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name \
+        and "\0" not in name
+
+
+def relative_name(name) -> bool:
+    """A path inside the directory, subdirectories allowed (lora_adapter/adapter_model.safetensors):
+    each part a plain name, so no absolute path and no '..'."""
+    return isinstance(name, str) and all(plain_name(part) for part in name.split("/"))
+
+
+def read_index(index_path: str) -> dict:
+    """model.safetensors.index.json with its types checked: weight_map an object of tensor -> file
+    name inside the directory, metadata an object whose total_size (if any) is a count."""
+    try:
+        if os.path.getsize(index_path) > MAX_HEADER_BYTES:
+            raise ValueError("it is larger than any index")
+        with open(index_path, "rb") as f:
+            index = json.load(f)
+    except OSError as e:
+        raise MergeVerifyError(f"{index_path} cannot be read ({e.strerror})") from None
+    except (ValueError, RecursionError) as e:
+        raise MergeVerifyError(f"{index_path} is not valid JSON ({type(e).__name__}); "
+                               "it is not a valid index") from None
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    metadata = index.get("metadata", {}) if isinstance(index, dict) else None
+    problem = None
+    if not isinstance(weight_map, dict):
+        problem = f"weight_map is {json.dumps(weight_map)[:60]}, not an object"
+    elif not all(plain_name(f) for f in weight_map.values()):
+        bad = next(f for f in weight_map.values() if not plain_name(f))
+        problem = f"weight_map names {json.dumps(bad)[:80]}, not a file name in the directory"
+    elif not isinstance(metadata, dict) or not (metadata.get("total_size") is None or _count(metadata["total_size"])):
+        problem = f"metadata is {json.dumps(metadata)[:80]}, not an object with a byte count total_size"
+    if problem:
+        raise MergeVerifyError(f"{index_path}: {problem}; it is not a valid index")
+    return index
+
+
 def weight_files(directory: str) -> tuple[list[str], dict | None]:
     """The weight files of an HF directory and its index (None for a single model.safetensors)."""
     index_path = os.path.join(directory, INDEX)
     if os.path.exists(index_path):
-        try:
-            with open(index_path) as f:
-                index = json.load(f)
-            return sorted(set(index["weight_map"].values())), index
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise MergeError(f"{index_path} cannot be read ({e}); it is not a valid index") from None
+        index = read_index(index_path)
+        return sorted(set(index["weight_map"].values())), index
     if os.path.exists(os.path.join(directory, SINGLE)):
         return [SINGLE], None
     raise MergeError(f"{directory} has neither {INDEX} nor {SINGLE}; it is not a safetensors HF checkpoint")
@@ -167,7 +234,7 @@ def check_merged(target: str, allow_incomplete: bool = False, trust_remote_code:
                      for t, f in weight_map.items() if seen.get(t) != f and f not in missing]
         problems += [f"tensor {t} (in {f}) is not in the index" for t, f in seen.items() if t not in weight_map]
         total = sum(info["data_offsets"][1] - info["data_offsets"][0] for h in headers.values() for info in h.values()
-                    if isinstance(info, dict) and "data_offsets" in info)
+                    if entry_problem(info) is None)
         stated = index.get("metadata", {}).get("total_size")
         if stated is not None and stated != total:
             problems.append(f"the index says total_size {stated}, the tensors hold {total} bytes")
@@ -179,39 +246,51 @@ def check_merged(target: str, allow_incomplete: bool = False, trust_remote_code:
     else:
         report.check("content hashes", [], skipped=f"no {MANIFEST} (not written by distmerge)")
 
-    check_with_transformers(target, {t: headers[f][t] for t, f in seen.items()}, report, trust_remote_code)
+    stored = {t: headers[f][t] for t, f in seen.items() if entry_problem(headers[f][t]) is None}
+    check_with_transformers(target, stored, report, trust_remote_code)
     return report
 
 
 def manifest_problems(target: str, manifest_path: str) -> list[str]:
     try:
-        with open(manifest_path) as f:
+        with open(manifest_path, "rb") as f:
             files = json.load(f)["files"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        return [f"{manifest_path} cannot be read ({e})"]
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:
+        return [f"{manifest_path} cannot be read ({type(e).__name__})"]
+    if not isinstance(files, dict):
+        return [f"{manifest_path}: files is not an object"]
     problems = []
     for name, record in files.items():
         path = os.path.join(target, name)
-        if not os.path.isfile(path):
+        segments = record.get("segments", []) if isinstance(record, dict) else None
+        if not relative_name(name) or not isinstance(segments, list) or not all(_segment(s) for s in segments):
+            problems.append(f"{manifest_path}: the record of {name[:80]!r} is malformed")
+        elif not os.path.isfile(path):
             problems.append(f"{path} is in the manifest but missing")
         elif os.path.getsize(path) != record.get("bytes"):
             problems.append(f"{path} has {os.path.getsize(path)} bytes, the manifest says {record.get('bytes')}")
         else:
-            for start, end, digest in record.get("segments", []):
+            for start, end, digest in segments:
                 if hash_range(path, start, end) != digest:
                     problems.append(f"{path}: content hash of bytes {start}..{end} differs from the manifest's; "
                                     "the file was changed or damaged")
     return problems
 
 
-def check_with_transformers(target: str, stored: dict[str, dict], report: Report, trust_remote_code: bool = False) -> None:
+def _segment(seg) -> bool:
+    return (isinstance(seg, list) and len(seg) == 3 and _count(seg[0]) and _count(seg[1]) and seg[0] <= seg[1]
+            and isinstance(seg[2], str))
+
+
+def check_with_transformers(target: str, stored: dict[str, dict], report: Report,
+                            trust_remote_code: bool = False) -> None:
     """Config, tokenizer and generation config load; the architecture built on the meta device
     has exactly the stored tensors (tied copies may be absent) with the same shapes."""
     try:
         import transformers
     except ImportError:
         for name in ("config, tokenizer and generation config load", "tensors match the architecture"):
-            report.check(name, [], skipped="transformers is not installed (pip install transformers)")
+            report.check(name, [], skipped="transformers is not installed (pip install 'distmerge[verify]')")
         return
     problems = []
     try:
@@ -232,13 +311,18 @@ def check_with_transformers(target: str, stored: dict[str, dict], report: Report
     report.check("config, tokenizer and generation config load", problems)
 
     arch = (getattr(config, "architectures", None) or [None])[0]
-    cls = getattr(transformers, arch, None) if arch else None
+    cls = getattr(transformers, arch, None) if isinstance(arch, str) and arch.isidentifier() else None
     if cls is None:
         report.check("tensors match the architecture", [],
                      skipped=f"architecture {arch!r} is not in the installed transformers")
         return
-    with torch.device("meta"):
-        model = cls(config)
+    try:
+        with torch.device("meta"):
+            model = cls(config)
+    except Exception as e:  # noqa: BLE001 - a config transformers accepts but cannot build (negative sizes, bad types)
+        report.check("tensors match the architecture", [f"config.json does not build a {arch}: "
+                                                        f"{type(e).__name__}: {str(e)[:200]}"])
+        return
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     aliases: dict[int, list[str]] = {}
     for name, param in model.named_parameters(remove_duplicate=False):
@@ -334,10 +418,21 @@ class HFDirectory:
         return self.handles[file]
 
     def slice(self, name: str):
-        return self._handle(name).get_slice(name)
+        return self._read(name, lambda h: h.get_slice(name))
 
     def tensor(self, name: str) -> torch.Tensor:
-        return self._handle(name).get_tensor(name)
+        return self._read(name, lambda h: h.get_tensor(name))
+
+    def _read(self, name: str, get):
+        """safetensors' own reader on a file this module may not have checked: what it refuses
+        (SafetensorError, OSError) becomes a verify failure naming the file."""
+        from safetensors import SafetensorError
+
+        try:
+            return get(self._handle(name))
+        except (SafetensorError, OSError, ValueError) as e:
+            path = os.path.join(self.directory, self.locations[name])
+            raise MergeVerifyError(f"{path}: tensor {name} cannot be read ({str(e)[:200]})") from None
 
 
 def compare_with_reference(target: str, reference: str, atol: float | None, rtol: float | None,
@@ -349,52 +444,68 @@ def compare_with_reference(target: str, reference: str, atol: float | None, rtol
     problems += [f"tensor {n} is in {target} but not in the reference" for n in ours.locations
                  if n not in ref.locations]
     for name in ours.locations:
-        if name not in ref.locations:
-            continue
-        a, b = ours.slice(name), ref.slice(name)
-        if a.get_shape() != b.get_shape() or a.get_dtype() != b.get_dtype():
-            problems.append(f"tensor {name}: {a.get_dtype()}{a.get_shape()} here, "
-                            f"{b.get_dtype()}{b.get_shape()} in the reference")
-            continue
-        cmp = TensorCompare(name, atol, rtol)
-        shape = a.get_shape()
+        if name in ref.locations:
+            try:
+                problems += _compare_tensor(name, ours, ref, atol, rtol, report)
+            except MergeVerifyError as e:
+                problems.append(str(e))
+    report.check("every tensor equals the reference's" if atol is None and rtol is None
+                 else f"every tensor within atol={atol} rtol={rtol} of the reference's", problems)
+    return report
+
+
+def _compare_tensor(name: str, ours: HFDirectory, ref: HFDirectory, atol, rtol, report: Report) -> list[str]:
+    """One tensor of both directories, a block of rows at a time; its problems (none when it matches)."""
+    from safetensors import SafetensorError
+
+    a, b = ours.slice(name), ref.slice(name)
+    if a.get_shape() != b.get_shape() or a.get_dtype() != b.get_dtype():
+        return [f"tensor {name}: {a.get_dtype()}{a.get_shape()} here, {b.get_dtype()}{b.get_shape()} in the reference"]
+    cmp = TensorCompare(name, atol, rtol)
+    shape = a.get_shape()
+    try:
         if not shape:
             cmp.add(ours.tensor(name), ref.tensor(name))
         else:
             step = _rows_per_block(shape, DTYPES[a.get_dtype()])
             for first in range(0, shape[0], step):
                 cmp.add(a[first:first + step], b[first:first + step])
-        report.compared.append(cmp.result())
-        if not cmp.ok:
-            problems.append(f"tensor {name} differs (max abs diff {cmp.max_abs:.3e})")
-    report.check("every tensor equals the reference's" if atol is None and rtol is None
-                 else f"every tensor within atol={atol} rtol={rtol} of the reference's", problems)
-    return report
+    except (SafetensorError, OSError, ValueError) as e:
+        return [f"tensor {name} cannot be read ({str(e)[:200]})"]
+    report.compared.append(cmp.result())
+    return [] if cmp.ok else [f"tensor {name} differs (max abs diff {cmp.max_abs:.3e})"]
 
 
 def tensor_locations(directory: str) -> dict[str, str]:
     files, index = weight_files(directory)
     if index is not None:
         return dict(index["weight_map"])
-    header, _ = read_header(os.path.join(directory, files[0]))
+    try:
+        header, _ = read_header(os.path.join(directory, files[0]))
+    except ValueError as e:
+        raise MergeVerifyError(str(e)) from None
     return {name: files[0] for name in header}
 
 
 def compare_source_with_reference(source: str, reference: str, atol: float | None, rtol: float | None,
-                                  hf_config: str | None = None, iteration: int | None = None) -> Report:
+                                  hf_config: str | None = None, iteration: int | None = None,
+                                  vocab_size: int | None = None) -> Report:
     """Like verl's `test` operation: the sharded checkpoint's tensors, as distmerge would write
     them, against a reference HF directory; nothing is written."""
-    from .gather import PieceReader, assemble, bands, fold_lora
+    from .bands import bands
+    from .reader import BandProducer, PieceReader
     from .prepare import PrepareOptions, prepare
 
     # LoRA: folded, as merge does
-    prepared = prepare(source, PrepareOptions(hf_config=hf_config, iteration=iteration, fallback_hf_dir=reference))
+    prepared = prepare(source, PrepareOptions(hf_config=hf_config, iteration=iteration, fallback_hf_dir=reference,
+                                              vocab_size=vocab_size))
     catalogue, outputs = prepared.catalogue, prepared.outputs
     ref = HFDirectory(reference)
     report = Report(f"{source} against {reference} (no output written)")
     problems = [f"tensor {n} is in the reference but the source has nothing that maps to it"
                 for n in ref.locations if n not in {o.name for o in outputs}]
-    reader, lora_a, casts = PieceReader(), {}, set()
+    reader, casts = PieceReader(), set()
+    producer = BandProducer(catalogue, reader)  # the merge's own band producer: the same values
     try:
         for out in outputs:
             if out.name not in ref.locations:
@@ -412,10 +523,8 @@ def compare_source_with_reference(source: str, reference: str, atol: float | Non
             if not out.parts:
                 cmp.add(torch.zeros(out.shape, dtype=ref_dtype), ref.tensor(out.name))
             for band in bands(out, catalogue):
-                block = assemble(band, lambda k, p, lead, lo, hi: reader.read_rows(p, lead, lo, hi))
-                if out.lora is not None:
-                    block = fold_lora(block, out.lora, band.first, band.stop, catalogue, reader, lora_a)
-                block = block.to(ref_dtype)  # as `merge --dtype` would write it (no copy when equal)
+                # as `merge --dtype` would write it (no copy when equal)
+                block = producer.produce(out, band).to(ref_dtype)
                 cmp.add(block, ref_slice[band.first:band.stop] if out.shape else ref.tensor(out.name))
             report.compared.append(cmp.result())
             if not cmp.ok:
@@ -434,7 +543,8 @@ def compare_logits(target: str, reference: str, atol: float | None, rtol: float 
     try:
         import transformers
     except ImportError:
-        report.check("logits equal the reference's", [], skipped="transformers is not installed")
+        report.check("logits equal the reference's", [],
+                     skipped="transformers is not installed (pip install 'distmerge[verify]')")
         return
     transformers.utils.logging.disable_progress_bar()
     ids = None

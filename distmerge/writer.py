@@ -8,8 +8,7 @@ in order (the write side is the bottleneck, so it does nothing else).
 
 Bytes that lie in a source file exactly as they go out (no cast, row blocks stored whole) are
 copied file to file by the kernel (copy_file_range): one copy instead of pread's and pwrite's
-two, and no buffer to fault in. Here that moves 1.4 GB in 0.37 s, against 1.85 s (0.56-3.91 s)
-through fresh buffers (bench/copy_speed.py).
+two, and no buffer to fault in (docs/performance.md has the measurements).
 """
 from __future__ import annotations
 
@@ -23,8 +22,8 @@ import torch
 from .errors import MergeIOError, truncated_source
 from .integrity import hash_range, new_hash
 from .model import OutputFile, Segment
+from .reader import IO_CHUNK, pread_exactly
 
-IO_CHUNK = 8 * 2**20  # bytes per pread/pwrite call: one huge call is several times slower than 8 MiB ones
 HASH_MAP_BYTES = 64 * 2**20  # copied bytes are hashed through read-only maps of at most this much
 # copy_file_range's answers for "not between these two files": copy through a buffer instead
 KERNEL_COPY_REFUSED = {errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ETXTBSY}
@@ -36,17 +35,6 @@ def as_bytes(tensor: torch.Tensor) -> memoryview:
     """The raw little-endian bytes of a CPU tensor, without a copy when it is contiguous."""
     flat = tensor.contiguous().reshape(-1)
     return memoryview(flat.view(torch.uint8).numpy())
-
-
-def pread_exactly(fd: int, path: str, view: memoryview, offset: int, needed: int) -> None:
-    """Fill `view` from byte `offset` of a file, IO_CHUNK at a time; a file that ends first is
-    truncated (`needed`: the end of the whole range being read, for the message)."""
-    at = offset
-    while len(view):
-        n = os.preadv(fd, [view[:IO_CHUNK]], at)
-        if n == 0:
-            raise truncated_source(path, at, needed)
-        view, at = view[n:], at + n
 
 
 class SafetensorsWriter:
@@ -143,7 +131,8 @@ class SafetensorsWriter:
 
     def _refused(self, src_path: str, why: str, done: int) -> int:
         SafetensorsWriter.kernel_copy = False
-        log.info("copy_file_range from %s to %s refused (%s); copying through a buffer", src_path, self.path, why)
+        log.info("copy_file_range from %s to %s refused (%s); copying through a buffer",
+                 src_path, self.path, why)
         return done
 
     def _pwrite(self, data: memoryview, offset: int) -> None:

@@ -1,13 +1,37 @@
 #!/usr/bin/env bash
-# Set up a virtualenv (if needed) and run the whole test suite. CI runs exactly this.
+# Set up everything the tests need and run them; CI runs exactly this (.ci/run).
+#   bash launch/test.sh                 # the whole suite (about 12 min on 2 cores)
+#   bash launch/test.sh -m "not slow"   # the fast tier: no test that starts processes
+#   bash launch/test.sh tests/test_cli.py -k typo
+# Needs python3 with venv, access to the package index and about 1.2 GB of disk for .venv.
+# As root with apt-get it also installs SLURM (slurm-wlm) for tests/test_slurm.py; where it cannot,
+# it says so in one line before the run (that test then fails with the reason).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
+say() { echo "launch/test.sh: $*" >&2; }
+
 if [ ! -x "$VENV/bin/python" ]; then
-  python3 -m venv "$VENV"
+  python3 -m venv "$VENV" \
+    || { say "python3 -m venv failed: install python3 with venv (Debian: apt-get install python3-venv)"; exit 1; }
 fi
 "$VENV/bin/pip" install -q --upgrade pip
 # torch first and pinned: a plain `torch` requirement in a fresh venv may pull a multi-GB CUDA build
 "$VENV/bin/pip" install -q torch==2.13.0
 "$VENV/bin/pip" install -q -e ".[test]"
+# torchtitan writes the torchtitan fixtures; its declared dependencies (wandb, datasets, ...) are
+# not needed to build and save a model, so it is installed without them plus what its imports need
+"$VENV/bin/pip" install -q --no-deps torchtitan==0.3.0 spmd_types==0.2.3 torch_checkpointing==0.1.1 tyro==1.0.17 \
+  docstring_parser typeguard triton einops
+
+if ! command -v slurmctld >/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    say "installing SLURM (apt-get install slurm-wlm) for tests/test_slurm.py"
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm >/dev/null) \
+      || say "could not install slurm-wlm; tests/test_slurm.py will fail"
+  else
+    say "SLURM (slurm-wlm) is missing and cannot be installed without root and apt-get: tests/test_slurm.py will fail"
+  fi
+fi
+[ $# -gt 0 ] || say "running every test: about 12 min on 2 cores (the fast tier: bash launch/test.sh -m 'not slow')"
 exec "$VENV/bin/python" -m pytest -q "$@"

@@ -84,6 +84,21 @@ MEGATRON_LAYOUTS = {
     # expert, layer 0 dense
     "mg_deepseekv3_ref": (1, ["--model", "deepseek_v3"], None),
     "mg_deepseekv3_tp2ep2": (4, ["--model", "deepseek_v3", "--tp", "2", "--ep", "2"], "mg_deepseekv3_ref"),
+    "mg_deepseekv3_legacy_tp2": (2, ["--model", "deepseek_v3", "--tp", "2", "--legacy"], "mg_deepseekv3_ref"),
+    # the Megatron family's other layouts (issue 16), re-saved from mg_llama_ref: Megatron-LM (args in
+    # common.pt, no HF config), Megatron-Bridge (run_config.yaml + tokenizer/), NeMo 2 (module. keys +
+    # context/), verl's newer model/{dist_ckpt,huggingface}
+    "mg_llama_mlm_tp2": (2, LLAMA_MG + ["--tp", "2", "--layout", "megatron-lm"], "mg_llama_ref"),
+    "mg_llama_bridge_pp2": (2, LLAMA_MG + ["--pp", "2", "--layout", "bridge"], "mg_llama_ref"),
+    "mg_llama_nemo2_tp2": (2, LLAMA_MG + ["--tp", "2", "--layout", "nemo2"], "mg_llama_ref"),
+    "mg_llama_verlmodel_tp2": (2, LLAMA_MG + ["--tp", "2", "--layout", "verl-model"], "mg_llama_ref"),
+    # each family saved without an HF config (with its own reference logits): a config is built from it
+    "mg_qwen2_bridge_ref": (1, QWEN2_MG + ["--layout", "bridge"], None),
+    "mg_qwen3_nemo2_ref": (1, ["--model", "qwen3", "--layout", "nemo2"], None),
+    "mg_mixtral_mlm_ref": (1, ["--model", "mixtral", "--layout", "megatron-lm"], None),
+    "mg_qwen2moe_bridge_ref": (1, QWEN2MOE_MG + ["--layout", "bridge"], None),
+    "mg_qwen3moe_mlm_ref": (1, ["--model", "qwen3_moe", "--layout", "megatron-lm"], None),
+    "mg_deepseekv3_bridge_ref": (1, ["--model", "deepseek_v3", "--layout", "bridge"], None),
 }
 
 
@@ -158,3 +173,18 @@ def checkpoint(tmp_path_factory):
         return made[name]
 
     return make
+
+
+def pytest_collection_modifyitems(items):
+    """A test that uses a real fixture checkpoint starts torchrun to write it: slow (the fast tier is
+    `-m "not slow"`). Test files that start processes otherwise mark themselves."""
+    for item in items:
+        if {"checkpoint", "slurm"} & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
+def segment_hashes(path, segments: list) -> list:
+    """[[start, end, xxh3-128], ...] of a file, hashed afresh, as the manifest lists them."""
+    from distmerge.integrity import hash_range
+
+    return [[start, end, hash_range(str(path), start, end)] for start, end, _ in segments]

@@ -7,6 +7,7 @@ import base64
 import json
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import unquote
 
 
 class FakeHub:
@@ -14,6 +15,8 @@ class FakeHub:
         self.deny = deny
         self.repos: dict[str, dict] = {}     # repo id -> create request
         self.files: dict[str, dict[str, bytes]] = {}
+        self.revisions: dict[str, dict[str, set[str]]] = {}  # repo id -> revision -> paths committed there
+        self.branches: dict[str, set[str]] = {}
         hub = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -40,8 +43,11 @@ class FakeHub:
                     repo = f"{req['organization']}/{req['name']}" if req.get("organization") else req["name"]
                     hub.repos[repo] = req
                     return self.send(200, {"url": f"{hub.url}/{repo}", "name": req["name"]})
-                parts = self.path.split("/")  # /api/models/ORG/NAME/{preupload|commit}/REV
+                parts = self.path.split("/")  # /api/models/ORG/NAME/{preupload|commit|branch}/REV
                 repo = "/".join(parts[3:5])
+                if parts[5] == "branch":
+                    hub.branches.setdefault(repo, set()).add(unquote(parts[6]))
+                    return self.send(200, {})
                 if parts[5] == "preupload":
                     files = json.loads(data)["files"]
                     return self.send(200, {"files": [{"path": f["path"], "uploadMode": "regular",
@@ -52,6 +58,8 @@ class FakeHub:
                         if item["key"] == "file":
                             hub.files.setdefault(repo, {})[item["value"]["path"]] = base64.b64decode(
                                 item["value"]["content"])
+                            hub.revisions.setdefault(repo, {}).setdefault(unquote(parts[6]), set()).add(
+                                item["value"]["path"])
                     return self.send(200, {"commitUrl": f"{hub.url}/{repo}/commit/{'a' * 40}",
                                            "commitOid": "a" * 40})
                 self.send(404, {"error": "unknown endpoint"})

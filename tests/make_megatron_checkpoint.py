@@ -5,12 +5,14 @@
 Without --from it builds a seeded TP1/PP1 model (run with one process), saves it, and records
 Megatron's own logits on a fixed input (DIR/reference/logits.pt). With --from REF it loads REF's
 checkpoint into a model of the requested TP/PP with dist_checkpointing.load and saves that:
-every layout holds the same logical model. DIR gets dist_ckpt/ + huggingface/ (verl's layout).
+every layout holds the same logical model. DIR gets dist_ckpt/ + huggingface/ (verl's layout), or with
+--layout the directories and files of verl's newer layout, Megatron-LM, Megatron-Bridge or NeMo 2.
 
 megatron-core 0.16.1 needs a few patches to save on a CPU-only torch (see patch_for_cpu).
 """
 import argparse
 import contextlib
+import json
 import os
 import sys
 
@@ -18,6 +20,12 @@ import torch
 import torch.distributed as dist
 
 FIXED_INPUT = [[1, 5, 9, 2, 7, 3, 11, 4]]
+# verl: dist_ckpt/ + huggingface/; verl-model: model/{dist_ckpt,huggingface} + transformer_config.json;
+# megatron-lm: iter_0000001/ (args in common.pt) + latest_checkpointed_iteration.txt; bridge: iter_0000001/
+# + run_config.yaml + tokenizer/ + latest_train_state.pt; nemo2: weights/ (keys under module.) + context/
+LAYOUTS = ["verl", "verl-model", "megatron-lm", "bridge", "nemo2"]
+DIST_DIRS = {"verl": "dist_ckpt", "verl-model": os.path.join("model", "dist_ckpt"), "megatron-lm": "iter_0000001",
+             "bridge": "iter_0000001", "nemo2": "weights"}
 
 
 def parse_args():
@@ -27,7 +35,8 @@ def parse_args():
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--pp", type=int, default=1)
     p.add_argument("--vpp", type=int, default=None, help="virtual pipeline stages (model chunks) per PP rank")
-    p.add_argument("--model", choices=["llama", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3"], default="llama")
+    p.add_argument("--model", default="llama",
+                   choices=["llama", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3"])
     p.add_argument("--experts", type=int, default=4, help="MoE experts (mixtral)")
     p.add_argument("--ep", type=int, default=1, help="expert parallel size")
     p.add_argument("--value-head", action="store_true",
@@ -51,6 +60,8 @@ def parse_args():
     p.add_argument("--vocab", type=int, default=128, help="HF vocab_size")
     p.add_argument("--padded-vocab", type=int, default=None, help="rows of Megatron's embedding (>= vocab)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--layout", choices=LAYOUTS, default="verl",
+                   help="where the torch_dist checkpoint and the files a trainer adds go (see save_layout_files)")
     return p.parse_args()
 
 
@@ -76,18 +87,10 @@ def patch_for_cpu():
     tensor_parallel.get_cuda_rng_tracker = lambda *a, **k: null_tracker
 
 
-def build(args, vp_stage=None):
-    """One model chunk: the whole stage without --vpp, else virtual stage `vp_stage` of this PP rank."""
-    import torch.nn.functional as F
-    from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec, get_gpt_layer_local_spec
-    from megatron.core.transformer import TransformerConfig
-    from megatron.core import parallel_state as ps
-
-    dtype = getattr(torch, args.dtype)
+def moe_settings(args) -> dict:
+    """TransformerConfig arguments for the MoE and MLA parts of the model (empty for a dense one)."""
     moe = args.model in ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3")
     mla = args.model == "deepseek_v3"
-    qk_norm = args.model in ("qwen3", "qwen3_moe") or mla  # MLA: q_a_layernorm / kv_a_layernorm
     moe_args = dict(num_moe_experts=args.experts, moe_router_topk=2, moe_ffn_hidden_size=args.ffn,
                     moe_token_dispatcher_type="allgather", expert_model_parallel_size=args.ep) if moe else {}
     if args.model == "qwen2_moe":  # shared expert with a sigmoid gate; softmax over all experts, no renormalisation
@@ -100,15 +103,44 @@ def build(args, vp_stage=None):
         moe_args.update(moe_router_enable_expert_bias=True, moe_router_score_function="sigmoid")
     if args.dense_first:
         moe_args.update(moe_layer_freq=[0] + [1] * (args.layers - 1))
-    config_class = TransformerConfig
     if mla:
-        from megatron.core.transformer.transformer_config import MLATransformerConfig as config_class
-
         moe_args.update(multi_latent_attention=True, q_lora_rank=32, kv_lora_rank=32, qk_head_dim=16,
                         qk_pos_emb_head_dim=8, v_head_dim=16, rope_type="rope", rotary_scaling_factor=1.0)
-    config = config_class(
+    return moe_args
+
+
+def layer_spec(args, config, vp_stage, qk_norm: bool):
+    """megatron-core's local (no Transformer Engine) layer spec: one per layer with --dense-first."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec, get_gpt_layer_local_spec
+
+    if not args.dense_first:
+        moe = args.model in ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3")
+        return get_gpt_layer_local_spec(num_experts=args.experts if moe else None, moe_grouped_gemm=False,
+                                        qk_layernorm=qk_norm)
+    spec = get_gpt_decoder_block_spec(config, use_transformer_engine=False, normalization="RMSNorm",
+                                      vp_stage=vp_stage)
+    if args.model == "deepseek_v3":
+        for layer_spec in spec.layer_specs:
+            layer_spec.submodules.self_attention.submodules.core_attention = CausalAttention
+    return spec
+
+
+def build(args, vp_stage=None):
+    """One model chunk: the whole stage without --vpp, else virtual stage `vp_stage` of this PP rank."""
+    import torch.nn.functional as F
+    from megatron.core import parallel_state as ps
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.transformer import TransformerConfig
+    from megatron.core.transformer.transformer_config import MLATransformerConfig
+
+    dtype = getattr(torch, args.dtype)
+    mla = args.model == "deepseek_v3"
+    qk_norm = args.model in ("qwen3", "qwen3_moe") or mla  # MLA: q_a_layernorm / kv_a_layernorm
+    moe_args = moe_settings(args)
+    config = (MLATransformerConfig if mla else TransformerConfig)(
         num_layers=args.layers, hidden_size=args.hidden, num_attention_heads=args.heads,
-        num_query_groups=args.heads if mla else args.groups, ffn_hidden_size=args.ffn, kv_channels=args.hidden // args.heads,
+        num_query_groups=args.heads if mla else args.groups, ffn_hidden_size=args.ffn,
+        kv_channels=args.hidden // args.heads,
         normalization="RMSNorm", layernorm_epsilon=1e-6, gated_linear_unit=True, activation_func=F.silu,
         add_bias_linear=False, add_qkv_bias=args.model in ("qwen2", "qwen2_moe"), use_cpu_initialization=True,
         params_dtype=dtype, bf16=dtype == torch.bfloat16, pipeline_dtype=dtype,
@@ -118,15 +150,7 @@ def build(args, vp_stage=None):
         **moe_args,
     )
     torch.manual_seed(0)
-    if args.dense_first:  # a block spec: one layer spec per layer
-        spec = get_gpt_decoder_block_spec(config, use_transformer_engine=False, normalization="RMSNorm",
-                                          vp_stage=vp_stage)
-        if mla:
-            for layer_spec in spec.layer_specs:
-                layer_spec.submodules.self_attention.submodules.core_attention = CausalAttention
-    else:
-        spec = get_gpt_layer_local_spec(num_experts=args.experts if moe else None, moe_grouped_gemm=False,
-                                        qk_layernorm=qk_norm)
+    spec = layer_spec(args, config, vp_stage, qk_norm)
     first = ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
     last = ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
     model = GPTModel(config, transformer_layer_spec=spec, vocab_size=args.padded_vocab or args.vocab,
@@ -204,6 +228,146 @@ def hf_config(args):
     return cls(architectures=[arch], **{**common, **extra})
 
 
+def save_legacy(args, names: list[str], chunks: list) -> None:
+    """What Megatron-LM's save_checkpoint writes without --use-dist-ckpt: one file per TP x PP x EP rank."""
+    from megatron.core import parallel_state as ps
+
+    writer = ps.get_data_parallel_rank() == 0 if args.ep == 1 else ps.get_expert_data_parallel_rank() == 0
+    if writer:
+        name = f"mp_rank_{ps.get_tensor_model_parallel_rank():02d}"
+        if args.pp > 1:
+            name += f"_{ps.get_pipeline_model_parallel_rank():03d}"
+        if args.ep > 1:
+            name += f"_{ps.get_expert_model_parallel_rank():03d}"
+        rank_dir = os.path.join(args.out, "iter_0000001", name)
+        os.makedirs(rank_dir, exist_ok=True)
+        megatron_args = megatron_lm_args(args, chunks[0].config)  # the parallel sizes and the model's settings
+        megatron_args.virtual_pipeline_model_parallel_size = args.vpp
+        state = {n: m.state_dict() for n, m in zip(names, chunks)}
+        torch.save({**state, "args": megatron_args, "checkpoint_version": 3.0, "iteration": 1},
+                   os.path.join(rank_dir, "model_optim_rng.pt"))
+    if dist.get_rank() == 0:
+        with open(os.path.join(args.out, "latest_checkpointed_iteration.txt"), "w") as f:
+            f.write("1")
+
+
+def save_dist(args, names: list[str], chunks: list) -> None:
+    """megatron-core's torch_dist format, into OUT/dist_ckpt."""
+    from megatron.core import dist_checkpointing
+    from megatron.core import parallel_state as ps
+
+    ckpt = os.path.join(args.out, DIST_DIRS[args.layout])
+    os.makedirs(ckpt, exist_ok=True)
+    strategy = None
+    if args.fully_parallel:
+        from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
+        from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelSaveStrategyWrapper
+
+        strategy = FullyParallelSaveStrategyWrapper(get_default_save_sharded_strategy(),
+                                                    ps.get_data_parallel_group(with_context_parallel=True))
+    metadata = {"singleton_local_shards": True} if args.singleton else None
+    prefix = "module." if args.layout == "nemo2" else ""  # NeMo 2 wraps the model: every key gains module.
+    sharded = {n: m.sharded_state_dict(prefix=prefix, metadata=metadata) for n, m in zip(names, chunks)}
+    state = sharded if args.vpp else sharded["model"]
+    if args.layout == "megatron-lm":  # Megatron-LM's save_checkpoint: args and the rest go to common.pt
+        state = {**sharded, "args": megatron_lm_args(args, chunks[0].config), "checkpoint_version": 3.0,
+                 "iteration": 1}
+    dist_checkpointing.save(state, ckpt, sharded_strategy=strategy)
+
+
+def model_settings(args, config) -> dict:
+    """The model's settings under TransformerConfig's names, read off the config the model was built
+    with (plain values only), plus GPTModel's own arguments: what Bridge, NeMo and verl serialise."""
+    import dataclasses
+
+    out = {}
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if isinstance(value, (bool, int, float, str)) or (isinstance(value, list)
+                                                         and all(isinstance(v, int) for v in value)):
+            out[f.name] = value
+    out["activation_func"] = {"_target_": f"torch.nn.functional.{config.activation_func.__name__}", "_call_": False}
+    out.update(share_embeddings_and_output_weights=args.tie, vocab_size=args.vocab, seq_length=128,
+               max_position_embeddings=128, rotary_base=10000, position_embedding_type="rope")
+    return out
+
+
+def megatron_lm_args(args, config) -> argparse.Namespace:
+    """The `args` Megatron-LM pickles into every checkpoint: its own names where they differ."""
+    values = model_settings(args, config)
+    del values["activation_func"], values["share_embeddings_and_output_weights"]
+    renames = {"layernorm_epsilon": "norm_epsilon", "num_moe_experts": "num_experts", "gated_linear_unit": "swiglu"}
+    values = {renames.get(k, k): v for k, v in values.items()}
+    values.update(untie_embeddings_and_output_weights=not args.tie, padded_vocab_size=args.padded_vocab or args.vocab,
+                  group_query_attention=config.num_query_groups != config.num_attention_heads,
+                  params_dtype=getattr(torch, args.dtype), tensor_model_parallel_size=args.tp,
+                  pipeline_model_parallel_size=args.pp, expert_model_parallel_size=args.ep)
+    del values["vocab_size"]  # Megatron-LM keeps it only for tokenizers without a vocabulary file
+    return argparse.Namespace(**values)
+
+
+def sized_tokenizer(size: int):
+    """A word-level tokenizer with exactly `size` tokens (the HF vocab_size a synthesized config reads)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<unk>", "<s>", "</s>", "<pad>"] + [f"w{i}" for i in range(size - 4)]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                   pad_token="<pad>")
+
+
+def save_layout_files(args, config) -> None:
+    """Rank 0: the files each trainer writes beside its torch_dist checkpoint."""
+    import yaml
+
+    out, settings = args.out, model_settings(args, config)
+    if args.layout in ("verl", "verl-model"):
+        hf_dir = os.path.join(out, "huggingface" if args.layout == "verl" else os.path.join("model", "huggingface"))
+        hf_config(args).save_pretrained(hf_dir)
+        sys.path.insert(0, os.path.dirname(__file__))
+        from make_fsdp_checkpoint import tiny_tokenizer
+
+        tiny_tokenizer().save_pretrained(hf_dir)
+    if args.layout == "verl-model":
+        with open(os.path.join(out, "transformer_config.json"), "w") as f:
+            json.dump({k: v for k, v in settings.items() if k != "activation_func"}, f, indent=2)
+        with open(os.path.join(out, "ckpt_contents.json"), "w") as f:
+            json.dump(["model"], f)
+    elif args.layout == "megatron-lm":
+        with open(os.path.join(out, "latest_checkpointed_iteration.txt"), "w") as f:
+            f.write("1")
+    elif args.layout == "bridge":
+        iter_dir = os.path.join(out, "iter_0000001")
+        with open(os.path.join(iter_dir, "run_config.yaml"), "w") as f:
+            yaml.safe_dump({"model": settings, "checkpoint": {"ckpt_format": "torch_dist"}}, f)
+        sized_tokenizer(args.vocab).save_pretrained(os.path.join(iter_dir, "tokenizer"))
+        for name in (os.path.join(out, "latest_train_state.pt"), os.path.join(iter_dir, "train_state.pt")):
+            torch.save({"step": torch.tensor(1), "consumed_train_samples": torch.tensor(8)}, name)
+    elif args.layout == "nemo2":
+        context = os.path.join(out, "context")
+        os.makedirs(context, exist_ok=True)
+        with open(os.path.join(context, "model.yaml"), "w") as f:
+            yaml.safe_dump({"_target_": "nemo.collections.llm.gpt.model.base.GPTModel",
+                            "config": {"_target_": "nemo.collections.llm.gpt.model.base.GPTConfig", **settings}}, f)
+        with open(os.path.join(context, "io.json"), "w") as f:
+            json.dump({"root": {"type": "nemo.collections.llm.gpt.model.base.GPTModel"}}, f)
+        sized_tokenizer(args.vocab).save_pretrained(os.path.join(context, "nemo_tokenizer"))
+
+
+def save_reference(args, model) -> None:
+    """Megatron's own logits on FIXED_INPUT: what the merged HF model must reproduce."""
+    ids = torch.tensor(FIXED_INPUT)
+    seq = ids.shape[1]
+    mask = torch.triu(torch.ones(1, 1, seq, seq, dtype=torch.bool), diagonal=1)  # True = masked
+    with torch.no_grad():
+        logits = model.eval()(input_ids=ids, position_ids=torch.arange(seq).unsqueeze(0), attention_mask=mask)
+    os.makedirs(os.path.join(args.out, "reference"), exist_ok=True)
+    logits = logits if args.value_head else logits[..., : args.vocab]
+    torch.save(logits.float(), os.path.join(args.out, "reference", "logits.pt"))
+
+
 def main():
     args = parse_args()
     dist.init_process_group("gloo")
@@ -223,65 +387,26 @@ def main():
         moe_utils.te_general_gemm = None
     chunks = [build(args, v) for v in range(args.vpp)] if args.vpp else [build(args)]
     names = [f"model{v}" for v in range(len(chunks))] if args.vpp else ["model"]
-    ckpt = os.path.join(args.out, "dist_ckpt")
     if args.ref:
         state = dist_checkpointing.load({n: m.sharded_state_dict() for n, m in zip(names, chunks)}, args.ref)
         for n, m in zip(names, chunks):
             m.load_state_dict(state[n], strict=False)
-    if args.legacy:  # what Megatron-LM's save_checkpoint writes without --use-dist-ckpt
-        writer = ps.get_data_parallel_rank() == 0 if args.ep == 1 else ps.get_expert_data_parallel_rank() == 0
-        if writer:
-            name = f"mp_rank_{ps.get_tensor_model_parallel_rank():02d}"
-            if args.pp > 1:
-                name += f"_{ps.get_pipeline_model_parallel_rank():03d}"
-            if args.ep > 1:
-                name += f"_{ps.get_expert_model_parallel_rank():03d}"
-            rank_dir = os.path.join(args.out, "iter_0000001", name)
-            os.makedirs(rank_dir, exist_ok=True)
-            megatron_args = argparse.Namespace(tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp,
-                                               virtual_pipeline_model_parallel_size=args.vpp,
-                                               expert_model_parallel_size=args.ep,
-                                               params_dtype=getattr(torch, args.dtype), num_layers=args.layers)
-            state = {n: m.state_dict() for n, m in zip(names, chunks)}
-            torch.save({**state, "args": megatron_args, "checkpoint_version": 3.0, "iteration": 1},
-                       os.path.join(rank_dir, "model_optim_rng.pt"))
-        if dist.get_rank() == 0:
-            with open(os.path.join(args.out, "latest_checkpointed_iteration.txt"), "w") as f:
-                f.write("1")
+    if args.legacy:
+        save_legacy(args, names, chunks)
     else:
-        os.makedirs(ckpt, exist_ok=True)
-    strategy = None
-    if args.fully_parallel and not args.legacy:
-        from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
-        from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelSaveStrategyWrapper
-
-        strategy = FullyParallelSaveStrategyWrapper(get_default_save_sharded_strategy(),
-                                                    ps.get_data_parallel_group(with_context_parallel=True))
-    if not args.legacy:
-        metadata = {"singleton_local_shards": True} if args.singleton else None
-        sharded = {n: m.sharded_state_dict(metadata=metadata) for n, m in zip(names, chunks)}
-        dist_checkpointing.save(sharded if args.vpp else sharded["model"], ckpt, sharded_strategy=strategy)
+        save_dist(args, names, chunks)
     if dist.get_rank() == 0:
-        hf_dir = os.path.join(args.out, "huggingface")
-        hf_config(args).save_pretrained(hf_dir)
-        sys.path.insert(0, os.path.dirname(__file__))
-        from make_fsdp_checkpoint import tiny_tokenizer
-
-        tiny_tokenizer().save_pretrained(hf_dir)
+        save_layout_files(args, chunks[0].config)
     if not args.ref and dist.get_world_size() == 1:
-        ids = torch.tensor(FIXED_INPUT)
-        seq = ids.shape[1]
-        mask = torch.triu(torch.ones(1, 1, seq, seq, dtype=torch.bool), diagonal=1)  # True = masked
-        model = chunks[0].eval()
-        with torch.no_grad():
-            logits = model(input_ids=ids, position_ids=torch.arange(seq).unsqueeze(0), attention_mask=mask)
-        os.makedirs(os.path.join(args.out, "reference"), exist_ok=True)
-        logits = logits if args.value_head else logits[..., : args.vocab]
-        torch.save(logits.float(), os.path.join(args.out, "reference", "logits.pt"))
+        save_reference(args, chunks[0])
     dist.barrier()
-    # megatron's checkpoint writer leaves a spawned multiprocessing manager behind; it would keep
-    # our stdout open (a caller reading it would wait forever). End it, then leave without
-    # interpreter teardown (gloo teardown with live helper threads aborts now and then).
+    exit_now()
+
+
+def exit_now() -> None:
+    """Megatron's checkpoint writer leaves a spawned multiprocessing manager behind; it would keep
+    our stdout open (a caller reading it would wait forever). End it, then leave without
+    interpreter teardown (gloo teardown with live helper threads aborts now and then)."""
     import psutil
 
     for child in psutil.Process().children(recursive=True):

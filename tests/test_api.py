@@ -7,8 +7,7 @@ import pytest
 from safetensors.torch import load_file
 
 import distmerge
-from conftest import ROOT, run, torchrun_cmd
-from distmerge.integrity import segment_hashes
+from conftest import ROOT, run, segment_hashes, torchrun_cmd
 from test_fsdp_merge import assert_bit_exact, merged_tensors
 
 
@@ -33,7 +32,7 @@ def test_merge_stand_alone_returns_a_result_and_raises_merge_error(checkpoint, t
     assert result.ranks == 1 and result.verified is True and result.tensors == 21 and result.warnings == []
     assert result.phases[0]["write"] > 0
     # the time outside the run stage has names (start-up is the CLI's alone: here it is pytest's business)
-    assert list(result.stages) == ["process group", "catalogue", "plan", "run", "finish"]
+    assert list(result.stages) == ["process group", "catalogue", "plan", "run", "finish", "self-check"]
     assert result.stages["run"] > 0 and sum(result.stages.values()) <= result.seconds + 0.01
     with pytest.raises(distmerge.MergeError, match="is not empty"):
         distmerge.merge(ckpt, tmp_path / "out")

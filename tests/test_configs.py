@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -35,7 +36,8 @@ def test_preset_merges_its_source(preset, checkpoint, tmp_path):
     if preset == "megatron-lm.yaml":  # a Megatron-LM run: iter_* directories, config passed by hand
         run_dir = tmp_path / "run"
         run_dir.mkdir()
-        (run_dir / "iter_0000007").symlink_to(ckpt / "dist_ckpt")
+        # a copy, not a symlink: a checkpoint's files must resolve inside the source (tests/test_hostile.py)
+        shutil.copytree(ckpt / "dist_ckpt", run_dir / "iter_0000007")
         (run_dir / "latest_checkpointed_iteration.txt").write_text("7")
         args[args.index("--source") + 1] = str(run_dir)
         args += ["--hf-config", str(ckpt / "huggingface")]

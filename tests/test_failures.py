@@ -125,8 +125,38 @@ def crashed_run(ckpt, out, extra=()):
         time.sleep(0.05)
     job.kill()
     job.wait(timeout=60)
-    os.remove(lock_path(str(out)))  # a SIGKILLed merge leaves its lock (tested in test_bad_inputs)
+    assert os.path.exists(lock_path(str(out))), "a SIGKILLed merge leaves its lock; the rerun takes it over"
     return args
+
+
+@pytest.mark.timeout(300)
+def test_when_rank_0_is_killed_the_command_the_others_print_works(uninterrupted, tmp_path):
+    """Rank 0 holds the lock: SIGKILLed (the OOM killer), it cannot release it. The surviving rank
+    says to rerun with --resume; that rerun takes the dead merge's lock over and finishes."""
+    ckpt, expected = uninterrupted
+    out = tmp_path / "out"
+    staging = staging_dir(str(out))
+    args = ["merge", "--source", str(ckpt), "--target", str(out), *SHAPE, "--no-progress"]
+    job = start_slow_job(2, "torchrun", args)
+    try:
+        wait_for_finished_segments(staging)
+        victim = worker_with_rank(psutil.Process(job.pid), 0)
+        assert victim is not None, "the slowed merge never got going"
+        victim.send_signal(signal.SIGKILL)
+        _, err = job.communicate(timeout=120)
+    finally:
+        if job.poll() is None:
+            job.kill()
+    # torchrun prints its own traceback (ChildFailedError); the surviving rank prints one line
+    said = [line for line in err.splitlines() if line.startswith("distmerge: error:")]
+    assert job.returncode != 0 and len(said) == 1 and "--resume" in said[0], err[-3000:]
+    assert "[rank1]: Traceback" not in err, err[-3000:]
+    assert os.path.exists(lock_path(str(out))), "rank 0 was killed: its lock is left"
+    proc = run_distmerge(args + ["--resume"], nproc=2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "took over the stale lock" in proc.stderr, proc.stderr[-3000:]
+    assert digests(out) == expected
+    assert not os.path.exists(lock_path(str(out)))
 
 
 @pytest.mark.timeout(300)
@@ -186,6 +216,7 @@ def test_a_rerun_without_resume_starts_over_and_says_so(uninterrupted, tmp_path)
     args = crashed_run(ckpt, out)
     proc = run_distmerge(args)
     assert proc.returncode == 0 and "replaced the incomplete merge" in proc.stderr, proc.stderr
+    assert "took over the stale lock" in proc.stderr, proc.stderr
     assert digests(out) == expected
 
 

@@ -124,3 +124,21 @@ def test_fast_metadata_reader_takes_the_mesh_shape_from_releases_before_mesh_lay
     assert (stored.shape, stored.mesh_shape, stored.coordinate, stored.mesh_dim_names) == ((4, 3), (1, 1), (0, 0),
                                                                                            ("dp", "tp"))
     assert stored.placements == (("shard", 0), ("shard", 1))
+
+
+def test_verify_report_shows_no_worst_table_when_every_tensor_is_identical():
+    from distmerge.verify import Report
+
+    same = [{"name": f"t{i}", "equal": True, "max_abs": 0.0, "max_rel": 0.0} for i in range(3)]
+    text = Report("x", compared=same).render()
+    assert "all bit-identical" in text and "worst" not in text
+    differs = same + [{"name": "bad", "equal": False, "max_abs": 1.0, "max_rel": 1.0}]
+    assert "worst:" in Report("x", compared=differs).render()
+
+
+def test_manifest_names_may_name_a_subdirectory_but_never_leave_the_target():
+    from distmerge.verify import relative_name
+
+    assert relative_name("model.safetensors") and relative_name("lora_adapter/adapter_model.safetensors")
+    for bad in ("../secret", "/etc/passwd", "a/../../b", "a//b", "", "a\\b", 3, "lora_adapter/."):
+        assert not relative_name(bad), bad

@@ -7,7 +7,7 @@ or stacked layouts (Megatron) get their own tables.
 from __future__ import annotations
 
 from ..model import Catalogue, OutputTensor
-from . import hf, lora, megatron_gpt, vlm
+from . import hf, lora, megatron_gpt, torchtitan, vlm
 from .config import load_config  # noqa: F401  (re-exported)
 from .lora import find_adapters  # noqa: F401  (re-exported: the stages call it through arch)
 
@@ -19,6 +19,8 @@ def map_outputs(catalogue: Catalogue, config: dict, cast, adapters: lora.Adapter
     the adapters for lora_mode merge/both, as they were trained for adapter."""
     if catalogue.family == "megatron":
         return megatron_gpt.map_outputs(catalogue, config, cast)
+    if catalogue.family == "torchtitan":
+        return torchtitan.map_outputs(catalogue, config, cast)
     sources = adapters.base_names if adapters else {name: name for name in catalogue.tensors}
     outputs = hf.map_outputs(catalogue, config, cast, vlm.current_names(sources, config))
     if adapters and lora_mode in ("merge", "both"):

@@ -40,8 +40,11 @@ def load_config(hf_dir: str | None, source: str) -> dict:
 FIELD_TYPES = {
     "architectures": list, "text_config": dict, "tie_word_embeddings": bool, "torch_dtype": str, "dtype": str,
     "vocab_size": int, "hidden_size": int, "num_hidden_layers": int, "num_attention_heads": int,
-    "num_key_value_heads": int, "head_dim": int, "intermediate_size": int, "num_labels": int,
+    "num_key_value_heads": int, "head_dim": int, "intermediate_size": int, "num_labels": int, "model_type": str,
 }
+# sizes: a model has at least one of each
+POSITIVE = {"vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+            "head_dim", "intermediate_size", "num_labels"}
 
 
 def check_types(config: dict, path: str, where: str = "") -> None:
@@ -50,10 +53,12 @@ def check_types(config: dict, path: str, where: str = "") -> None:
         if value is None:
             continue
         ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+        ok = ok and not (key in POSITIVE and value < 1)
         if kind is list:
             ok = ok and all(isinstance(v, str) for v in value)
         if not ok:
-            raise MergeError(f"{path}: {where}{key} is {json.dumps(value)[:80]}, not a JSON {kind.__name__}; "
+            what = "a positive integer" if key in POSITIVE else f"a JSON {kind.__name__}"
+            raise MergeError(f"{path}: {where}{key} is {json.dumps(value)[:80]}, not {what}; "
                              "fix it or pass --hf-config DIR with the model's config.json")
     if isinstance(config.get("text_config"), dict) and not where:
         check_types(config["text_config"], path, "text_config.")

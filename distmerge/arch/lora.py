@@ -4,7 +4,9 @@ them as a PEFT adapter directory, or both.
 verl saves the PEFT model's state dict: `base_model.model.<module>.base_layer.weight` for an
 adapted module's base weight, `...<module>.lora_A.<adapter>.weight` `[r, in]` and
 `...lora_B.<adapter>.weight` `[out, r]`, every other tensor as `base_model.model.<hf name>`; and
-`lora_train_meta.json` (`{"r", "lora_alpha", "task_type"}`) beside the rank files. alpha decides
+`lora_train_meta.json` (`{"r", "lora_alpha", "task_type"}`) beside the rank files. A PEFT model
+trained under DeepSpeed ZeRO has the same names, and peft's `adapter_config.json` beside the
+checkpoint (or in its HF directory) gives r and alpha. alpha decides
 the scale (alpha / r) of every fold; when it cannot be known the merge stops and asks for
 `--lora-alpha` (writing 0, as old verl did, silently gives back the base model).
 """
@@ -21,6 +23,7 @@ from ..model import Catalogue, LoraDelta, OutputTensor, SourceRows
 PREFIX = "base_model.model."
 LORA_NAME = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<ab>[AB])\.(?P<adapter>[^.]+)\.weight$")
 META = "lora_train_meta.json"
+PEFT_CONFIG = "adapter_config.json"
 ADAPTER_DIR = "lora_adapter"
 ADAPTER_FILE = f"{ADAPTER_DIR}/adapter_model.safetensors"
 MODES = ("merge", "adapter", "both")
@@ -81,26 +84,45 @@ def read_adapters(catalogue: Catalogue, lora_alpha: float | None) -> Adapters:
         raise MergeError(f"{catalogue.source}: LoRA factors of different ranks {sorted(ranks)}; per-module ranks "
                          "are not supported")
     r = ranks.pop()
-    meta_path = os.path.join(catalogue.source, META)
-    meta = {}
-    if os.path.exists(meta_path):
-        try:
-            with open(meta_path) as f:
-                meta = json.load(f)
-        except (OSError, ValueError) as e:
-            raise MergeError(f"{meta_path} cannot be read ({e}); fix it, or remove it and pass --lora-alpha") from None
+    meta, meta_path = read_meta(catalogue)
+    if meta:
         if "r" in meta and int(meta["r"]) != r:
             raise MergeError(f"{meta_path} says r={meta['r']} but the lora_A factors have rank {r}; "
                              "the file is not this checkpoint's")
     alpha = lora_alpha if lora_alpha is not None else meta.get("lora_alpha")
     if alpha is None:
-        raise MergeError(f"{catalogue.source} is a LoRA checkpoint without {META}, so lora_alpha is unknown; pass "
+        raise MergeError(f"{catalogue.source} is a LoRA checkpoint without {META} or {PEFT_CONFIG}, so lora_alpha is "
+                         "unknown; pass "
                          "--lora-alpha ALPHA (the lora_alpha the training used: the fold scales B @ A by alpha / r)")
     if not float(alpha) > 0:
         raise MergeError(f"lora_alpha is {alpha} ({'--lora-alpha' if lora_alpha is not None else meta_path}); a fold "
                          "with alpha 0 gives back the base model: pass the training's --lora-alpha")
     return Adapters(r=r, alpha=float(alpha), task_type=str(meta.get("task_type", "CAUSAL_LM")), factors=pairs,
                     base_names=base_names)
+
+
+def read_meta(catalogue: Catalogue) -> tuple[dict, str]:
+    """The training's LoRA settings and the file they came from: verl's lora_train_meta.json beside the
+    rank files, or the adapter_config.json that peft (TRL, accelerate under DeepSpeed) saves beside the
+    checkpoint or in its HF directory; ({}, "") when there is neither."""
+    candidates = [os.path.join(catalogue.source, META)]
+    candidates += [os.path.join(d, PEFT_CONFIG) for d in dict.fromkeys((catalogue.source, catalogue.hf_dir)) if d]
+    path = next((p for p in candidates if os.path.isfile(p)), None)
+    if path is None:
+        return {}, ""
+    try:
+        with open(path) as f:
+            meta = json.load(f)
+    except (OSError, ValueError) as e:
+        raise MergeError(f"{path} cannot be read ({e}); fix it, or remove it and pass --lora-alpha") from None
+    if not isinstance(meta, dict):
+        raise MergeError(f"{path} is not a JSON object; fix it, or remove it and pass --lora-alpha")
+    if os.path.basename(path) == PEFT_CONFIG:
+        unsupported = [k for k in ("use_rslora", "use_dora", "rank_pattern", "alpha_pattern") if meta.get(k)]
+        if unsupported:
+            raise MergeError(f"{path} sets {unsupported[0]}; distmerge folds plain LoRA (one r and alpha for every "
+                             "module) only: use --lora adapter to write the adapter as it was trained")
+    return meta, path
 
 
 def attach_folds(outputs: list[OutputTensor], adapters: Adapters) -> None:

@@ -1,10 +1,12 @@
-"""Megatron-core GPT (Llama/Mistral, Qwen2, Qwen3, Mixtral, Qwen2/3-MoE, DeepSeek-V3) -> HF, as tables of typed rules.
+"""Megatron-core GPT (Llama/Mistral, Qwen2, Qwen3, Mixtral, Qwen2/3-MoE, DeepSeek-V3) -> HF, as
+tables of rules.
 
 Megatron stores each per-layer key once for all layers (see find_slots for the three ways). Each
-rule maps one Megatron key to HF tensors of every layer:
+rule maps one Megatron key to the HF tensors of a layer (`outputs`), and says how tensor
+parallelism splits that key (`tp`, which the legacy reader joins TP ranks by):
 - `Same`: the layer's slice as is (norms, linear_proj -> o_proj, linear_fc2 -> down_proj);
-- `QKV`: linear_qkv is interleaved per query group, [q_g0 (nh/ng*d rows), k_g0 (d), v_g0 (d), q_g1, ...];
-  q/k/v_proj each take their rows of every group (the bias uses the same layout);
+- `QKV`: linear_qkv is interleaved per query group, [q_g0 (nh/ng*d rows), k_g0 (d), v_g0 (d), q_g1,
+  ...]; q/k/v_proj each take their rows of every group (the bias uses the same layout);
 - `GateUp`: linear_fc1 is stored as [gate (F rows); up (F rows)];
 - `Router`, `RouterBias`, `Experts`: MoE, named per family by MOE_NAMES.
 Embedding and head rows beyond the config's vocab_size are Megatron's vocab padding and are dropped.
@@ -13,7 +15,8 @@ A new family is mostly a new entry in FAMILY_RULES and MOE_NAMES.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 
 from ..errors import MergeError
 from ..model import Catalogue, OutputTensor, SourceRows
@@ -21,41 +24,131 @@ from .config import architecture, text_config
 
 LAYER = "model.layers.{i}."
 
+# How Megatron's tensor parallelism splits a weight. Legacy saves hold each TP rank's part apart,
+# and their reader joins them by the split of the rule that maps the tensor (tp_split).
+REPLICATED = "replicated"      # every TP rank holds all of it: rank 0's copy is read
+COLUMN = "column"              # rows split: TP rank t holds the t-th block of rows
+ROW = "row"                    # columns split
+GATE_UP = "gate_up"            # a fused [gate; up]: TP rank t holds [gate_t; up_t]
+COLUMN_LOCAL = "column_local"  # column-parallel in megatron-core's local spec, duplicated (TELinear) in TE's
+
+
+class Rule:
+    """Maps one Megatron per-layer key to the HF tensors of one layer (see Mapping)."""
+
+    tp = REPLICATED
+
+    def outputs(self, m: Mapping, key: str, i: int) -> Iterator[OutputTensor]:
+        raise NotImplementedError
+
 
 @dataclass(frozen=True)
-class Same:
+class Same(Rule):
+    """The layer's slice as it is."""
+
     hf: str
+    tp: str = REPLICATED
+
+    def outputs(self, m: Mapping, key: str, i: int) -> Iterator[OutputTensor]:
+        slot = m.slots.get((key, i, None, None))
+        if slot is not None:
+            yield m.whole(LAYER.format(i=i) + self.hf, slot)
 
 
 @dataclass(frozen=True)
-class QKV:
+class QKV(Rule):
+    """linear_qkv, interleaved per query group: [q_g0 (nh/ng*d rows), k_g0 (d), v_g0 (d), q_g1, ...];
+    q/k/v_proj each take their rows of every group (the bias uses the same layout)."""
+
     suffix: str  # "weight" or "bias"
+    tp = COLUMN
+
+    def outputs(self, m: Mapping, key: str, i: int) -> Iterator[OutputTensor]:
+        slot = m.slots.get((key, i, None, None))
+        if slot is None:
+            return
+        heads, groups, head_dim = m.heads, m.groups, m.head_dim
+        q_rows = heads // groups * head_dim
+        group = q_rows + 2 * head_dim
+        if slot.shape[0] != groups * group:
+            raise MergeError(f"decoder.layers.{key} has {slot.shape[0]} rows per layer, but config.json's "
+                             f"num_attention_heads={heads}, num_key_value_heads={groups}, head_dim={head_dim} "
+                             f"need {groups * group}; the config is not this model's")
+        for proj, first, n in (("q_proj", 0, q_rows), ("k_proj", q_rows, head_dim),
+                               ("v_proj", q_rows + head_dim, head_dim)):
+            parts = [slot.rows(g * group + first, g * group + first + n) for g in range(groups)]
+            yield m.out(f"{LAYER.format(i=i)}self_attn.{proj}.{self.suffix}", slot, parts,
+                        (groups * n,) + slot.shape[1:])
 
 
 @dataclass(frozen=True)
-class GateUp:
+class GateUp(Rule):
     """A fused [gate (F rows); up (F rows)], F from config key `size` (None: half the stored rows)."""
 
     gate: str = "mlp.gate_proj.weight"
     up: str = "mlp.up_proj.weight"
     size: str | None = "intermediate_size"
+    tp = GATE_UP
+
+    def outputs(self, m: Mapping, key: str, i: int) -> Iterator[OutputTensor]:
+        if any((key, i, None, half) in m.slots for half in (None, "w", "v")):
+            size = None if self.size is None else m.cfg.get(self.size) or 0
+            prefix = LAYER.format(i=i)
+            yield from m.gate_up(prefix + self.gate, prefix + self.up, key, i, None, size, "layer")
 
 
 @dataclass(frozen=True)
-class Router:
+class Router(Rule):
     """mlp.router.weight [L, E, H] -> the family's router (gate) weight."""
 
+    def outputs(self, m: Mapping, key: str, i: int) -> Iterator[OutputTensor]:
+        slot = m.slots.get((key, i, None, None))
+        if slot is not None:
+            yield m.whole(LAYER.format(i=i) + m.moe_names(key).router, slot)
+
 
 @dataclass(frozen=True)
-class RouterBias:
+class RouterBias(Rule):
     """mlp.router.expert_bias [L, E] (aux-loss-free balancing) -> the family's score-correction bias."""
 
+    def outputs(self, m: Mapping, key: str, i: int) -> Iterator[OutputTensor]:
+        slot = m.slots.get((key, i, None, None))
+        if slot is None:
+            return
+        names = m.moe_names(key)
+        if names.router_bias is None:
+            raise MergeError(f"decoder.layers.{key}: the model routes with Megatron's expert_bias "
+                             f"(aux-loss-free balancing), but transformers' {m.arch} has no router bias, "
+                             "so the merged model would route differently. Use an architecture with a "
+                             "score-correction bias, or a checkpoint trained without expert_bias")
+        yield m.whole(LAYER.format(i=i) + names.router_bias, slot)
+
 
 @dataclass(frozen=True)
-class Experts:
+class Experts(Rule):
     """Experts stacked twice, [L, E, rows, cols]: fc1 -> each expert's gate and up, fc2 -> its down."""
 
     fc1: bool
+
+    @property
+    def tp(self) -> str:
+        return GATE_UP if self.fc1 else ROW
+
+    def outputs(self, m: Mapping, key: str, i: int) -> Iterator[OutputTensor]:
+        if (key, i) not in m.experts_of:
+            return
+        names = m.moe_names(key)
+        experts = m.cfg.get("num_local_experts") or m.cfg.get("num_experts") or m.cfg.get("n_routed_experts")
+        if sorted(m.experts_of[(key, i)]) != list(range(experts or 0)):
+            raise MergeError(f"decoder.layers.{key} of layer {i} holds {len(m.experts_of[(key, i)])} experts "
+                             f"but config.json says {experts}; the config is not this model's")
+        ffn = m.cfg.get("moe_intermediate_size") or m.cfg.get("intermediate_size")
+        for e in range(experts):
+            at = LAYER.format(i=i) + names.expert.format(e=e)
+            if self.fc1:
+                yield from m.gate_up(at + names.gate + ".weight", at + names.up + ".weight", key, i, e, ffn, "expert")
+            else:
+                yield m.whole(at + names.down + ".weight", m.slots[(key, i, e, None)])
 
 
 # per-layer keys (after "decoder.layers."); two spellings where local and TE specs differ
@@ -66,19 +159,20 @@ LAYER_RULES = {
     "self_attention.linear_qkv.bias": QKV("bias"),
     "self_attention.q_layernorm.weight": Same("self_attn.q_norm.weight"),
     "self_attention.k_layernorm.weight": Same("self_attn.k_norm.weight"),
-    "self_attention.linear_proj.weight": Same("self_attn.o_proj.weight"),
+    "self_attention.linear_proj.weight": Same("self_attn.o_proj.weight", ROW),
     "mlp.linear_fc1.layer_norm_weight": Same("post_attention_layernorm.weight"),
     "pre_mlp_layernorm.weight": Same("post_attention_layernorm.weight"),
     "mlp.linear_fc1.weight": GateUp(),
-    "mlp.linear_fc2.weight": Same("mlp.down_proj.weight"),
+    "mlp.linear_fc2.weight": Same("mlp.down_proj.weight", ROW),
     "mlp.router.weight": Router(),
     "mlp.router.expert_bias": RouterBias(),
     "mlp.experts.experts.linear_fc1.weight": Experts(fc1=True),
     "mlp.experts.experts.linear_fc2.weight": Experts(fc1=False),
     # Qwen2-MoE's shared expert and its sigmoid gate
-    "mlp.shared_experts.linear_fc1.weight": GateUp("mlp.shared_expert.gate_proj.weight",
-                                                   "mlp.shared_expert.up_proj.weight", "shared_expert_intermediate_size"),
-    "mlp.shared_experts.linear_fc2.weight": Same("mlp.shared_expert.down_proj.weight"),
+    "mlp.shared_experts.linear_fc1.weight": GateUp(gate="mlp.shared_expert.gate_proj.weight",
+                                                   up="mlp.shared_expert.up_proj.weight",
+                                                   size="shared_expert_intermediate_size"),
+    "mlp.shared_experts.linear_fc2.weight": Same("mlp.shared_expert.down_proj.weight", ROW),
     "mlp.shared_experts.gate_weight": Same("mlp.shared_expert_gate.weight"),
 }
 
@@ -86,20 +180,21 @@ LAYER_RULES = {
 FAMILY_RULES = {
     # DeepSeek-V3's multi-latent attention (q_lora_rank > 0: q goes through a low-rank pair) and its
     # shared experts (plural, no gate). Local specs keep q/kv_layernorm apart, TE specs fuse them
-    # into the up projections (layer_norm_weight).
+    # into the up projections (layer_norm_weight). The up projections split their heads over TP; the
+    # down projections too in the local spec, where TE's keep them whole on every rank.
     "DeepseekV3ForCausalLM": {
-        "self_attention.linear_q_proj.weight": Same("self_attn.q_proj.weight"),
-        "self_attention.linear_q_down_proj.weight": Same("self_attn.q_a_proj.weight"),
+        "self_attention.linear_q_proj.weight": Same("self_attn.q_proj.weight", COLUMN),
+        "self_attention.linear_q_down_proj.weight": Same("self_attn.q_a_proj.weight", COLUMN_LOCAL),
         "self_attention.q_layernorm.weight": Same("self_attn.q_a_layernorm.weight"),
         "self_attention.linear_q_up_proj.layer_norm_weight": Same("self_attn.q_a_layernorm.weight"),
-        "self_attention.linear_q_up_proj.weight": Same("self_attn.q_b_proj.weight"),
-        "self_attention.linear_kv_down_proj.weight": Same("self_attn.kv_a_proj_with_mqa.weight"),
+        "self_attention.linear_q_up_proj.weight": Same("self_attn.q_b_proj.weight", COLUMN),
+        "self_attention.linear_kv_down_proj.weight": Same("self_attn.kv_a_proj_with_mqa.weight", COLUMN_LOCAL),
         "self_attention.kv_layernorm.weight": Same("self_attn.kv_a_layernorm.weight"),
         "self_attention.linear_kv_up_proj.layer_norm_weight": Same("self_attn.kv_a_layernorm.weight"),
-        "self_attention.linear_kv_up_proj.weight": Same("self_attn.kv_b_proj.weight"),
+        "self_attention.linear_kv_up_proj.weight": Same("self_attn.kv_b_proj.weight", COLUMN),
         "mlp.shared_experts.linear_fc1.weight": GateUp("mlp.shared_experts.gate_proj.weight",
                                                        "mlp.shared_experts.up_proj.weight", None),
-        "mlp.shared_experts.linear_fc2.weight": Same("mlp.shared_experts.down_proj.weight"),
+        "mlp.shared_experts.linear_fc2.weight": Same("mlp.shared_experts.down_proj.weight", ROW),
     },
 }
 
@@ -127,6 +222,8 @@ EMBEDDING = "embedding.word_embeddings.weight"
 HEAD = "output_layer.weight"
 FINAL_NORM = "decoder.final_layernorm.weight"
 ARCHITECTURES = {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", *MOE_NAMES}
+# per-layer key -> its TP split, from the rules (a key means the same layer in every family)
+TP_SPLITS = {key: rule.tp for rules in (LAYER_RULES, *FAMILY_RULES.values()) for key, rule in rules.items()}
 
 # How a checkpoint may store a per-layer key. By default one key stacks all layers (and experts):
 # decoder.layers.K [L, (E,) ...]. Heterogeneous layers (dense and MoE mixed) and saves with
@@ -187,53 +284,44 @@ def find_slots(tensors: dict, layers: int, rules: dict) -> tuple[dict, list[str]
     return slots, unknown
 
 
-def map_outputs(catalogue: Catalogue, config: dict, cast) -> list[OutputTensor]:
-    declared = architecture(config)
-    # a value model (verl's critic: output_layer [1, H]) is the same network with a `score` head
-    value_model = declared.endswith("ForTokenClassification")
-    arch = declared.replace("ForTokenClassification", "ForCausalLM")
-    if arch not in ARCHITECTURES:
-        raise MergeError(f"config.json names architecture {declared}, which has no Megatron mapping "
-                         f"(supported: {', '.join(sorted(ARCHITECTURES))}); pass --hf-config with a matching config")
-    cfg = text_config(config)
-    heads, groups = cfg["num_attention_heads"], cfg.get("num_key_value_heads") or cfg["num_attention_heads"]
-    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
-    layers, vocab = cfg["num_hidden_layers"], cfg["vocab_size"]
-    expert_ffn = cfg.get("moe_intermediate_size") or cfg.get("intermediate_size")
-    tied = bool(cfg.get("tie_word_embeddings", False))
-    tensors = catalogue.tensors
+@dataclass
+class Mapping:
+    """What the rules read while they map one checkpoint: its tensors, the config's dimensions,
+    and the per-layer slots (find_slots)."""
 
-    def out(name, source, parts, rows_shape):
-        return OutputTensor(name, tuple(rows_shape), cast(tensors[source].dtype), parts)
+    catalogue: Catalogue
+    cast: Callable
+    arch: str
+    cfg: dict
+    slots: dict
+    experts_of: dict = field(default_factory=dict)  # (key, layer) -> the experts stored for it
 
-    rules = {**LAYER_RULES, **FAMILY_RULES.get(arch, {})}
-    slots, unmapped = find_slots(tensors, layers, rules)
-    unmapped += [n for n in tensors if not n.startswith("decoder.layers.") and n not in (EMBEDDING, HEAD, FINAL_NORM)]
-    if unmapped:
-        shown = ", ".join(sorted(unmapped)[:8]) + (f" and {len(unmapped) - 8} more" if len(unmapped) > 8 else "")
-        raise MergeError(f"no rule maps these Megatron tensors of {catalogue.source}: {shown}. "
-                         f"Supported names are listed in distmerge/arch/megatron_gpt.py")
+    def __post_init__(self):
+        self.heads = self.cfg["num_attention_heads"]
+        self.groups = self.cfg.get("num_key_value_heads") or self.heads
+        self.head_dim = self.cfg.get("head_dim") or self.cfg["hidden_size"] // self.heads
+        for key, i, e, _ in self.slots:
+            if e is not None:
+                self.experts_of.setdefault((key, i), set()).add(e)
 
-    def vocab_rows(name):
-        t = tensors[name]
-        if t.shape[0] < vocab:
-            raise MergeError(f"{name} has {t.shape[0]} rows but config.json says vocab_size={vocab}; "
-                             "the config is not this model's")
-        return [SourceRows(name, (), 0, vocab)], (vocab,) + t.shape[1:]
+    def out(self, name: str, slot: Slot, parts: list[SourceRows], shape) -> OutputTensor:
+        return OutputTensor(name, tuple(shape), self.cast(self.catalogue.tensors[slot.name].dtype), parts)
 
-    def add(hf_name, slot, parts, shape):
-        outputs.append(out(hf_name, slot.name, parts, shape))
+    def whole(self, name: str, slot: Slot) -> OutputTensor:
+        return self.out(name, slot, [slot.rows(0, slot.shape[0])], slot.shape)
 
-    def moe_names(key) -> MoeNames:
-        if arch not in MOE_NAMES:
-            raise MergeError(f"decoder.layers.{key} is an MoE tensor but config.json's architecture {arch} is dense")
-        return MOE_NAMES[arch]
+    def moe_names(self, key: str) -> MoeNames:
+        if self.arch not in MOE_NAMES:
+            raise MergeError(f"decoder.layers.{key} is an MoE tensor but config.json's architecture "
+                             f"{self.arch} is dense")
+        return MOE_NAMES[self.arch]
 
-    def gate_up(hf_gate, hf_up, key, i, expert, size, what):
+    def gate_up(self, hf_gate: str, hf_up: str, key: str, i: int, expert: int | None, size: int | None,
+                what: str) -> Iterator[OutputTensor]:
         """A fused [gate; up] (one slot), or its two halves stored apart (singleton_local_shards)."""
-        whole, w, v = (slots.get((key, i, expert, half)) for half in (None, "w", "v"))
+        whole, w, v = (self.slots.get((key, i, expert, half)) for half in (None, "w", "v"))
         if whole is None and (w is None or v is None):
-            raise MergeError(f"layer {i} of {catalogue.source} holds only one half of decoder.layers.{key}")
+            raise MergeError(f"layer {i} of {self.catalogue.source} holds only one half of decoder.layers.{key}")
         rows = whole.shape[0] if whole is not None else w.shape[0] + v.shape[0]
         size = rows // 2 if size is None else size
         if rows != 2 * size:
@@ -241,82 +329,80 @@ def map_outputs(catalogue: Catalogue, config: dict, cast) -> list[OutputTensor]:
                              f"size {size} needs {2 * size}; the config is not this model's")
         halves = [(hf_gate, whole, 0), (hf_up, whole, size)] if whole is not None else [(hf_gate, w, 0), (hf_up, v, 0)]
         for hf_name, slot, first in halves:
-            add(hf_name, slot, [slot.rows(first, first + size)], (size,) + slot.shape[1:])
+            yield self.out(hf_name, slot, [slot.rows(first, first + size)], (size,) + slot.shape[1:])
 
-    outputs = []
+
+def tp_split(name: str) -> str:
+    """How Megatron's tensor parallelism splits the catalogue tensor `name` (a stacked per-layer
+    key, or a top-level one): the split of the rule that maps it, REPLICATED where none does."""
+    if name in (EMBEDDING, HEAD):
+        return COLUMN  # vocab-parallel
+    m = LAYER_KEY.match(name)
+    return TP_SPLITS.get(m.group(2), REPLICATED) if m else REPLICATED
+
+
+def _family(config: dict) -> tuple[str, bool]:
+    """The causal-LM architecture the config names, and whether it is a value model (verl's
+    critic: output_layer [1, H] is the same network's `score` head)."""
+    declared = architecture(config)
+    arch = declared.replace("ForTokenClassification", "ForCausalLM")
+    if arch not in ARCHITECTURES:
+        raise MergeError(f"config.json names architecture {declared}, which has no Megatron mapping "
+                         f"(supported: {', '.join(sorted(ARCHITECTURES))}); pass --hf-config with a matching config")
+    return arch, declared.endswith("ForTokenClassification")
+
+
+def map_outputs(catalogue: Catalogue, config: dict, cast) -> list[OutputTensor]:
+    arch, value_model = _family(config)
+    cfg = text_config(config)
+    missing = [k for k in ("num_hidden_layers", "num_attention_heads", "hidden_size", "vocab_size")
+               if not isinstance(cfg.get(k), int) or cfg[k] < 1]
+    if missing:
+        raise MergeError(f"config.json has no {', '.join(missing)} (a positive integer), by which a Megatron "
+                         "checkpoint is mapped; pass --hf-config DIR with the model's config.json")
+    tensors = catalogue.tensors
+    rules = {**LAYER_RULES, **FAMILY_RULES.get(arch, {})}
+    slots, unmapped = find_slots(tensors, cfg["num_hidden_layers"], rules)
+    unmapped += [n for n in tensors if not n.startswith("decoder.layers.") and n not in (EMBEDDING, HEAD, FINAL_NORM)]
+    if unmapped:
+        shown = ", ".join(sorted(unmapped)[:8]) + (f" and {len(unmapped) - 8} more" if len(unmapped) > 8 else "")
+        raise MergeError(f"no rule maps these Megatron tensors of {catalogue.source}: {shown}. "
+                         f"Supported names are listed in distmerge/arch/megatron_gpt.py")
     if EMBEDDING not in tensors:
         raise MergeError(f"{catalogue.source} holds no {EMBEDDING}; the checkpoint is incomplete")
-    parts, shape = vocab_rows(EMBEDDING)
-    outputs.append(out("model.embed_tokens.weight", EMBEDDING, parts, shape))
-    experts_of = {}  # (key, layer) -> the experts stored for it
-    for key, i, e, _ in slots:
-        if e is not None:
-            experts_of.setdefault((key, i), set()).add(e)
-    for i in range(layers):
-        prefix = LAYER.format(i=i)
+    m = Mapping(catalogue, cast, arch, cfg, slots)
+    outputs = [_vocab_rows(m, "model.embed_tokens.weight", EMBEDDING)]
+    for i in range(cfg["num_hidden_layers"]):
         for key, rule in rules.items():
-            if isinstance(rule, Experts):
-                if (key, i) not in experts_of:
-                    continue
-                names = moe_names(key)
-                experts = cfg.get("num_local_experts") or cfg.get("num_experts") or cfg.get("n_routed_experts")
-                if sorted(experts_of[(key, i)]) != list(range(experts or 0)):
-                    raise MergeError(f"decoder.layers.{key} of layer {i} holds {len(experts_of[(key, i)])} experts "
-                                     f"but config.json says {experts}; the config is not this model's")
-                for e in range(experts):
-                    at = prefix + names.expert.format(e=e)
-                    if rule.fc1:
-                        gate_up(at + names.gate + ".weight", at + names.up + ".weight", key, i, e, expert_ffn, "expert")
-                    else:
-                        slot = slots[(key, i, e, None)]
-                        add(at + names.down + ".weight", slot, [slot.rows(0, slot.shape[0])], slot.shape)
-                continue
-            if isinstance(rule, GateUp):
-                if any((key, i, None, half) in slots for half in (None, "w", "v")):
-                    size = None if rule.size is None else cfg.get(rule.size) or 0
-                    gate_up(prefix + rule.gate, prefix + rule.up, key, i, None, size, "layer")
-                continue
-            slot = slots.get((key, i, None, None))
-            if slot is None:
-                continue
-            if isinstance(rule, Same):
-                add(prefix + rule.hf, slot, [slot.rows(0, slot.shape[0])], slot.shape)
-            elif isinstance(rule, QKV):
-                q_rows = heads // groups * head_dim
-                group = q_rows + 2 * head_dim
-                if slot.shape[0] != groups * group:
-                    raise MergeError(f"decoder.layers.{key} has {slot.shape[0]} rows per layer, but config.json's "
-                                     f"num_attention_heads={heads}, num_key_value_heads={groups}, head_dim={head_dim} "
-                                     f"need {groups * group}; the config is not this model's")
-                for proj, first, n in (("q_proj", 0, q_rows), ("k_proj", q_rows, head_dim),
-                                       ("v_proj", q_rows + head_dim, head_dim)):
-                    parts = [slot.rows(g * group + first, g * group + first + n) for g in range(groups)]
-                    add(f"{prefix}self_attn.{proj}.{rule.suffix}", slot, parts, (groups * n,) + slot.shape[1:])
-            elif isinstance(rule, Router):
-                add(prefix + moe_names(key).router, slot, [slot.rows(0, slot.shape[0])], slot.shape)
-            elif isinstance(rule, RouterBias):
-                names = moe_names(key)
-                if names.router_bias is None:
-                    raise MergeError(f"decoder.layers.{key}: the model routes with Megatron's expert_bias "
-                                     f"(aux-loss-free balancing), but transformers' {arch} has no router bias, "
-                                     "so the merged model would route differently. Use an architecture with a "
-                                     "score-correction bias, or a checkpoint trained without expert_bias")
-                add(prefix + names.router_bias, slot, [slot.rows(0, slot.shape[0])], slot.shape)
+            outputs += rule.outputs(m, key, i)
     if FINAL_NORM in tensors:
-        t = tensors[FINAL_NORM]
-        outputs.append(out("model.norm.weight", FINAL_NORM, [SourceRows(FINAL_NORM, (), 0, t.shape[0])], t.shape))
+        outputs.append(m.whole("model.norm.weight", Slot(FINAL_NORM, (), tensors[FINAL_NORM].shape)))
+    return outputs + _head(m, config, value_model)
+
+
+def _vocab_rows(m: Mapping, hf_name: str, name: str) -> OutputTensor:
+    """The embedding or output layer without Megatron's vocab padding: the config's vocab_size rows."""
+    vocab, shape = m.cfg["vocab_size"], m.catalogue.tensors[name].shape
+    if shape[0] < vocab:
+        raise MergeError(f"{name} has {shape[0]} rows but config.json says vocab_size={vocab}; "
+                         "the config is not this model's")
+    return m.out(hf_name, Slot(name, (), shape), [SourceRows(name, (), 0, vocab)], (vocab,) + shape[1:])
+
+
+def _head(m: Mapping, config: dict, value_model: bool) -> list[OutputTensor]:
+    """lm_head (none where tied), or a value model's score head."""
+    tensors, source = m.catalogue.tensors, m.catalogue.source
     if value_model:
         labels = len(config.get("id2label") or {}) or 1
         if HEAD not in tensors or tensors[HEAD].shape[0] != labels:
-            raise MergeError(f"config.json describes a value model ({declared}, {labels} label(s)) but "
-                             f"{catalogue.source} has {HEAD} of shape {list(tensors[HEAD].shape) if HEAD in tensors else 'none'}")
-        t = tensors[HEAD]
-        outputs.append(out("score.weight", HEAD, [SourceRows(HEAD, (), 0, labels)], t.shape))
+            found = list(tensors[HEAD].shape) if HEAD in tensors else "none"
+            raise MergeError(f"config.json describes a value model ({architecture(config)}, {labels} label(s)) "
+                             f"but {source} has {HEAD} of shape {found}")
+        score = m.whole("score.weight", Slot(HEAD, (), tensors[HEAD].shape))
         # HF's score layer has a bias; the Megatron value head has none: it is exactly zero
-        outputs.append(OutputTensor("score.bias", (labels,), cast(t.dtype), []))
-    elif not tied:
-        if HEAD not in tensors:
-            raise MergeError(f"config.json has tie_word_embeddings=false but {catalogue.source} holds no {HEAD}")
-        parts, shape = vocab_rows(HEAD)
-        outputs.append(out("lm_head.weight", HEAD, parts, shape))
-    return outputs
+        return [score, OutputTensor("score.bias", (labels,), score.dtype, [])]
+    if bool(m.cfg.get("tie_word_embeddings", False)):
+        return []
+    if HEAD not in tensors:
+        raise MergeError(f"config.json has tie_word_embeddings=false but {source} holds no {HEAD}")
+    return [_vocab_rows(m, "lm_head.weight", HEAD)]

@@ -9,7 +9,7 @@ import os
 
 from ..errors import MergeError
 from ..model import Catalogue
-from . import dcp, fsdp, megatron, megatron_legacy
+from . import dcp, deepspeed, fsdp, megatron, megatron_legacy, torchtitan
 from .registry import ReadOptions, SourceFormat
 
 # order matters: a legacy Megatron-LM run also has latest_checkpointed_iteration.txt; DCP's .metadata
@@ -17,7 +17,9 @@ from .registry import ReadOptions, SourceFormat
 FORMATS: list[SourceFormat] = [
     fsdp.FORMAT,
     megatron_legacy.FORMAT,
+    torchtitan.FORMAT,  # before megatron (whose --iteration claims any folder) and dcp (same .metadata)
     megatron.FORMAT,
+    deepspeed.FORMAT,
     dcp.FORMAT,
 ]
 

@@ -9,19 +9,21 @@ File names never tell which shard is where: with fully-parallel saving any chunk
 """
 from __future__ import annotations
 
-import io
+import functools
 import math
 import os
 import pickle
 import re
 
+import torch
 
 from ..errors import MergeError, MergeIOError
-from ..model import Catalogue, Piece, SourceTensor, dtype_size, dtype_str
-from .coverage import check_coverage
+from ..model import Catalogue, SourceTensor, dtype_size, dtype_str
+from .chunks import PieceTable, gc_paused
 from .layout import find_hf_dir
 from .registry import ReadOptions, SourceFormat
-from .torch_archive import FAST_PATH_MISSES, RecordClasses, StoredTensor, load_tensor_blob, plain_global
+from ..validate import check_file
+from .torch_archive import FAST_PATH_MISSES, StoredTensor, load_tensor_blob, plain_global
 
 NAME = "dcp"
 SAVER_RANK = re.compile(r"^__(\d+)_\d+\.distcp$")  # only to report the world size, never to find a shard
@@ -33,16 +35,50 @@ def detect(source: str, opts: ReadOptions = ReadOptions()) -> bool:
     return os.path.isfile(os.path.join(source, METADATA)) and not os.path.isfile(os.path.join(source, "metadata.json"))
 
 
-class _MetadataUnpickler(pickle.Unpickler):
-    """DCP's metadata classes become records; torch dtypes and sizes become values; nothing else loads."""
+class _Inert:
+    """A DCP metadata record as pickled: `fields` is its pickled state dict itself (kept, not
+    copied: a record costs one small slotted object beside it, which matters at millions of
+    chunks), `args` its constructor arguments (older pickles); none of the real class's code runs."""
 
-    def __init__(self, data: bytes):
-        super().__init__(io.BytesIO(data))
-        self.classes = RecordClasses()
+    __slots__ = ("args", "fields")
+
+    def __init__(self, *args):  # REDUCE: cls(*args)
+        self.args = args
+
+    def __setstate__(self, state):
+        if type(state) is dict:
+            self.fields = state
+        elif isinstance(state, tuple) and len(state) == 2 and all(isinstance(x, (dict, type(None))) for x in state):
+            self.fields = {**(state[0] or {}), **(state[1] or {})}  # (dict, slots)
+        elif isinstance(state, tuple):
+            self.args = state  # TensorProperties: (dtype, layout, requires_grad, ...)
+        else:
+            self.fields = {"value": state}
+
+
+_NO_FIELDS: dict = {}
+
+
+def _fields(record) -> dict:
+    """A record's pickled fields ({} for a record built from arguments alone)."""
+    fields = getattr(record, "fields", _NO_FIELDS)
+    if type(fields) is not dict:
+        raise TypeError(f"{type(record).__name__} is not a DCP metadata record")
+    return fields
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """DCP's metadata classes become inert records; torch dtypes and sizes become values; nothing else loads."""
+
+    def __init__(self, file):
+        super().__init__(file)
+        self.classes: dict[str, type] = {}
 
     def find_class(self, module, name):
         # any DCP (or Megatron) metadata class becomes an inert record: none of their code runs
         if module.startswith(("torch.distributed.checkpoint", "megatron.core.dist_checkpointing")):
+            if name not in self.classes:
+                self.classes[name] = type(name, (_Inert,), {"__slots__": ()})
             return self.classes[name]
         plain = plain_global(module, name)
         if plain is not None:
@@ -52,49 +88,88 @@ class _MetadataUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"{module}.{name} is not part of DCP metadata")
 
 
+_MISSING = object()
+
+
 def _field(record, name, position=None):
-    if name in record.state:
-        return record.state[name]
-    if position is not None and len(record.args) > position:
-        return record.args[position]
-    raise KeyError(f"{record.kind}.{name}")
+    """A record's pickled field, or its constructor argument at `position` (older pickles)."""
+    fields = _fields(record)
+    value = fields.get(name, _MISSING)
+    if value is not _MISSING:
+        return value
+    args = getattr(record, "args", ())
+    if position is not None and len(args) > position:
+        return args[position]
+    raise KeyError(f"{type(record).__name__}.{name}")
 
 
-def read_metadata(path: str) -> tuple[dict, dict, list]:
-    """Tensors: fqn -> (size, dtype, [(chunk offsets, chunk sizes)]); storage: (fqn, chunk offsets) ->
-    (relative file, byte offset, length); and the names of non-tensor (bytes) entries."""
+def _kind(record) -> str:
+    return type(record).__name__
+
+
+def _unreadable(path: str, e: Exception) -> MergeError:
+    return MergeError(f"{path} is not a readable DCP metadata file ({type(e).__name__}: {e}); it is corrupt or "
+                      "not from torch.distributed.checkpoint. Copy it again from the training job")
+
+
+_read: dict[tuple, tuple[dict, dict]] = {}  # the last .metadata read, until its reader takes it
+
+
+def read_metadata(path: str) -> tuple[dict, dict]:
+    """The records of a `.metadata`: fqn -> tensor or bytes entry, and fqn -> {chunk offsets:
+    (relative file, byte offset, length)}. Unpickled as the file streams in (never all its bytes
+    at once). The result is kept until tensors_from_metadata takes it, so a format's detect that
+    looks at the names (torchtitan) does not make the reader unpickle the file a second time."""
     try:
-        with open(path, "rb") as f:
-            data = f.read()
+        st = os.stat(path)
+        key = (os.path.realpath(path), st.st_mtime_ns, st.st_size)
+        if key not in _read:
+            _read.clear()
+            _read[key] = _load_metadata(path)
+        return _read[key]
     except OSError as e:
         raise MergeIOError(f"cannot read {path}: {e.strerror}") from None
+
+
+def _take_metadata(path: str) -> tuple[dict, dict]:
+    """read_metadata's result, no longer kept: the caller consumes it."""
+    result = read_metadata(path)
+    _read.clear()
+    return result
+
+
+def _load_metadata(path: str) -> tuple[dict, dict]:
     try:
-        meta = _MetadataUnpickler(data).load()
-        tensors, bytes_entries = {}, []
-        for fqn, entry in _field(meta, "state_dict_metadata", 0).items():
-            if entry.kind == "BytesStorageMetadata":
-                bytes_entries.append(fqn)
-                continue
-            if entry.kind != "TensorStorageMetadata":
-                raise KeyError(entry.kind)
-            props = _field(entry, "properties", 0)
-            dtype = props.state["value"][0] if "value" in props.state else _field(props, "dtype", 0)
-            chunks = [(tuple(_field(c, "offsets", 0)), tuple(_field(c, "sizes", 1))) for c in _field(entry, "chunks", 2)]
-            tensors[fqn] = (tuple(_field(entry, "size", 1)), dtype, chunks)
-        storage = {}
-        for index, info in _field(meta, "storage_data", 2).items():
-            key = (_field(index, "fqn", 0), tuple(index.state.get("offset") or ()))  # None for bytes entries
-            if info.state.get("transform_descriptors"):
-                raise MergeError(f"{path}: {key[0]} is stored with transforms {info.state['transform_descriptors']} "
-                                 "(e.g. compression), which distmerge does not read yet")
-            storage[key] = (str(_field(info, "relative_path", 0)), int(_field(info, "offset", 1)),
-                            int(_field(info, "length", 2)))
-    except MergeError:
-        raise
+        with open(path, "rb") as f, gc_paused():
+            meta = _MetadataUnpickler(f).load()
+    except (pickle.UnpicklingError, MemoryError, *FAST_PATH_MISSES) as e:
+        raise _unreadable(path, e) from None
+    try:
+        with gc_paused():
+            return dict(_field(meta, "state_dict_metadata", 0)), _storage_index(_field(meta, "storage_data", 2), path)
     except (pickle.UnpicklingError, *FAST_PATH_MISSES) as e:
-        raise MergeError(f"{path} is not a readable DCP metadata file ({type(e).__name__}: {e}); it is corrupt or "
-                         "not from torch.distributed.checkpoint. Copy it again from the training job") from None
-    return tensors, storage, bytes_entries
+        raise _unreadable(path, e) from None
+
+
+def _storage_index(storage_data: dict, path: str) -> dict[str, dict]:
+    """fqn -> {chunk offsets: (relative file, byte offset, length)}; `storage_data` is emptied as it is
+    read, so its records are freed while the index grows."""
+    storage: dict[str, dict] = {}
+    while storage_data:
+        index, info = storage_data.popitem()
+        i, s = _fields(index), _fields(info)
+        if "fqn" in i and "relative_path" in s and "offset" in s and "length" in s:  # the pickled dataclasses
+            fqn, where = i["fqn"], (str(s["relative_path"]), int(s["offset"]), int(s["length"]))
+        else:
+            fqn = _field(index, "fqn", 0)
+            where = (str(_field(info, "relative_path", 0)), int(_field(info, "offset", 1)),
+                     int(_field(info, "length", 2)))
+        if s.get("transform_descriptors"):
+            raise MergeError(f"{path}: {fqn} is stored with transforms {s['transform_descriptors']} (e.g. "
+                             "compression), which distmerge does not read yet")
+        offsets = i.get("offset") or ()  # None for bytes entries
+        storage.setdefault(fqn, {})[tuple(offsets)] = where
+    return storage
 
 
 def strip_dcp_prefix(names: list[str]) -> dict[str, str]:
@@ -108,44 +183,131 @@ def strip_dcp_prefix(names: list[str]) -> dict[str, str]:
 SKIPPED_PREFIXES = ("optim.", "optimizer.", "lr_scheduler.", "dataloader.", "extra_state.", "rng_state")
 
 
+class _DataFiles:
+    """The data files chunks name, each stat'ed once (not once per chunk): index and size by relative name."""
+
+    def __init__(self, ckpt_dir: str):
+        self.dir = ckpt_dir
+        self.paths: list[str] = []
+        self.found: dict[str, tuple[int, int]] = {}
+
+    def get(self, relative: str, fqn: str) -> tuple[int, int]:
+        known = self.found.get(relative)
+        if known is None:
+            path = os.path.join(self.dir, relative)
+            if not os.path.lexists(path):
+                raise MergeError(f"missing {path}, which holds {fqn} (and maybe more); copy the complete "
+                                 "checkpoint directory and rerun")
+            checked = check_file(path, self.dir)  # inside the checkpoint and a regular file, before it is opened
+            known = self.found[relative] = (len(self.paths), checked.size)
+            self.paths.append(path)
+        return known
+
+
+BLOB_FRAME_MAX = 1 << 16  # bytes of zip records and pickle around a blob's tensor data worth remembering
+
+
+class _BlobFrames:
+    """Where the tensor lies in a torch.save blob (dcp.save's default chunk format), parsed once per
+    framing. torch.save writes every chunk of one shape and dtype with the same zip records and
+    pickle around its data; every byte the parse reads lies in those frames. So a blob whose
+    bytes before and after the data equal a parsed blob's, at the same length, has the same
+    layout: two short preads instead of a zip and pickle parse per chunk."""
+
+    def __init__(self):
+        self.known: dict[tuple, tuple] = {}  # (length, dtype, shape) -> (head, tail, StoredTensor at 0)
+        self.fds: dict[str, int] = {}
+
+    def locate(self, path: str, start: int, length: int, dtype: torch.dtype, sizes: tuple) -> StoredTensor:
+        fd = self.fds.get(path)
+        if fd is None:
+            fd = self.fds[path] = os.open(path, os.O_RDONLY)
+        known = self.known.get((length, dtype, sizes))
+        if known is not None:
+            head, tail, at0 = known
+            if os.pread(fd, len(head), start) == head and os.pread(fd, len(tail), start + length - len(tail)) == tail:
+                return StoredTensor(start + at0.offset, start + at0.storage_end, at0.shape, at0.strides, at0.dtype)
+        stored = load_tensor_blob(path, start, length)
+        head_len, tail_len = stored.offset - start, start + length - stored.storage_end
+        if 0 <= head_len <= BLOB_FRAME_MAX and 0 <= tail_len <= BLOB_FRAME_MAX:
+            at0 = StoredTensor(head_len, stored.storage_end - start, stored.shape, stored.strides, stored.dtype)
+            self.known[(length, dtype, sizes)] = (os.pread(fd, head_len, start),
+                                                  os.pread(fd, tail_len, start + length - tail_len), at0)
+        return stored
+
+    def close(self) -> None:
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds.clear()
+
+
 def tensors_from_metadata(ckpt_dir: str, rename=lambda names: {n: n for n in names}):
-    """The SourceTensors of a DCP directory (metadata only), the data files, and notes on what was skipped."""
+    """The SourceTensors of a DCP directory (metadata only), the data files, and notes on what was skipped.
+    Each tensor's pieces are a PieceTable (ints in one array, not an object per chunk)."""
     meta_path = os.path.join(ckpt_dir, METADATA)
-    entries, storage, bytes_entries = read_metadata(meta_path)
+    entries, storage = _take_metadata(meta_path)
+    try:
+        bytes_entries = [n for n, e in entries.items() if _kind(e) == "BytesStorageMetadata"]
+        kinds = {_kind(e) for e in entries.values()} - {"BytesStorageMetadata", "TensorStorageMetadata"}
+        if kinds:
+            raise KeyError(kinds.pop())
+    except FAST_PATH_MISSES as e:
+        raise _unreadable(meta_path, e) from None
+    for n in bytes_entries:
+        del entries[n]
     optim = sum(n.startswith(SKIPPED_PREFIXES) for n in entries)
     extra = sum("._extra_state" in n for n in entries)
     entries = {n: e for n, e in entries.items() if not n.startswith(SKIPPED_PREFIXES) and "._extra_state" not in n}
     renamed = rename(list(entries))
+    files, blobs = _DataFiles(ckpt_dir), _BlobFrames()
     tensors: dict[str, SourceTensor] = {}
-    files: dict[str, None] = {}
-    for fqn, (size, dtype, chunks) in entries.items():
-        pieces = []
-        for offsets, sizes in chunks:
-            if math.prod(sizes) == 0:
-                continue
-            try:
-                relative, start, length = storage[(fqn, offsets)]
-            except KeyError:
-                raise MergeError(f"{meta_path} lists a chunk of {fqn} at {list(offsets)} but no storage for it; "
-                                 "the metadata is corrupt") from None
-            path = os.path.join(ckpt_dir, relative)
-            if not os.path.isfile(path):
-                raise MergeError(f"missing {path}, which holds {fqn} (and maybe more); copy the complete "
-                                 "checkpoint directory and rerun")
-            if os.path.getsize(path) < start + length:
-                raise MergeIOError(f"{path} has {os.path.getsize(path)} bytes but {fqn} is stored up to byte "
-                                   f"{start + length}; the file is truncated, copy it again")
-            files[path] = None
-            pieces.append(_piece(path, start, length, fqn, offsets, sizes, dtype))
-        t = tensors[renamed[fqn]] = SourceTensor(renamed[fqn], size, dtype, pieces)
-        check_coverage(t)
+    try:
+        with gc_paused():
+            for fqn in list(entries):
+                tensors[renamed[fqn]] = _tensor(renamed[fqn], fqn, entries.pop(fqn), storage.pop(fqn, {}), files,
+                                                blobs, meta_path)
+    except FAST_PATH_MISSES as e:
+        raise _unreadable(meta_path, e) from None
+    except OSError as e:
+        raise MergeIOError(f"cannot read {e.filename}: {e.strerror}") from None
+    finally:
+        blobs.close()
     notes = [note for count, note in ((optim, f"{optim} optimizer / scheduler / RNG entries"),
                                       (extra, f"{extra} _extra_state entries"),
                                       (len(bytes_entries), f"{len(bytes_entries)} non-tensor entries (extra state)"))
              if count]
-    world = len({m.group(1) for m in (SAVER_RANK.match(os.path.basename(f)) for f in files) if m})
-    return tensors, list(files), notes, world
+    world = len({m.group(1) for m in (SAVER_RANK.match(os.path.basename(f)) for f in files.paths) if m})
+    return tensors, files.paths, notes, world
 
+
+def _tensor(name: str, fqn: str, entry, stored: dict, files: _DataFiles, blobs: _BlobFrames,
+            meta_path: str) -> SourceTensor:
+    """One tensor entry of `.metadata` and the storage of its chunks, as a SourceTensor."""
+    dtype = _field(_field(entry, "properties", 0), "dtype", 0)
+    if not isinstance(dtype, torch.dtype):
+        raise TypeError(f"dtype {dtype!r}")
+    size = tuple(_field(entry, "size", 1))
+    table = PieceTable(files.paths, dtype, len(size))
+    for chunk in _field(entry, "chunks", 2):
+        c = _fields(chunk)
+        if "offsets" in c and "sizes" in c:  # the pickled dataclass
+            offsets, sizes = tuple(c["offsets"]), tuple(c["sizes"])
+        else:
+            offsets, sizes = tuple(_field(chunk, "offsets", 0)), tuple(_field(chunk, "sizes", 1))
+        if math.prod(sizes) == 0:
+            continue
+        where = stored.get(offsets)
+        if where is None:
+            raise MergeError(f"{meta_path} lists a chunk of {fqn} at {list(offsets)} but no storage for it; "
+                             "the metadata is corrupt")
+        relative, start, length = where
+        index, file_size = files.get(relative, fqn)
+        if file_size < start + length:
+            path = files.paths[index]
+            raise MergeIOError(f"{path} has {file_size} bytes but {fqn} is stored up to byte "
+                               f"{start + length}; the file is truncated, copy it again")
+        _add_chunk(table, blobs, index, start, length, fqn, offsets, sizes)
+    return SourceTensor(name, size, dtype, table)
 
 
 def read_catalogue(source: str, opts: ReadOptions = ReadOptions()) -> Catalogue:
@@ -154,18 +316,24 @@ def read_catalogue(source: str, opts: ReadOptions = ReadOptions()) -> Catalogue:
                      world_size=world, mesh="chunked (DCP)", notes=notes)
 
 
-def _piece(path, start, length, fqn, offsets, sizes, dtype) -> Piece:
-    raw_bytes = math.prod(sizes) * dtype_size(dtype)
-    if length == raw_bytes:  # raw-bytes format: contiguous row-major data
-        strides = tuple(math.prod(sizes[i + 1:]) for i in range(len(sizes)))
-        stored = StoredTensor(start, start + length, tuple(sizes), strides, dtype)
-    else:  # torch.save blob
-        stored = load_tensor_blob(path, start, length)
-    if stored.shape != tuple(sizes) or stored.dtype != dtype:
+@functools.lru_cache(maxsize=4096)
+def _contiguous(sizes: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(math.prod(sizes[i + 1:]) for i in range(len(sizes)))
+
+
+def _add_chunk(table: PieceTable, blobs: _BlobFrames, index: int, start: int, length: int, fqn: str, offsets,
+               sizes) -> None:
+    """A chunk is raw bytes (contiguous row-major) when its length says so, else a torch.save blob."""
+    dtype = table.dtype
+    if length == math.prod(sizes) * dtype_size(dtype):
+        table.add(index, start, offsets, sizes, _contiguous(sizes))
+        return
+    path = table.files[index]
+    stored = blobs.locate(path, start, length, dtype, sizes)
+    if stored.shape != sizes or stored.dtype != dtype:
         raise MergeError(f"{path}: the chunk of {fqn} at {list(offsets)} holds {list(stored.shape)} "
                          f"{dtype_str(stored.dtype)}, the metadata says {list(sizes)} {dtype_str(dtype)}")
-    return Piece(file=path, offset=stored.offset, shape=stored.shape, strides=stored.strides,
-                 region=tuple(offsets), dtype=dtype)
+    table.add(index, stored.offset, offsets, stored.shape, stored.strides)
 
 
 FORMAT = SourceFormat(name=NAME, family="hf", detect=detect, read_catalogue=read_catalogue,

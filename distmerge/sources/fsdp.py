@@ -13,7 +13,7 @@ import re
 
 from ..errors import MergeError
 from ..model import Catalogue, Piece, SourceTensor, dtype_size, dtype_str
-from .coverage import check_coverage
+from .chunks import PieceTable, gc_paused
 from .registry import ReadOptions, SourceFormat
 from .torch_archive import StoredDTensor, load_state_metadata
 
@@ -42,7 +42,7 @@ def _rank_files(source: str) -> tuple[int, list[str]]:
         try:
             with open(config_path) as f:
                 declared = int(json.load(f)["world_size"])
-        except (ValueError, KeyError, TypeError) as e:
+        except (ValueError, KeyError, TypeError, RecursionError) as e:
             raise MergeError(f"{config_path} is not valid ({e}); fix or remove it "
                              "(the world size is then taken from the file names)") from None
         if declared != world:
@@ -103,40 +103,52 @@ def _piece_of(name: str, value, path: str) -> tuple[tuple[int, ...], Piece]:
 def read_catalogue(source: str, opts: ReadOptions = ReadOptions()) -> Catalogue:
     """opts.quick (inspect): every rank file lists every tensor with its global shape and
     dtype, so rank 0's metadata alone describes the model and the plan; the pieces of the other
-    ranks are not located and coverage is not checked (a merge always reads them all)."""
-    first_rank_only = opts.quick
+    ranks are not located (a merge always reads them all, and validation checks the tiling).
+    Each tensor's pieces go into one PieceTable over the rank files: W files of a record per
+    tensor make W x tensors pieces, kept as ints rather than an object each."""
     world, paths = _rank_files(source)
     tensors: dict[str, SourceTensor] = {}
-    seen_regions: dict[str, set] = {}
-    mesh_desc, mesh_ndim = "", 0
-    for path in paths[:1] if first_rank_only else paths:
-        for raw_name, value in load_state_metadata(path).items():
-            shape, piece = _piece_of(raw_name, value, path)
-            dtype = piece.dtype
-            if isinstance(value, StoredDTensor) and len(value.mesh_shape) > mesh_ndim:  # describe the fullest mesh
-                mesh_ndim = len(value.mesh_shape)
-                names = value.mesh_dim_names or tuple(f"dim{i}" for i in range(mesh_ndim))
-                mesh_desc = " x ".join(f"{n}={s}" for n, s in zip(names, value.mesh_shape))
-            name = strip_wrapper_prefixes(raw_name)
-            known = tensors.get(name)
-            if known is None:
-                known = tensors[name] = SourceTensor(name, shape, dtype, [])
-                seen_regions[name] = set()
-            elif known.shape != shape or known.dtype != dtype:
-                raise MergeError(f"shards of tensor {name} disagree: {known.pieces[0].file if known.pieces else paths[0]} "
-                                 f"says {list(known.shape)} {dtype_str(known.dtype)}, {path} says {list(shape)} "
-                                 f"{dtype_str(dtype)}; the rank files come from different saves")
-            key = (piece.region, piece.shape)
-            if piece.numel and key not in seen_regions[name]:  # replicas (HSDP, TP) are read once
-                seen_regions[name].add(key)
-                known.pieces.append(piece)
-    for t in tensors.values() if not first_rank_only else ():
-        check_coverage(t)
+    mesh = _Mesh()
+    with gc_paused():
+        for index, path in enumerate(paths[:1] if opts.quick else paths):
+            for raw_name, value in load_state_metadata(path).items():
+                mesh.see(value)
+                _add_record(tensors, strip_wrapper_prefixes(raw_name), value, paths, index)
+        for t in tensors.values():
+            t.pieces.drop_repeats()  # replicas (HSDP, TP, a tensor on a sub-mesh) are read once
     hf_dir = os.path.join(source, "huggingface")
-    mesh_desc = mesh_desc or ("single rank" if world == 1 else f"{world} ranks")
+    mesh_desc = mesh.desc or ("single rank" if world == 1 else f"{world} ranks")
     return Catalogue(format=NAME, source=source, files=paths, tensors=tensors,
                      hf_dir=hf_dir if os.path.isdir(hf_dir) else None, world_size=world, mesh=mesh_desc,
-                     partial=first_rank_only and world > 1)
+                     partial=opts.quick and world > 1)
+
+
+class _Mesh:
+    """The fullest device mesh the records show, described for the user ("fsdp=2 x tp=2")."""
+
+    def __init__(self):
+        self.desc, self.ndim = "", 0
+
+    def see(self, value) -> None:
+        if isinstance(value, StoredDTensor) and len(value.mesh_shape) > self.ndim:
+            self.ndim = len(value.mesh_shape)
+            names = value.mesh_dim_names or tuple(f"dim{i}" for i in range(self.ndim))
+            self.desc = " x ".join(f"{n}={s}" for n, s in zip(names, value.mesh_shape))
+
+
+def _add_record(tensors: dict[str, SourceTensor], name: str, value, paths: list[str], index: int) -> None:
+    """One rank file's record of a tensor, added to its table (empty blocks are left out)."""
+    path = paths[index]
+    shape, piece = _piece_of(name, value, path)
+    known = tensors.get(name)
+    if known is None:
+        known = tensors[name] = SourceTensor(name, shape, piece.dtype, PieceTable(paths, piece.dtype, len(shape)))
+    elif known.shape != shape or known.dtype != piece.dtype:
+        raise MergeError(f"shards of tensor {name} disagree: {known.pieces[0].file if known.pieces else paths[0]} "
+                         f"says {list(known.shape)} {dtype_str(known.dtype)}, {path} says {list(shape)} "
+                         f"{dtype_str(piece.dtype)}; the rank files come from different saves")
+    if piece.numel:
+        known.pieces.add(index, piece.offset, piece.region, piece.shape, piece.strides)
 
 
 def strip_wrapper_prefixes(name: str) -> str:

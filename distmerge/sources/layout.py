@@ -8,7 +8,8 @@ from ..errors import MergeError
 
 def find_hf_dir(source: str) -> str | None:
     """SOURCE/huggingface, or a huggingface/ beside SOURCE (verl: actor/dist_ckpt + actor/huggingface)."""
-    for d in (os.path.join(source, "huggingface"), os.path.join(os.path.dirname(os.path.abspath(source)), "huggingface")):
+    beside = os.path.join(os.path.dirname(os.path.abspath(source)), "huggingface")
+    for d in (os.path.join(source, "huggingface"), beside):
         if os.path.isdir(d):
             return d
     return None

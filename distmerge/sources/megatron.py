@@ -3,50 +3,28 @@
 Layouts recognised (the source directory may be any of them):
 - the dist checkpoint itself: metadata.json {"sharded_backend": "torch_dist"}, .metadata, *.distcp;
 - verl: <step>/actor/dist_ckpt/ + <step>/actor/huggingface/ (pass <step>/actor or its dist_ckpt);
-- Megatron-LM: iter_XXXXXXX/ directories + latest_checkpointed_iteration.txt (latest unless --iteration).
+- Megatron-LM: iter_XXXXXXX/ directories + latest_checkpointed_iteration.txt (latest unless --iteration);
+- verl's model/dist_ckpt, Megatron-Bridge's iter_N + latest_train_state.pt, NeMo 2's weights/ + context/
+  (see megatron_layouts.py and docs/megatron.md).
 TP, PP, VPP and EP are already resolved into global tensors with a leading layer (and expert)
 axis, so no model, GPU or process group is needed. Optimizer, RNG and _extra_state entries are skipped.
 """
 from __future__ import annotations
 
-import json
-import os
-
 from ..errors import MergeError
 from ..model import Catalogue
 from .dcp import tensors_from_metadata
-from .layout import find_hf_dir, latest_iteration
+from .layout import find_hf_dir
+from .megatron_layouts import find_layout, strip_prefix
 from .registry import ReadOptions, SourceFormat
 
 NAME = "megatron-torch_dist"
 
 
-def _is_dist_ckpt(d: str) -> bool:
-    path = os.path.join(d, "metadata.json")
-    if not os.path.isfile(path):
-        return False
-    try:
-        with open(path) as f:
-            return json.load(f).get("sharded_backend") == "torch_dist"
-    except (OSError, ValueError, AttributeError):
-        return False
-
-
-
 def resolve(source: str, iteration: int | None = None) -> str | None:
     """The dist checkpoint directory that `source` names, or None when it names none."""
-    if _is_dist_ckpt(source):
-        return source
-    if _is_dist_ckpt(os.path.join(source, "dist_ckpt")):
-        return os.path.join(source, "dist_ckpt")
-    iteration = iteration if iteration is not None else latest_iteration(source)
-    if iteration is not None:
-        path = os.path.join(source, f"iter_{iteration:07d}")
-        if not _is_dist_ckpt(path):
-            raise MergeError(f"{path} is not a torch_dist checkpoint (no metadata.json with sharded_backend "
-                             "torch_dist); pick another --iteration")
-        return path
-    return None
+    layout = find_layout(source, iteration)
+    return layout.ckpt if layout else None
 
 
 def detect(source: str, opts: ReadOptions = ReadOptions()) -> bool:
@@ -54,13 +32,15 @@ def detect(source: str, opts: ReadOptions = ReadOptions()) -> bool:
 
 
 def read_catalogue(source: str, opts: ReadOptions = ReadOptions()) -> Catalogue:
-    ckpt = resolve(source, opts.iteration)
-    if ckpt is None:
+    layout = find_layout(source, opts.iteration)
+    if layout is None:
         raise MergeError(f"{source} holds no torch_dist checkpoint (metadata.json with sharded_backend torch_dist)")
-    tensors, files, notes, world = tensors_from_metadata(ckpt)
-    return Catalogue(format=NAME, source=source, files=files, tensors=tensors, hf_dir=find_hf_dir(source)
-                     or find_hf_dir(ckpt), world_size=world, mesh="resolved by dist_checkpointing", notes=notes)
+    tensors, files, notes, world = tensors_from_metadata(layout.ckpt, strip_prefix(layout.key_prefix))
+    hf_dir = layout.hf_dir or find_hf_dir(source) or find_hf_dir(layout.ckpt)
+    return Catalogue(format=NAME, source=source, files=files, tensors=tensors, hf_dir=hf_dir, world_size=world,
+                     mesh="resolved by dist_checkpointing", notes=[f"layout: {layout.name}"] + notes)
 
 
 FORMAT = SourceFormat(name=NAME, family="megatron", detect=detect, read_catalogue=read_catalogue,
-                      describe="metadata.json / dist_ckpt / iter_* (Megatron torch_dist)", takes_iteration=True, verl_backend="megatron")
+                      describe="metadata.json / dist_ckpt / iter_* (Megatron torch_dist)", takes_iteration=True,
+                      verl_backend="megatron")

@@ -8,11 +8,14 @@ for experts), so the same mapping table (arch/megatron_gpt.py) applies.
   or v' = v and p' < p (Megatron's interleaved schedule).
 - Experts: `local_experts.{j}.` (and the grouped-GEMM spelling `linear_fc1.weight{j}`) of EP rank r
   is global expert r * (experts per rank) + j. Everything else is replicated over EP: rank 0's is read.
-- TP shards join per tensor: column-parallel (QKV, fc1, embedding and output layer) along rows.
-  fc1 is special: each TP rank holds [gate_r; up_r], which belong at rows r*F/tp and F + r*F/tp of
-  the global [gate; up]. Row-parallel (linear_proj, linear_fc2) along columns. Everything else
-  (norms, the router) is replicated: TP rank 0's copy is read. Experts are split over TP like the
-  dense MLP (expert TP = TP, megatron-core's default).
+- TP shards join per tensor, as the mapping rule of the tensor says (arch/megatron_gpt.tp_split):
+  column-parallel (QKV, MLA's projections, embedding and output layer) along rows; a fused gate/up
+  fc1 holds [gate_r; up_r] on TP rank r, which belong at rows r*F/tp and F + r*F/tp of the global
+  [gate; up]; row-parallel (linear_proj, linear_fc2) along columns. Everything else (norms, the
+  router) is replicated: TP rank 0's copy is read. Experts are split over TP like the dense MLP
+  (expert TP = TP, megatron-core's default). MLA's down projections are column-parallel in
+  megatron-core's local spec and whole on every rank in Transformer Engine's, whose saves are told
+  by their fused layer norms (`*.layer_norm_weight`).
 """
 from __future__ import annotations
 
@@ -20,20 +23,21 @@ import os
 import re
 from collections import defaultdict
 
+from ..arch.megatron_gpt import COLUMN, COLUMN_LOCAL, GATE_UP, REPLICATED, ROW, tp_split
 from ..errors import MergeError
 from ..model import Catalogue, Piece, SourceTensor, dtype_size
-from .coverage import check_coverage
+from ..validate import check_file
 from .layout import find_hf_dir, latest_iteration
 from .registry import ReadOptions, SourceFormat
-from .torch_archive import StoredTensor, load_megatron_legacy
+from .torch_archive import (FAST_PATH_MISSES, StoredTensor, _convert_fast, _fast_load, _fast_path_missed,
+                            _load_with_torch, _Record)
 
 NAME = "megatron-legacy"
 RANK_DIR = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?(?:_(\d{3}))?$")
 LAYER_KEY = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
 # an expert's tensor inside a layer: SequentialMLP's local_experts.{j}.X or TEGroupedMLP's X{j}
 EXPERT_KEY = re.compile(r"^mlp\.experts\.(?:local_experts\.(\d+)\.(.+)|(linear_fc[12]\.(?:weight|bias))(\d+))$")
-COLUMN = ("linear_qkv.weight", "linear_qkv.bias", "linear_fc1.weight", "word_embeddings.weight", "output_layer.weight")
-ROW = ("linear_proj.weight", "linear_fc2.weight")
+ARG_VALUES = (int, str, type(None))  # the saved args kept: plain values only
 
 
 def resolve(source: str, iteration: int | None = None) -> str | None:
@@ -52,7 +56,38 @@ def detect(source: str, opts: ReadOptions = ReadOptions()) -> bool:
     return resolve(source, opts.iteration) is not None
 
 
-def _rank_files(iter_dir: str) -> dict[tuple[int, ...], str]:
+def load_megatron_legacy(path: str) -> tuple[list[dict], dict]:
+    """Megatron-LM's legacy model_optim_rng.pt: its model chunks as load_state_metadata gives them
+    (`model`, or `model0`, `model1`, ... with virtual pipeline stages) and the plain values of its
+    `args` Namespace. The other entries may hold any class: the fast path reads them as inert
+    records (never calling them) and leaves them alone."""
+    top = _fast_load(path, inert_unknown=True)
+    if top is not None:
+        try:
+            chunks = [_convert_fast(chunk, path) for chunk in _model_chunks(top, path)]
+            args = top.get("args")
+            if not isinstance(args, _Record):
+                return chunks, {}
+            return chunks, {k: v for k, v in args.state.items() if isinstance(v, ARG_VALUES)}
+        except FAST_PATH_MISSES as e:
+            _fast_path_missed(path, e)
+    return _load_with_torch(path, _model_chunks), {}
+
+
+def _model_chunks(top, path: str) -> list[dict]:
+    """The model's state dicts: `model`, or `model0`, `model1`, ... (virtual pipeline stages)."""
+    if isinstance(top, dict) and isinstance(top.get("model"), dict):
+        return [top["model"]]
+    chunks = []
+    while isinstance(top, dict) and isinstance(top.get(f"model{len(chunks)}"), dict):
+        chunks.append(top[f"model{len(chunks)}"])
+    if not chunks:
+        raise MergeError(f"{path} has no state dict under 'model' (or 'model0', 'model1', ... for virtual "
+                         "pipeline stages); it is not a Megatron-LM model checkpoint")
+    return chunks
+
+
+def _rank_files(iter_dir: str, source: str) -> dict[tuple[int, ...], str]:
     """(tp, suffix...) -> model_optim_rng.pt for every mp_rank_* directory."""
     files = {}
     for name in sorted(os.listdir(iter_dir)):
@@ -61,6 +96,7 @@ def _rank_files(iter_dir: str) -> dict[tuple[int, ...], str]:
             path = os.path.join(iter_dir, name, "model_optim_rng.pt")
             if not os.path.isfile(path):
                 raise MergeError(f"missing {path}; copy the complete checkpoint and rerun")
+            check_file(path, source)  # before it is opened: inside the source, a regular file
             files[tuple(int(g) for g in m.groups() if g is not None)] = path
     if len({len(k) for k in files}) > 1:
         raise MergeError(f"{iter_dir} mixes mp_rank_* directory names of different forms; "
@@ -100,7 +136,7 @@ def read_catalogue(source: str, opts: ReadOptions = ReadOptions()) -> Catalogue:
     iter_dir = resolve(source, opts.iteration)
     if iter_dir is None:
         raise MergeError(f"{source} holds no iter_XXXXXXX/mp_rank_* directories")
-    files = _rank_files(iter_dir)
+    files = _rank_files(iter_dir, source)
     states = {path: load_megatron_legacy(path) for path in files.values()}
     grid = _rank_grid(iter_dir, files, states)
     tp, pp, ep = (max(k[d] for k in grid) + 1 for d in range(3))
@@ -111,17 +147,34 @@ def read_catalogue(source: str, opts: ReadOptions = ReadOptions()) -> Catalogue:
                          "which distmerge does not read yet; save with --use-dist-ckpt (torch_dist) instead")
     vpp = len(states[grid[(0, 0, 0)]][0])
     if any(len(states[path][0]) != vpp for path in grid.values()):
-        raise MergeError(f"the files of {iter_dir} hold different numbers of model chunks; they come from different saves")
-    # global layer offset of chunk v on PP rank p: the interleaved order is v-major, then p
+        raise MergeError(f"the files of {iter_dir} hold different numbers of model chunks; "
+                         "they come from different saves")
+    offsets, layer_total = _layer_offsets(states, grid, pp, vpp)
+    te = any(key.endswith(".layer_norm_weight") for chunk in states[grid[(0, 0, 0)]][0] for key in chunk)
+    blocks = _per_layer_where_uneven(_blocks(states, grid, offsets), layer_total)
+    tensors = {name: _stack(name, parts, tp, _split(name, te)) for name, parts in blocks.items()}
+    mesh = f"tp={tp} x pp={pp}" + (f" x vpp={vpp}" if vpp > 1 else "") + (f" x ep={ep}" if ep > 1 else "")
+    return Catalogue(format=NAME, source=source, files=sorted(grid.values()), tensors=tensors,
+                     hf_dir=find_hf_dir(source) or find_hf_dir(iter_dir), world_size=tp * pp * ep, mesh=mesh)
+
+
+def _layer_offsets(states: dict, grid: dict, pp: int, vpp: int) -> tuple[dict[tuple[int, int], int], int]:
+    """The global number of the first layer of chunk v on PP rank p, for every (p, v), and the
+    layer count. Megatron's interleaved order is v-major, then p."""
     offsets, layer_total = {}, 0
     for v in range(vpp):
         for p in range(pp):
             offsets[(p, v)] = layer_total
             layer_total += len({int(m.group(1)) for m in map(LAYER_KEY.match, states[grid[(0, p, 0)]][0][v]) if m})
-    blocks: dict[str, list] = defaultdict(list)   # global name -> [(lead index, tp, stored, path)]
+    return offsets, layer_total
+
+
+def _blocks(states: dict, grid: dict, offsets: dict) -> dict[str, list]:
+    """Global name -> [(lead index, TP rank, stored tensor, file)] for every tensor of every rank
+    file: layers renumbered globally, experts too (EP rank e's local expert j is e * local + j)."""
+    blocks: dict[str, list] = defaultdict(list)
     for (t, p, e), path in grid.items():
-        chunks = states[path][0]
-        for v, chunk in enumerate(chunks):
+        for v, chunk in enumerate(states[path][0]):
             local_experts = {int(x.group(1) or x.group(4)) for x in
                              (EXPERT_KEY.match(m.group(2)) for m in map(LAYER_KEY.match, chunk) if m) if x}
             for key, stored in chunk.items():
@@ -135,52 +188,64 @@ def read_catalogue(source: str, opts: ReadOptions = ReadOptions()) -> Catalogue:
                 elif e != 0:
                     continue  # replicated over EP
                 elif m:
-                    blocks["decoder.layers." + m.group(2)].append(((offsets[(p, v)] + int(m.group(1)),), t, stored, path))
+                    layer = offsets[(p, v)] + int(m.group(1))
+                    blocks["decoder.layers." + m.group(2)].append(((layer,), t, stored, path))
                 else:
                     blocks[key].append(((), t, stored, path))
-    tensors = {}
+    return blocks
+
+
+def _per_layer_where_uneven(blocks: dict[str, list], layers: int) -> dict[str, list]:
+    """A key that only some layers have (dense and MoE layers mixed) is kept per layer, as
+    torch_dist saves it: decoder.layers.{i}.K (experts still stacked), not one stacked K."""
+    result: dict[str, list] = {}
     for name, parts in blocks.items():
-        tensors[name] = _stack(name, parts, tp, layer_total)
-        check_coverage(tensors[name])
-    mesh = f"tp={tp} x pp={pp}" + (f" x vpp={vpp}" if vpp > 1 else "") + (f" x ep={ep}" if ep > 1 else "")
-    return Catalogue(format=NAME, source=source, files=sorted(grid.values()), tensors=tensors,
-                     hf_dir=find_hf_dir(source) or find_hf_dir(iter_dir), world_size=tp * pp * ep, mesh=mesh)
+        held = {lead[0] for lead, *_ in parts} if parts[0][0] else None
+        if held is None or held == set(range(layers)):
+            result[name] = parts
+            continue
+        key = name.removeprefix("decoder.layers.")
+        for lead, *rest in parts:
+            result.setdefault(f"decoder.layers.{lead[0]}.{key}", []).append((lead[1:], *rest))
+    return result
 
 
-def _stack(name: str, parts: list, tp: int, layers: int) -> SourceTensor:
+def _split(name: str, te: bool) -> str:
+    """How TP splits the tensor `name` in this save (`te`: a Transformer Engine spec's save)."""
+    split = tp_split(name)
+    if split == COLUMN_LOCAL:
+        return REPLICATED if te else COLUMN
+    return split
+
+
+def _stack(name: str, parts: list, tp: int, split: str) -> SourceTensor:
     """One global tensor (with leading layer and expert axes where the name has them) from the blocks."""
     first = parts[0][2]
-    column = name.endswith(COLUMN)
-    row = name.endswith(ROW)
     local = first.shape
-    if column:
+    if split in (COLUMN, GATE_UP):
         global_shape = (local[0] * tp,) + local[1:]
-    elif row:
+    elif split == ROW:
         global_shape = (local[0], local[1] * tp) + local[2:]
     else:
         global_shape = local
-    lead_shape = ()
-    if parts[0][0]:
-        lead_shape = (layers,) + ((max(lead[1] for lead, *_ in parts) + 1,) if len(parts[0][0]) == 2 else ())
-    shape = lead_shape + global_shape
+    lead_shape = tuple(max(lead[k] for lead, *_ in parts) + 1 for k in range(len(parts[0][0])))
     pieces = []
     for lead, t, stored, path in parts:
         if stored.shape != local or stored.dtype != first.dtype:
             raise MergeError(f"{path}: {name} has {list(stored.shape)} {stored.dtype}, another rank's has "
                              f"{list(local)} {first.dtype}; the rank files come from different saves")
-        if not column and not row and t != 0:
-            continue  # replicated across TP: read rank 0's
-        if name.endswith("linear_fc1.weight"):  # [gate_t; up_t] -> rows t*F/tp and F + t*F/tp
+        zeros = (0,) * (len(local) - 1)
+        if split == GATE_UP:  # [gate_t; up_t] -> rows t*F/tp and F + t*F/tp
             half = local[0] // 2
             for k, start in enumerate((t * half, tp * half + t * half)):
-                pieces.append(_piece(path, stored, lead, (start,) + (0,) * (len(local) - 1), k * half, half))
-        elif column:
-            pieces.append(_piece(path, stored, lead, (t * local[0],) + (0,) * (len(local) - 1), 0, local[0]))
-        elif row:
-            pieces.append(_piece(path, stored, lead, (0, t * local[1]) + (0,) * (len(local) - 2), 0, local[0]))
-        else:
+                pieces.append(_piece(path, stored, lead, (start,) + zeros, k * half, half))
+        elif split == COLUMN:
+            pieces.append(_piece(path, stored, lead, (t * local[0],) + zeros, 0, local[0]))
+        elif split == ROW:
+            pieces.append(_piece(path, stored, lead, (0, t * local[1]) + zeros[1:], 0, local[0]))
+        elif t == 0:  # replicated across TP: rank 0's is read
             pieces.append(_piece(path, stored, lead, (0,) * len(local), 0, local[0] if local else 0))
-    return SourceTensor(name, shape, first.dtype, pieces)
+    return SourceTensor(name, lead_shape + global_shape, first.dtype, pieces)
 
 
 def _piece(path: str, stored: StoredTensor, lead: tuple, region: tuple, first_row: int, rows: int) -> Piece:

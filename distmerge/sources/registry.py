@@ -26,7 +26,7 @@ class SourceFormat:
     """One checkpoint format: how to recognise it, how to read its metadata, how its tensors are named."""
 
     name: str                                           # shown to users and stored in Catalogue.format
-    family: str                                         # naming family arch/ maps from: "hf" or "megatron"
+    family: str                                         # naming family arch/ maps from: "hf", "megatron", "torchtitan"
     detect: Callable[[str, ReadOptions], bool]          # detect(source_dir, opts): cheap, reads no tensor data
     read_catalogue: Callable[[str, ReadOptions], Catalogue]
     describe: str = ""                                  # what `detect` looks for, for the "not a checkpoint" message

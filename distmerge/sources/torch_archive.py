@@ -11,9 +11,12 @@ from __future__ import annotations
 import collections
 import io
 import logging
+import os
 import pickle
+import stat
 import struct
 import zipfile
+import zlib
 from dataclasses import dataclass
 
 import torch
@@ -50,7 +53,7 @@ class _Unsupported(Exception):
 
 
 FAST_PATH_MISSES = (_Unsupported, pickle.UnpicklingError, EOFError, AttributeError, TypeError, KeyError,
-                    IndexError, ValueError)
+                    IndexError, ValueError, OverflowError, RecursionError)
 _missed: list[str] = []  # the first fast-path miss of this process, reported once
 
 
@@ -59,23 +62,78 @@ def _fast_path_missed(path: str, e: Exception) -> None:
     torch.distributed.tensor, so a slow catalogue stage has a named cause."""
     if not _missed:
         _missed.append(path)
-        logging.getLogger("distmerge").info("%s: reading metadata through torch.load (slower): the fast reader does not "
-                                            "know %s", path, f"{type(e).__name__} {e}".strip()[:200])
+        logging.getLogger("distmerge").info("%s: reading metadata through torch.load (slower): the fast reader "
+                                            "does not know %s", path, f"{type(e).__name__} {e}".strip()[:200])
 
 
 def _read_archive(f, path: str, start: int = 0) -> tuple[bytes, str, dict]:
     """The pickle, its record prefix and every record's (file offset, size) of the archive in f."""
-    with zipfile.ZipFile(f) as archive:
-        offsets = _record_offsets(f, archive, start)
+    try:
+        archive = zipfile.ZipFile(f)
+    except zipfile.BadZipFile:
+        raise _not_a_zip(f, path, start) from None
+    except ZIP_DAMAGE as e:  # a damaged central directory: names that do not decode, sizes that overflow
+        raise zipfile.BadZipFile(f"its zip directory is damaged ({type(e).__name__})") from None
+    with archive:
+        offsets = _record_offsets(f, archive, start, path)
         pkl = next((n for n in archive.namelist() if n.endswith("/data.pkl") or n == "data.pkl"), None)
         if pkl is None:
             raise MergeError(f"{path} is not a torch.save archive (no data.pkl); it is not a checkpoint file")
-        return archive.read(pkl), pkl[: -len("data.pkl")], offsets
+        if archive.getinfo(pkl).file_size > MAX_PICKLE_BYTES:
+            raise MergeError(f"{path}: its pickle is {archive.getinfo(pkl).file_size} bytes, more than a "
+                             "checkpoint's metadata ever needs; it is not a checkpoint file")
+        try:
+            return archive.read(pkl), pkl[: -len("data.pkl")], offsets
+        except ZIP_DAMAGE as e:
+            raise zipfile.BadZipFile(f"its pickle cannot be read ({type(e).__name__}: {e})") from None
+
+
+# what zipfile raises, besides BadZipFile, on a damaged archive
+ZIP_DAMAGE = (UnicodeDecodeError, ValueError, NotImplementedError, RuntimeError, OverflowError, struct.error,
+              zlib.error)
+
+
+MAX_PICKLE_BYTES = 1 << 30      # a state dict's pickle is metadata only: a larger one is not a checkpoint
+LEGACY_TORCH_MAGIC = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"  # torch.save before 1.6
+
+
+def _not_a_zip(f, path: str, start: int) -> MergeError:
+    """Why a file that zipfile cannot open is refused: a truncated archive is an I/O problem (exit 4,
+    copy it again); anything else (a legacy torch.save, a plain pickle, text) is bad input (exit 2)."""
+    f.seek(0)
+    head = f.read(64)
+    where = f"{path}" if not start else f"the item at byte {start} of {path}"
+    if head.startswith(b"PK\x03\x04"):
+        return _io_error(path, zipfile.BadZipFile("the archive's directory at its end is missing"))
+    if head.startswith(LEGACY_TORCH_MAGIC):
+        return MergeError(f"{where} is in torch.save's legacy (pre-1.6, non-zip) format, which distmerge does not "
+                          "read; re-save it with a current torch: torch.save(torch.load(f, weights_only=True), f)")
+    if head[:1] == b"\x80":
+        return MergeError(f"{where} is a bare pickle, not a torch.save archive; it is not a checkpoint file")
+    if not head:
+        return _io_error(path, EOFError("the file is empty"))
+    kind = "a text file" if all(32 <= b < 127 or b in b"\t\r\n" for b in head) else "not a zip archive"
+    return MergeError(f"{where} is {kind}, not a torch.save archive; it is not a checkpoint file")
 
 
 def _io_error(path: str, e: Exception) -> MergeIOError:
     return MergeIOError(f"cannot read {path}: {e}. The file is truncated or corrupt; "
                         "copy it again from the training job's storage")
+
+
+def _open_regular(path: str):
+    """The file opened for reading, refused unless it is a regular file: a FIFO or a device named
+    like a checkpoint file would block the open or never end."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as e:
+        raise MergeIOError(f"cannot read {path}: {e.strerror}") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise MergeError(f"{path} is not a regular file (a FIFO, device or directory); a checkpoint's files "
+                         "must be plain files")
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb")
 
 
 def load_state_metadata(path: str) -> dict:
@@ -89,48 +147,27 @@ def load_state_metadata(path: str) -> dict:
     return _load_with_torch(path)
 
 
-def load_megatron_legacy(path: str) -> tuple[list[dict], dict]:
-    """Megatron-LM's legacy model_optim_rng.pt: its model chunks as load_state_metadata gives them
-    (`model`, or `model0`, `model1`, ... with virtual pipeline stages) and the plain values of its
-    `args` Namespace. The other entries may hold any class: the fast path reads them as inert
-    records (never calling them) and leaves them alone."""
-    top = _fast_load(path, inert_unknown=True)
-    if top is not None:
-        try:
-            chunks = [_convert_fast(chunk, path) for chunk in _model_chunks(top, path)]
-            args = top.get("args")
-            if not isinstance(args, _Record):
-                return chunks, {}
-            return chunks, {k: v for k, v in args.state.items() if isinstance(v, (int, str, type(None)))}
-        except FAST_PATH_MISSES as e:
-            _fast_path_missed(path, e)
-    return _load_with_torch(path, megatron_chunks=True), {}
-
-
 def _fast_load(path: str, inert_unknown: bool):
     """The file's top-level object through the restricted unpickler; None where it meets something unknown."""
     try:
-        with open(path, "rb") as f:
+        with _open_regular(path) as f:
             data, prefix, offsets = _read_archive(f, path)
         try:
             return _FastUnpickler(data, prefix, offsets, inert_unknown=inert_unknown).load()
         except FAST_PATH_MISSES as e:
             _fast_path_missed(path, e)
             return None
+        except MemoryError:
+            raise _BadRecord("its pickle claims an object larger than memory") from None
+    except _BadRecord as e:
+        raise bad_record(path, e) from None
     except (zipfile.BadZipFile, EOFError, OSError, struct.error) as e:
         raise _io_error(path, e) from None
 
 
-def _model_chunks(top, path: str) -> list[dict]:
-    if isinstance(top, dict) and isinstance(top.get("model"), dict):
-        return [top["model"]]
-    chunks = []
-    while isinstance(top, dict) and isinstance(top.get(f"model{len(chunks)}"), dict):
-        chunks.append(top[f"model{len(chunks)}"])
-    if not chunks:
-        raise MergeError(f"{path} has no state dict under 'model' (or 'model0', 'model1', ... for virtual "
-                         "pipeline stages); it is not a Megatron-LM model checkpoint")
-    return chunks
+def bad_record(path: str, e: Exception) -> MergeError:
+    return MergeError(f"{path}: {e}; no torch.save writes that, the file is corrupt or was edited. "
+                      "Copy it again from the training job's storage")
 
 
 class _Window(io.RawIOBase):
@@ -160,52 +197,110 @@ class _Window(io.RawIOBase):
         return got
 
 
+MAX_BLOB_FALLBACK = 64 << 20  # torch's loader reads a blob whole: only small ones go that way
+
+
 def load_tensor_blob(path: str, start: int, length: int) -> StoredTensor:
     """Where the bytes of the one tensor torch.save'd at [start, start + length) of a file lie."""
     try:
-        with open(path, "rb") as f:
+        with _open_regular(path) as f:
             window = _Window(f, start, length)
             data, prefix, offsets = _read_archive(window, path, start)
             try:
                 value = _FastUnpickler(data, prefix, offsets).load()
                 if isinstance(value, _TensorRef):
-                    return _stored(value)
+                    return _stored(value, path)
             except FAST_PATH_MISSES:
                 pass
+            except MemoryError:
+                raise _BadRecord("its pickle claims an object larger than memory") from None
+            if length > MAX_BLOB_FALLBACK:
+                raise MergeError(f"{path}: the item at byte {start} is not a plain torch.save'd tensor; "
+                                 "it is not DCP data distmerge can read")
             window.seek(0)
             blob = io.BytesIO(window.read(length))
+    except _BadRecord as e:
+        raise bad_record(path, e) from None
     except (zipfile.BadZipFile, EOFError, OSError, struct.error) as e:
         raise _io_error(path, e) from None
-    try:
-        t = torch.load(blob, map_location="meta", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise MergeError(f"refusing to load a tensor at byte {start} of {path}: it is not a plain tensor ({e}). "
-                         "distmerge never runs code from a checkpoint") from None
-    except (RuntimeError, EOFError) as e:
-        raise _io_error(path, e) from None
+    t = _torch_load_refusing(blob, f"the item at byte {start} of {path}", path)
     if not isinstance(t, torch.Tensor):
         raise MergeError(f"{path}: the item at byte {start} is not a tensor")
-    storage = t.untyped_storage()
-    base = start + storage._checkpoint_offset
-    return StoredTensor(offset=base + t.storage_offset() * t.element_size(), storage_end=base + storage.nbytes(),
-                        shape=tuple(t.shape), strides=tuple(t.stride()), dtype=t.dtype)
+    members = [v for k, v in offsets.items() if k.startswith(f"{prefix}data/")]
+    base = start + getattr(t.untyped_storage(), "_checkpoint_offset", -1)
+    # torch computes this offset from its writer's usual layout: it is used only where it is the
+    # archive's one storage member, as its local header places it
+    if len(members) != 1 or members[0][0] != base or members[0][1] < t.untyped_storage().nbytes():
+        raise MergeError(f"{path}: the tensor at byte {start} does not lie where its archive member does; "
+                         "the file is corrupt or was edited")
+    return _stored_torch(t, base, path)
+
+
+def _torch_load_refusing(f, what: str, path: str, **kwargs):
+    """torch.load(weights_only=True) on the meta device; whatever it raises on a damaged or hostile
+    file becomes one message naming it (exit 2), never a traceback."""
+    try:
+        return torch.load(f, map_location=kwargs.pop("map_location", "meta"), weights_only=True, **kwargs)
+    except pickle.UnpicklingError as e:
+        text = str(e)
+        if "ShardedTensor" in text:
+            raise MergeError(f"{path} holds FSDP1 ShardedTensors (FSDP1 saved without a device mesh); "
+                             "these cannot be read without the original process group. Re-save with "
+                             "FSDP(..., device_mesh=mesh) so that the state dict holds DTensors") from None
+        culprit = next((line.strip() for line in text.splitlines() if "GLOBAL" in line or "Unsupported" in line),
+                       text.strip().splitlines()[0] if text.strip() else "unknown")
+        raise MergeError(f"refusing to load {what}: it needs pickle code that is not a plain tensor "
+                         f"or DTensor ({culprit[:200]}). distmerge never runs code from a checkpoint") from None
+    except (RuntimeError, EOFError, OSError, ValueError, TypeError, KeyError, IndexError, AttributeError,
+            AssertionError, OverflowError, RecursionError, struct.error, zipfile.BadZipFile) as e:
+        raise MergeError(f"{what} cannot be read by torch's own safe loader either ({type(e).__name__}: "
+                         f"{str(e).strip()[:200]}); it is corrupt or not a checkpoint file") from None
+
+
+def _stored_torch(t: torch.Tensor, base: int, path: str) -> StoredTensor:
+    """A tensor from torch's loader whose storage starts at file offset `base`, checked like a fast-path record."""
+    storage = _StorageRef(t.dtype, base, t.untyped_storage().nbytes())
+    return _stored(_TensorRef(storage, t.storage_offset(), tuple(t.shape), tuple(t.stride())), path)
 
 
 # ---------------------------------------------------------------- the fast path
 
-def _record_offsets(f, archive: zipfile.ZipFile, start: int = 0) -> dict[str, tuple[int, int]]:
-    """Archive member name -> (data offset in the file, size). torch stores members uncompressed.
-    `f` is the archive's file (or window of a file starting at byte `start`)."""
+def _record_offsets(f, archive: zipfile.ZipFile, start: int = 0,
+                    path: str = "the archive") -> dict[str, tuple[int, int]]:
+    """Archive member name -> (data offset in the file, size), from each member's own local header
+    (never computed from a guess at the writer's layout). `f` is the archive's file (or window of a
+    file starting at byte `start`). torch stores members uncompressed and names each once: a
+    compressed or repeated member is refused, since its bytes are not where a reader would look."""
     out = {}
+    f.seek(0, 2)
+    size = f.tell()
+    first = min((info.header_offset for info in archive.infolist()), default=0)
+    if first != 0:  # zipfile accepts data before an archive (self-extracting zips); torch.save writes none
+        raise MergeError(f"{path}: {'the item at byte ' + str(start) + ': ' if start else ''}its zip archive starts "
+                         f"{first} bytes in, after data that is not part of it; torch reads another archive "
+                         "there. The file is corrupt or was edited")
     for info in archive.infolist():
+        if info.filename in out:
+            raise MergeError(f"{path}: the archive holds two members named {info.filename}; torch.save never "
+                             "writes that, so which one is meant cannot be known. The file is corrupt or was edited")
         if info.compress_type != zipfile.ZIP_STORED:
-            raise _Unsupported(info.filename)
+            raise MergeError(f"{path}: archive member {info.filename} is compressed (zip method "
+                             f"{info.compress_type}), so its bytes cannot be read in place. Re-save the file "
+                             "uncompressed: torch.save(torch.load(f, weights_only=True), f), or re-zip it with "
+                             "`zip -0`")
         f.seek(info.header_offset)
         header = f.read(30)
-        if len(header) < 30:
-            raise zipfile.BadZipFile(f"truncated record {info.filename}")
+        if len(header) < 30 or header[:4] != b"PK\x03\x04":
+            raise zipfile.BadZipFile(f"truncated or missing local header of {info.filename}")
         name_len, extra_len = struct.unpack("<HH", header[26:30])
-        out[info.filename] = (start + info.header_offset + 30 + name_len + extra_len, info.file_size)
+        encoding = "utf-8" if info.flag_bits & 0x800 else "cp437"
+        if f.read(name_len) != info.orig_filename.encode(encoding, "replace"):
+            raise MergeError(f"{path}: the local header of archive member {info.filename} names another "
+                             "member; the file is corrupt")
+        data = info.header_offset + 30 + name_len + extra_len
+        if data + info.file_size > size:
+            raise zipfile.BadZipFile(f"member {info.filename} ends past the end of the file")
+        out[info.filename] = (start + data, info.file_size)
     return out
 
 
@@ -326,20 +421,49 @@ class _FastUnpickler(pickle.Unpickler):
         raise _Unsupported(f"{module}.{name}")
 
     def persistent_load(self, pid):
-        if not (isinstance(pid, tuple) and pid and pid[0] == "storage"):
-            raise _Unsupported(f"persistent id {pid!r}")
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
+            raise _Unsupported(f"persistent id {str(pid)[:80]}")
         _, dtype, key, _location, numel = pid
         if not isinstance(dtype, torch.dtype):
             raise _Unsupported("untyped storage")
-        offset, size = self.offsets[f"{self.prefix}data/{key}"]
+        if not isinstance(key, str) or not _is_count(numel):
+            raise _BadRecord(f"a storage record names {str(key)[:40]!r} with {str(numel)[:40]} elements")
+        member = self.offsets.get(f"{self.prefix}data/{key}")
+        if member is None:
+            raise _BadRecord(f"a storage record names the archive member data/{key[:40]}, which is not there")
+        offset, size = member
         nbytes = numel * dtype.itemsize
         if size < nbytes:
-            raise MergeIOError(f"a storage record holds {size} of its {nbytes} bytes; the file is corrupt")
+            raise _BadRecord(f"a storage record claims {nbytes} bytes but its archive member data/{key} holds {size}")
         return _StorageRef(dtype, offset, nbytes)
 
 
-def _stored(ref: _TensorRef) -> StoredTensor:
+class _BadRecord(MergeError):
+    """A storage record that no torch.save writes: refused (torch's loader is not asked); the
+    reader that knows the file's name says which file."""
+
+
+def _is_count(n) -> bool:
+    return isinstance(n, int) and not isinstance(n, bool) and n >= 0
+
+
+def _is_dims(t) -> bool:
+    return isinstance(t, tuple) and len(t) <= 64 and all(_is_count(n) for n in t)
+
+
+def _stored(ref: _TensorRef, path: str = "the archive") -> StoredTensor:
+    """Where a tensor record's bytes lie, refused unless they lie inside its storage: a negative
+    or oversized storage offset would read the bytes of another record or of the zip itself."""
+    if not (_is_count(ref.storage_offset) and _is_dims(ref.shape) and _is_dims(ref.strides)
+            and len(ref.shape) == len(ref.strides)):
+        raise MergeError(f"{path}: a tensor record has storage offset {str(ref.storage_offset)[:40]}, shape "
+                         f"{str(ref.shape)[:80]} and strides {str(ref.strides)[:80]}, which no torch.save writes; "
+                         "the file is corrupt or hostile")
     itemsize = ref.storage.dtype.itemsize
+    span = 0 if 0 in ref.shape else 1 + sum((n - 1) * st for n, st in zip(ref.shape, ref.strides))
+    if (ref.storage_offset + span) * itemsize > ref.storage.nbytes:
+        raise MergeError(f"{path}: a tensor record claims elements {ref.storage_offset}..{ref.storage_offset + span} "
+                         f"of a storage of {ref.storage.nbytes // itemsize}; the file is corrupt or hostile")
     return StoredTensor(offset=ref.storage.offset + ref.storage_offset * itemsize,
                         storage_end=ref.storage.offset + ref.storage.nbytes,
                         shape=ref.shape, strides=ref.strides, dtype=ref.storage.dtype)
@@ -386,6 +510,25 @@ def _mesh_shape(mesh: _Record) -> tuple[int, ...]:
     return tuple(shapes)
 
 
+def dtensor_problem(t: StoredDTensor) -> str | None:
+    """What makes a DTensor record impossible, or None: one placement and one coordinate per mesh
+    dim, each coordinate on the mesh, each shard on a dim of the tensor, split factors of at least 1."""
+    if not (_is_dims(t.shape) and _is_dims(t.mesh_shape) and _is_dims(t.coordinate)):
+        return f"shape {str(t.shape)[:60]}, mesh {str(t.mesh_shape)[:60]} or coordinate {str(t.coordinate)[:60]}"
+    if not len(t.mesh_shape) == len(t.placements) == len(t.coordinate) >= 1:
+        return f"{len(t.placements)} placements and {len(t.coordinate)} coordinates on a {len(t.mesh_shape)}-d mesh"
+    if not all(0 <= c < n for c, n in zip(t.coordinate, t.mesh_shape)):
+        return f"coordinate {list(t.coordinate)} is not on the mesh {list(t.mesh_shape)}"
+    if len(t.local.shape) != len(t.shape):
+        return f"a {len(t.local.shape)}-d local tensor of a {len(t.shape)}-d tensor"
+    for p in t.placements:
+        if p[0] != "replicate" and not (_is_count(p[1]) and p[1] < len(t.shape)):
+            return f"placement {p} shards a dim the {len(t.shape)}-d tensor does not have"
+        if p[0] == "strided" and not (_is_count(p[2]) and p[2] >= 1):
+            return f"placement {p} has split factor {p[2]}"
+    return None
+
+
 def _convert_fast(state, path: str) -> dict:
     if not isinstance(state, dict):
         raise MergeError(f"{path} does not hold a state dict (found {type(state).__name__})")
@@ -393,7 +536,7 @@ def _convert_fast(state, path: str) -> dict:
     meshes = {}  # the pickled mesh is one object shared by a file's DTensors: convert it once
     for name, value in state.items():
         if isinstance(value, _TensorRef):
-            out[name] = _stored(value)
+            out[name] = _stored(value, path)
         elif isinstance(value, _Record) and value.kind == "DTensor":
             local, spec = value.state["_local_tensor"], value.state["_spec"]
             mesh = spec.state["mesh"]
@@ -405,15 +548,12 @@ def _convert_fast(state, path: str) -> dict:
             mesh_shape, coordinate, names = meshes[id(mesh)]
             if not isinstance(local, _TensorRef) or coordinate is None:
                 raise _Unsupported("DTensor without local tensor or coordinate")
-            stored = StoredDTensor(local=_stored(local), shape=tuple(value.args[2]),
+            stored = StoredDTensor(local=_stored(local, path), shape=tuple(value.args[2]),
                                    placements=tuple(_placement(p) for p in spec.state["placements"]),
                                    mesh_shape=mesh_shape, coordinate=coordinate, mesh_dim_names=names)
             # another torch release may pickle meshes differently: anything inconsistent goes to torch.load
-            dims = len(stored.mesh_shape)
-            if not (dims == len(stored.placements) == len(stored.coordinate) >= 1
-                    and all(0 <= c < n for c, n in zip(stored.coordinate, stored.mesh_shape))
-                    and len(stored.local.shape) == len(stored.shape)):
-                raise _Unsupported("inconsistent DTensor metadata")
+            if dtensor_problem(stored):
+                raise _Unsupported(f"inconsistent DTensor metadata: {dtensor_problem(stored)}")
             out[name] = stored
         elif isinstance(value, _Record):
             raise _Unsupported(value.kind)
@@ -422,9 +562,12 @@ def _convert_fast(state, path: str) -> dict:
 
 # ---------------------------------------------------------------- the fallback: torch's own safe loader
 
-def _load_with_torch(path: str, megatron_chunks: bool = False):
-    """torch's own safe loader: a state dict's records, or with `megatron_chunks` a list of them, one per
-    model chunk of a Megatron-LM legacy file."""
+def _load_with_torch(path: str, chunks=None):
+    """torch's own safe loader: a state dict's records, or with `chunks` a list of them, one per
+    state dict that chunks(top, path) picks out of the file (a Megatron-LM legacy file's model
+    chunks). The file is mapped, not read (mmap), so torch places each storage by its member's own
+    local header; each place is then checked against the members the fast path found, and a file
+    where they disagree is refused."""
     import torch.distributed.tensor  # noqa: F401  registers DTensor and its placements as safe globals
     from torch.distributed.tensor.placement_types import _StridedShard
 
@@ -434,25 +577,65 @@ def _load_with_torch(path: str, megatron_chunks: bool = False):
     # Registered globally: the safe_globals context manager would unregister what the import registered.
     torch.serialization.add_safe_globals([_StridedShard])
     try:
-        state = torch.load(path, map_location="meta", weights_only=True)
-    except pickle.UnpicklingError as e:
-        text = str(e)
-        if "ShardedTensor" in text:
-            raise MergeError(f"{path} holds FSDP1 ShardedTensors (FSDP1 saved without a device mesh); "
-                             "these cannot be read without the original process group. Re-save with "
-                             "FSDP(..., device_mesh=mesh) so that the state dict holds DTensors") from None
-        culprit = next((line.strip() for line in text.splitlines() if "GLOBAL" in line or "Unsupported" in line),
-                       text.strip().splitlines()[0] if text.strip() else "unknown")
-        raise MergeError(f"refusing to load {path}: it needs pickle code that is not a plain tensor "
-                         f"or DTensor ({culprit}). distmerge never runs code from a checkpoint") from None
-    except (RuntimeError, EOFError, OSError) as e:
+        with _open_regular(path) as f:
+            _, prefix, offsets = _read_archive(f, path)
+    except (zipfile.BadZipFile, EOFError, OSError, struct.error) as e:
         raise _io_error(path, e) from None
-    if megatron_chunks:
-        return [_convert_torch(chunk, path) for chunk in _model_chunks(state, path)]
-    return _convert_torch(state, path)
+    state = _torch_load_refusing(path, path, path, map_location="cpu", mmap=True)
+    try:
+        locate = _storage_locator(state, offsets, prefix, path)
+        if chunks is not None:
+            return [_convert_torch(chunk, path, locate) for chunk in chunks(state, path)]
+        return _convert_torch(state, path, locate)
+    except (AttributeError, TypeError, ValueError, IndexError, KeyError, RuntimeError) as e:
+        raise MergeError(f"{path}: torch's own loader reads it, but into records no torch.save writes "
+                         f"({type(e).__name__}: {str(e)[:160]}); the file is corrupt or was edited") from None
 
 
-def _convert_torch(state, path: str) -> dict:
+def _storages(value, depth: int = 0):
+    """Every non-empty tensor storage in a loaded state (dicts, lists, DTensors), as (data_ptr, nbytes)."""
+    from torch.distributed.tensor import DTensor
+
+    if depth > 64:
+        return
+    if isinstance(value, DTensor):
+        value = value._local_tensor
+    if isinstance(value, torch.Tensor):
+        storage = value.untyped_storage()
+        if storage.nbytes():
+            yield storage.data_ptr(), storage.nbytes()
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _storages(v, depth + 1)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _storages(v, depth + 1)
+
+
+def _storage_locator(state, offsets: dict, prefix: str, path: str):
+    """storage -> its file offset. A mapped file's storages sit at (map base + member offset); the
+    base is the one shift that puts every storage exactly on a storage member of the archive with
+    room for its bytes. No such shift, or more than one, and the file is refused."""
+    members = {off: size for name, (off, size) in offsets.items() if name.startswith(f"{prefix}data/")}
+    found = dict(_storages(state))
+    shifts = []
+    if found:
+        low = min(found)
+        for off in sorted(members):
+            shift = low - off
+            if all(members.get(ptr - shift, -1) >= n for ptr, n in found.items()):
+                shifts.append(shift)
+    if found and len(shifts) != 1:
+        raise MergeError(f"{path}: torch's loader places the tensors where the archive's members are not "
+                         f"({len(shifts)} consistent placements); the file is corrupt or was edited")
+    shift = shifts[0] if shifts else 0
+
+    def locate(storage) -> int:
+        return storage.data_ptr() - shift if storage.nbytes() else 0
+    return locate
+
+
+def _convert_torch(state, path: str, locate) -> dict:
     from torch.distributed.tensor import DTensor, Replicate, Shard
     from torch.distributed.tensor.placement_types import _StridedShard
 
@@ -460,12 +643,7 @@ def _convert_torch(state, path: str) -> dict:
         raise MergeError(f"{path} does not hold a state dict (found {type(state).__name__})")
 
     def stored(t: torch.Tensor) -> StoredTensor:
-        storage = t.untyped_storage()
-        base = getattr(storage, "_checkpoint_offset", None)
-        if base is None:
-            raise MergeError(f"{path}: cannot locate a tensor's bytes; the file was not written by torch.save")
-        return StoredTensor(offset=base + t.storage_offset() * t.element_size(), storage_end=base + storage.nbytes(),
-                            shape=tuple(t.shape), strides=tuple(t.stride()), dtype=t.dtype)
+        return _stored_torch(t, locate(t.untyped_storage()), path)
 
     def placement(p) -> Placement:
         if isinstance(p, _StridedShard):
@@ -484,6 +662,59 @@ def _convert_torch(state, path: str) -> dict:
                                       placements=tuple(placement(p) for p in value.placements),
                                       mesh_shape=tuple(mesh.shape), coordinate=tuple(mesh.get_coordinate()),
                                       mesh_dim_names=mesh.mesh_dim_names)
+            if dtensor_problem(out[name]):
+                raise MergeError(f"{path}: tensor {name}: {dtensor_problem(out[name])}; the file is corrupt or "
+                                 "was edited")
         elif isinstance(value, torch.Tensor):
             out[name] = stored(value)
     return out
+
+
+# ---------------------------------------------------------------- other libraries' pickles (DeepSpeed)
+
+def load_inert(path: str):
+    """The top-level object of a torch.save archive whose pickle names other libraries' classes
+    (DeepSpeed's ZeroStageEnum and loss scalers): each such class becomes an inert record of its
+    arguments and state (`kind`, `args`, `state`; nothing is called), and each tensor found in a
+    dict, list or tuple becomes the StoredTensor that says where its bytes lie (none are read)."""
+    try:
+        with _open_regular(path) as f:
+            data, prefix, offsets = _read_archive(f, path)
+        top = _InertUnpickler(data, prefix, offsets, inert_unknown=True).load()
+    except _BadRecord as e:
+        raise bad_record(path, e) from None
+    except (zipfile.BadZipFile, EOFError, OSError, struct.error) as e:
+        raise _io_error(path, e) from None
+    except FAST_PATH_MISSES as e:
+        raise MergeError(f"refusing to read {path}: its pickle holds an object distmerge cannot describe "
+                         f"without running code ({type(e).__name__} {e}). distmerge never runs code from a "
+                         "checkpoint") from None
+    return _inert_tree(top, path, 0)
+
+
+def _rebuild_plain_tensor(func, new_type, args, state):
+    """A plain tensor pickled with Python attributes (DeepSpeed's `ds_id` on its flat groups): the
+    attributes do not change where its bytes lie, so the tensor is kept and they are dropped."""
+    obj = func(*args)
+    if isinstance(obj, _TensorRef) and getattr(new_type, "kind", None) == "Tensor":
+        return obj
+    return _rebuild_from_type_v2(func, new_type, args, state)
+
+
+class _InertUnpickler(_FastUnpickler):
+    def find_class(self, module, name):
+        if module == "torch._tensor" and name == "_rebuild_from_type_v2":
+            return _rebuild_plain_tensor
+        return super().find_class(module, name)
+
+
+def _inert_tree(value, path: str, depth: int):
+    if depth > 64:
+        raise MergeError(f"{path}: its pickle nests containers more than 64 deep; it is not a checkpoint file")
+    if isinstance(value, _TensorRef):
+        return _stored(value, path)
+    if isinstance(value, dict):
+        return type(value)((k, _inert_tree(v, path, depth + 1)) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return type(value)(_inert_tree(v, path, depth + 1) for v in value)
+    return value

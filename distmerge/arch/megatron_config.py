@@ -1,0 +1,378 @@
+"""An HF config.json built from what a Megatron checkpoint stores, for checkpoints that carry none.
+
+Where the model settings come from (TransformerConfig names after the renames below):
+- verl's transformer_config.json (beside model/ or in it);
+- Megatron-Bridge's iter_N/run_config.yaml (its `model:` section);
+- NeMo 2's context/model.yaml (its `config:` section);
+- Megatron-LM / slime `args` (an argparse Namespace pickled in common.pt, or in a legacy rank file),
+  read by the restricted unpickler: nothing in it is called.
+Tied embeddings and the dtype are read from the tensors themselves (no output_layer.weight = tied).
+
+The true vocabulary size is not Megatron's padded one: it is taken from --vocab-size, else from a
+tokenizer inside the checkpoint (tokenizer.json or vocab.json + added_tokens.json), else from a
+`vocab_size` the settings state. Nothing is guessed: a field that cannot be known is refused by name.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+
+from ..errors import MergeError
+from ..model import Catalogue
+from ..sources.megatron_layouts import MAX_TEXT_BYTES, inside
+from ..sources.torch_archive import _fast_load, _Record
+
+MAX_TOKENIZER_BYTES = 128 << 20
+FIX = "pass --hf-config DIR with the model's config.json (and tokenizer)"
+# Megatron-LM's argument names -> TransformerConfig's
+ARG_RENAMES = {"norm_epsilon": "layernorm_epsilon", "num_experts": "num_moe_experts", "swiglu": "gated_linear_unit",
+               "use_rope_scaling": "rope_scaling"}
+EMBEDDING, HEAD = "embedding.word_embeddings.weight", "output_layer.weight"
+TOKENIZER_DIRS = ("tokenizer", os.path.join("context", "nemo_tokenizer"), "context", "huggingface",
+                  os.path.join("model", "huggingface"))
+
+
+@dataclass
+class Settings:
+    """Model settings under TransformerConfig's names, and the files they were read from."""
+
+    values: dict = field(default_factory=dict)
+    sources: list[str] = field(default_factory=list)
+
+    def get(self, name: str, default=None):
+        value = self.values.get(name)
+        return default if value is None else value
+
+    def need(self, name: str, hf_field: str):
+        """The setting, or a refusal that names it and the HF field it would fill."""
+        if self.values.get(name) is None:
+            where = ", ".join(self.sources) or "no settings file"
+            raise MergeError(f"cannot build an HF config: {hf_field} needs Megatron's {name}, which is not in "
+                             f"{where}; {FIX}")
+        return self.values[name]
+
+
+@dataclass(frozen=True)
+class Synthesized:
+    """A config built from the checkpoint, what it was built from, and the tokenizer found (if any)."""
+
+    config: dict
+    description: str
+    tokenizer_dir: str | None
+
+
+def synthesize_config(catalogue: Catalogue, vocab_size: int | None = None) -> Synthesized:
+    """The HF config of a Megatron checkpoint without config.json (the summary prints the description)."""
+    root = catalogue.source
+    settings = read_settings(catalogue)
+    if not settings.sources:
+        raise MergeError(f"no Hugging Face config found and {root} stores no model settings (args in common.pt, "
+                         f"run_config.yaml, transformer_config.json, context/model.yaml); {FIX}")
+    tokenizer_dir, counted = find_tokenizer(root, _ckpt_dir(catalogue))
+    vocab, vocab_from = _vocab(catalogue, settings, vocab_size, counted, tokenizer_dir)
+    config = build_config(catalogue, settings, vocab)
+    rel = [os.path.relpath(p, root) for p in settings.sources]
+    return Synthesized(config, f"built from {', '.join(rel)}; vocab_size {vocab} from {vocab_from}", tokenizer_dir)
+
+
+def _ckpt_dir(catalogue: Catalogue) -> str:
+    """The directory of the checkpoint's data (an iter_N/mp_rank_XX file's iteration for legacy)."""
+    if not catalogue.files:
+        return catalogue.source
+    d = os.path.dirname(catalogue.files[0])
+    return os.path.dirname(d) if os.path.basename(d).startswith("mp_rank_") else d
+
+
+def _vocab(catalogue, settings: Settings, option: int | None, counted: int | None, tok_dir: str | None):
+    rows = catalogue.tensors[EMBEDDING].shape[0] if EMBEDDING in catalogue.tensors else None
+    if option is not None:
+        vocab, origin = option, "--vocab-size"
+    elif counted is not None:
+        vocab, origin = counted, os.path.relpath(tok_dir, catalogue.source)
+    elif isinstance(settings.values.get("vocab_size"), int):
+        vocab, origin = settings.values["vocab_size"], "the stored vocab_size"
+    else:
+        raise MergeError(f"cannot build an HF config: vocab_size is unknown (the embedding's {rows} rows are "
+                         "Megatron's padded size, and no tokenizer was found in the checkpoint); pass "
+                         "--vocab-size N (the tokenizer's size) or --hf-config DIR")
+    if isinstance(vocab, bool) or not isinstance(vocab, int) or vocab < 1 or (rows is not None and vocab > rows):
+        raise MergeError(f"vocab_size {vocab} from {origin} does not fit the embedding's {rows} rows; "
+                         "pass --vocab-size N (the tokenizer's size) or --hf-config DIR")
+    return vocab, origin
+
+
+# ---------------------------------------------------------------- reading the settings
+
+def read_settings(catalogue: Catalogue) -> Settings:
+    """Every settings file the layouts define, inside the source; earlier ones win per field."""
+    root, ckpt = catalogue.source, _ckpt_dir(catalogue)
+    settings = Settings()
+    candidates = [(os.path.join(d, "transformer_config.json"), _json_section, None) for d in (root, ckpt)]
+    candidates += [(os.path.join(root, "model", "transformer_config.json"), _json_section, None),
+                   (os.path.join(ckpt, "run_config.yaml"), _yaml_section, "model"),
+                   (os.path.join(root, "context", "model.yaml"), _yaml_section, "config"),
+                   (os.path.join(ckpt, "common.pt"), _args_section, None)]
+    if catalogue.files and os.path.basename(catalogue.files[0]) == "model_optim_rng.pt":
+        candidates.append((catalogue.files[0], _args_section, None))
+    seen = set()
+    for path, reader, section in candidates:
+        if path in seen or not os.path.isfile(path) or not inside(root, path):
+            continue
+        seen.add(path)
+        values = reader(path, section)
+        if values:
+            settings.values = {**values, **settings.values}
+            settings.sources.append(path)
+    return settings
+
+
+def _read_text(path: str) -> str:
+    if os.path.getsize(path) > MAX_TEXT_BYTES:
+        raise MergeError(f"{path} is {os.path.getsize(path)} bytes, not a settings file; {FIX}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise MergeError(f"{path} cannot be read ({e}); {FIX}") from None
+
+
+def _plain(values: dict) -> dict:
+    """Plain values only (numbers, strings, lists of numbers); a Hydra `_target_` dict becomes its name."""
+    out = {}
+    for key, value in values.items():
+        if isinstance(value, dict) and isinstance(value.get("_target_"), str):
+            value = value["_target_"]
+        if isinstance(value, (list, tuple)) and all(isinstance(v, (int, float)) for v in value):
+            value = list(value)
+        if isinstance(key, str) and isinstance(value, (bool, int, float, str, list)):
+            out[ARG_RENAMES.get(key, key)] = value
+    return out
+
+
+def _json_section(path: str, section) -> dict:
+    try:
+        data = json.loads(_read_text(path))
+    except (ValueError, RecursionError) as e:
+        raise MergeError(f"{path} is not valid JSON ({str(e)[:200]}); {FIX}") from None
+    return _plain(data) if isinstance(data, dict) else {}
+
+
+def _yaml_section(path: str, section: str) -> dict:
+    import yaml
+
+    try:
+        data = yaml.safe_load(_read_text(path))  # safe_load builds plain values only, never objects
+    except (yaml.YAMLError, RecursionError) as e:
+        raise MergeError(f"{path} is not YAML distmerge can read safely ({str(e)[:200]}); {FIX}") from None
+    part = data.get(section) if isinstance(data, dict) else None
+    return _plain(part) if isinstance(part, dict) else {}
+
+
+def _args_section(path: str, section) -> dict:
+    """Megatron-LM's `args` Namespace as the restricted unpickler records it (nothing is called)."""
+    top = _fast_load(path, inert_unknown=True)
+    args = top.get("args") if isinstance(top, dict) else None
+    if not isinstance(args, _Record) or not isinstance(args.state, dict):
+        return {}
+    values = _plain(args.state)
+    untie = args.state.get("untie_embeddings_and_output_weights")
+    if isinstance(untie, bool):
+        values["share_embeddings_and_output_weights"] = not untie
+    if args.state.get("group_query_attention") is False:
+        values.pop("num_query_groups", None)  # Megatron-LM ignores it: one group per head
+    return values
+
+
+# ---------------------------------------------------------------- the tokenizer's size
+
+def find_tokenizer(root: str, ckpt: str) -> tuple[str | None, int | None]:
+    """The first tokenizer directory inside the checkpoint, and its size (highest token id + 1)."""
+    for base in dict.fromkeys((ckpt, root)):
+        for sub in TOKENIZER_DIRS:
+            d = os.path.join(base, sub)
+            if os.path.isdir(d) and inside(root, d):
+                size = tokenizer_size(d)
+                if size is not None:
+                    return d, size
+    return None, None
+
+
+def tokenizer_size(d: str) -> int | None:
+    """Highest id + 1 over the vocabulary and the added tokens; None without a readable tokenizer."""
+    ids: list[int] = []
+    data = _json_file(os.path.join(d, "tokenizer.json"))
+    if isinstance(data, dict):
+        vocab = (data.get("model") or {}).get("vocab") if isinstance(data.get("model"), dict) else None
+        if isinstance(vocab, dict):
+            ids += [v for v in vocab.values() if isinstance(v, int)]
+        elif isinstance(vocab, list):  # Unigram: a list of [piece, score], ids are positions
+            ids.append(len(vocab) - 1)
+        ids += [t.get("id") for t in data.get("added_tokens") or [] if isinstance(t, dict)
+                and isinstance(t.get("id"), int)]
+    else:
+        vocab = _json_file(os.path.join(d, "vocab.json"))
+        if not isinstance(vocab, dict):
+            return None
+        added = _json_file(os.path.join(d, "added_tokens.json"))
+        ids += [v for v in list(vocab.values()) + list((added or {}).values()) if isinstance(v, int)]
+    ids = [i for i in ids if not isinstance(i, bool) and i >= 0]
+    return max(ids) + 1 if ids else None
+
+
+def _json_file(path: str):
+    if not os.path.isfile(path) or os.path.getsize(path) > MAX_TOKENIZER_BYTES:
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError, UnicodeDecodeError, RecursionError):
+        return None
+
+
+# ---------------------------------------------------------------- the HF config
+
+def build_config(catalogue: Catalogue, s: Settings, vocab: int) -> dict:
+    """The family's HF config: MLA -> DeepSeek-V3; MoE -> Qwen3-MoE (q/k norm), Qwen2-MoE (gated
+    shared expert) or Mixtral; dense -> Qwen3 (q/k norm), Qwen2 (QKV bias) or Llama."""
+    _check_supported(s)
+    config = _common(catalogue, s, vocab)
+    if s.get("multi_latent_attention", False):
+        config.update(_deepseek_v3(s, config))
+    elif s.get("num_moe_experts"):
+        config.update(_moe(s, config))
+    elif s.get("qk_layernorm", False):
+        config.update(architectures=["Qwen3ForCausalLM"], model_type="qwen3", attention_bias=False)
+    elif s.get("add_qkv_bias", False):
+        config.update(architectures=["Qwen2ForCausalLM"], model_type="qwen2", use_sliding_window=False)
+    else:
+        config.update(architectures=["LlamaForCausalLM"], model_type="llama", attention_bias=False, mlp_bias=False)
+    if s.get("qk_layernorm", False) and s.get("add_qkv_bias", False) and not s.get("multi_latent_attention"):
+        _refuse("add_qkv_bias with qk_layernorm", "no HF family among Llama, Qwen2/3, Mixtral, Qwen2/3-MoE, "
+                "DeepSeek-V3 has QKV bias and q/k norms")
+    return config
+
+
+def _refuse(what: str, why: str):
+    raise MergeError(f"cannot build an HF config: {what}: {why}; {FIX}")
+
+
+def _check_supported(s: Settings) -> None:
+    """Settings no supported HF family can express are refused by name."""
+    if s.get("normalization", "RMSNorm") != "RMSNorm":
+        _refuse(f"normalization={s.get('normalization')}", "the supported families use RMSNorm")
+    if s.get("gated_linear_unit") is False:
+        _refuse("gated_linear_unit=False", "the supported families use a SwiGLU MLP")
+    act = s.get("activation_func")
+    if isinstance(act, str) and "silu" not in act:
+        _refuse(f"activation_func={act}", "the supported families use SiLU")
+    if s.get("add_bias_linear", False):
+        _refuse("add_bias_linear=True", "the supported families have no linear biases")
+    if s.get("position_embedding_type", "rope") != "rope":
+        _refuse(f"position_embedding_type={s.get('position_embedding_type')}", "the supported families use RoPE")
+    if s.get("rotary_percent", 1.0) != 1.0:
+        _refuse(f"rotary_percent={s.get('rotary_percent')}", "partial rotary is not in the supported families")
+
+
+def _common(catalogue: Catalogue, s: Settings, vocab: int) -> dict:
+    heads = s.need("num_attention_heads", "num_attention_heads")
+    hidden = s.need("hidden_size", "hidden_size")
+    positions = s.get("max_position_embeddings") or s.need("seq_length", "max_position_embeddings")
+    dtype = catalogue.tensors[EMBEDDING].dtype if EMBEDDING in catalogue.tensors else None
+    config = dict(hidden_size=hidden, num_hidden_layers=s.need("num_layers", "num_hidden_layers"),
+                  num_attention_heads=heads, num_key_value_heads=s.get("num_query_groups") or heads,
+                  head_dim=s.get("kv_channels") or hidden // heads,
+                  intermediate_size=s.need("ffn_hidden_size", "intermediate_size"),
+                  rms_norm_eps=float(s.need("layernorm_epsilon", "rms_norm_eps")),
+                  rope_theta=float(s.need("rotary_base", "rope_theta")), max_position_embeddings=positions,
+                  vocab_size=vocab, hidden_act="silu", tie_word_embeddings=HEAD not in catalogue.tensors)
+    if dtype is not None:
+        config["torch_dtype"] = str(dtype).removeprefix("torch.")
+    if s.get("rope_scaling", False) is True:  # megatron-core's Llama 3.1 scaling, fixed but the factor
+        config["rope_scaling"] = {"rope_type": "llama3", "factor": float(s.get("rope_scaling_factor", 8.0)),
+                                  "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                  "original_max_position_embeddings": 8192}
+    return config
+
+
+def moe_layers(s: Settings, layers: int) -> list[bool]:
+    """Which layers are MoE: moe_layer_freq is a period (every k-th layer) or a 0/1 list."""
+    freq = s.get("moe_layer_freq", 1)
+    if isinstance(freq, int) and not isinstance(freq, bool) and freq >= 1:
+        return [i % freq == 0 for i in range(layers)]
+    if isinstance(freq, list) and len(freq) == layers and set(freq) <= {0, 1}:
+        return [bool(f) for f in freq]
+    _refuse(f"moe_layer_freq={str(freq)[:80]}", f"not a period or a 0/1 list of {layers} layers")
+
+
+def _router(s: Settings, family: str, score: str) -> dict:
+    """Top-k and renormalisation, refusing a router the family computes differently."""
+    if s.get("moe_router_score_function", "softmax") != score:
+        _refuse(f"moe_router_score_function={s.get('moe_router_score_function')}", f"{family} routes with {score}")
+    if score == "softmax" and s.get("moe_router_topk_scaling_factor") not in (None, 1, 1.0):
+        _refuse(f"moe_router_topk_scaling_factor={s.get('moe_router_topk_scaling_factor')}",
+                f"{family} does not scale its routing weights")
+    return {"num_experts_per_tok": s.need("moe_router_topk", "num_experts_per_tok"),
+            "norm_topk_prob": not s.get("moe_router_pre_softmax", False)}
+
+
+def _moe(s: Settings, config: dict) -> dict:
+    experts, layers = s.get("num_moe_experts"), config["num_hidden_layers"]
+    expert_ffn = s.get("moe_ffn_hidden_size") or config["intermediate_size"]
+    shared, qk_norm = s.get("moe_shared_expert_intermediate_size"), s.get("qk_layernorm", False)
+    dense = [i for i, moe in enumerate(moe_layers(s, layers)) if not moe]
+    if qk_norm and not shared:
+        return dict(architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe", num_experts=experts,
+                    moe_intermediate_size=expert_ffn, decoder_sparse_step=1, mlp_only_layers=dense,
+                    attention_bias=False, **_router(s, "Qwen3-MoE", "softmax"))
+    if shared and s.get("moe_shared_expert_gate", False) and not qk_norm:
+        return dict(architectures=["Qwen2MoeForCausalLM"], model_type="qwen2_moe", num_experts=experts,
+                    moe_intermediate_size=expert_ffn, shared_expert_intermediate_size=shared,
+                    decoder_sparse_step=1, mlp_only_layers=dense, use_sliding_window=False,
+                    **_router(s, "Qwen2-MoE", "softmax"))
+    if not shared and not qk_norm and not dense and not s.get("add_qkv_bias", False):
+        router = _router(s, "Mixtral", "softmax")
+        if not router.pop("norm_topk_prob"):
+            _refuse("moe_router_pre_softmax=True", "Mixtral renormalises its top-k weights")
+        return dict(architectures=["MixtralForCausalLM"], model_type="mixtral", num_local_experts=experts,
+                    intermediate_size=expert_ffn, **router)
+    _refuse("this MoE (shared expert {}, gate {}, q/k norm {}, dense layers {})".format(
+        shared, s.get("moe_shared_expert_gate", False), qk_norm, dense),
+        "it matches none of Mixtral, Qwen2-MoE, Qwen3-MoE")
+
+
+def _deepseek_v3(s: Settings, config: dict) -> dict:
+    """MLA + sigmoid routing with expert bias, shared experts, the first layers dense."""
+    experts, layers = s.need("num_moe_experts", "n_routed_experts"), config["num_hidden_layers"]
+    expert_ffn = s.need("moe_ffn_hidden_size", "moe_intermediate_size")
+    shared = s.get("moe_shared_expert_intermediate_size", 0)
+    pattern = moe_layers(s, layers)
+    first_dense = pattern.index(True) if True in pattern else layers
+    if not all(pattern[first_dense:]) or shared % expert_ffn:
+        _refuse(f"moe_layer_freq={s.get('moe_layer_freq')} / shared expert size {shared}",
+                "DeepSeek-V3 has dense layers first, then MoE, and shared experts of the expert size")
+    if not s.get("moe_router_enable_expert_bias", False):
+        _refuse("moe_router_enable_expert_bias=False", "DeepSeek-V3 routes with e_score_correction_bias")
+    router = _router(s, "DeepSeek-V3", "sigmoid")
+    out = dict(architectures=["DeepseekV3ForCausalLM"], model_type="deepseek_v3", n_routed_experts=experts,
+               moe_intermediate_size=expert_ffn, n_shared_experts=shared // expert_ffn,
+               routed_scaling_factor=float(s.get("moe_router_topk_scaling_factor", 1.0)),
+               n_group=s.get("moe_router_num_groups", 1), topk_group=s.get("moe_router_group_topk", 1),
+               first_k_dense_replace=first_dense, num_experts_per_tok=router["num_experts_per_tok"],
+               norm_topk_prob=True, num_key_value_heads=config["num_attention_heads"],
+               q_lora_rank=s.get("q_lora_rank"), kv_lora_rank=s.need("kv_lora_rank", "kv_lora_rank"),
+               qk_nope_head_dim=s.need("qk_head_dim", "qk_nope_head_dim"),
+               qk_rope_head_dim=s.need("qk_pos_emb_head_dim", "qk_rope_head_dim"),
+               v_head_dim=s.need("v_head_dim", "v_head_dim"), rope_interleave=True, attention_bias=False)
+    config.pop("head_dim", None)
+    if s.get("rope_type", "rope") == "yarn" and float(s.get("rotary_scaling_factor", 1.0)) != 1.0:
+        out["rope_scaling"] = {"type": "yarn", "factor": float(s.get("rotary_scaling_factor")),
+                               "original_max_position_embeddings": s.need("original_max_position_embeddings",
+                                                                          "rope_scaling"),
+                               "beta_fast": float(s.need("beta_fast", "rope_scaling")),
+                               "beta_slow": float(s.need("beta_slow", "rope_scaling")),
+                               "mscale": float(s.need("mscale", "rope_scaling")),
+                               "mscale_all_dim": float(s.need("mscale_all_dim", "rope_scaling"))}
+    elif s.get("rope_type", "rope") not in ("rope", "yarn"):
+        _refuse(f"rope_type={s.get('rope_type')}", "DeepSeek-V3 takes plain or YaRN RoPE")
+    return out

@@ -1,0 +1,374 @@
+"""DeepSpeed ZeRO-1/2/3 checkpoints written by real DeepSpeed on CPU (tests/make_deepspeed_checkpoint.py):
+every merge equals DeepSpeed's own reconstruction (get_fp32_state_dict_from_zero_checkpoint) bit for
+bit and gives the same logits in transformers, with 1 and 2 merge ranks and both transports; bad or
+unsupported saves are refused with one message. The fixtures are made once per session: one torchrun
+of 2 training ranks for six variants, one of 4 ranks for the seventh."""
+from __future__ import annotations
+
+import json
+import shutil
+from functools import cache
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import ROOT, CodeRunningPickle, run, run_distmerge, torchrun_cmd
+from distmerge.cli import main
+
+pytestmark = pytest.mark.slow
+
+MAKER = ROOT / "tests" / "make_deepspeed_checkpoint.py"
+# training world size -> variants trained in one torchrun (see VARIANTS in the maker)
+RUNS = {2: ["z1", "z2_odd", "z2_fp16_tied", "z3_odd_tied", "z3_lora", "z2_lora"], 4: ["z3_odd"]}
+PLAIN = ["z1", "z2_odd", "z2_fp16_tied", "z3_odd_tied", "z3_odd"]
+MAKER_TIMEOUT = 900  # the first DeepSpeed start on a machine compiles its shm op (about 90 s)
+MERGE_TIMEOUT = 120  # a merge of these tiny models takes seconds; a hang fails the test early
+FIXED_INPUT = [[1, 5, 9, 2, 7, 3, 11, 4]]
+LORA_SCALE = 8 / 4   # lora_alpha / r of the maker's LoraConfig
+
+
+@pytest.fixture(scope="session")
+def zero(tmp_path_factory):
+    """zero(variant) -> DIR with DIR/checkpoint-2 (the save, HF files beside `latest`) and DIR/reference."""
+    base = tmp_path_factory.mktemp("deepspeed")
+    made = {}
+
+    def get(variant: str):
+        world = next(w for w, names in RUNS.items() if variant in names)
+        if world not in made:
+            out = base / f"w{world}"
+            proc = run(torchrun_cmd(world) + [str(MAKER), "--out", str(out), "--variants", ",".join(RUNS[world])],
+                       timeout=MAKER_TIMEOUT, env={"DS_ACCELERATOR": "cpu"})
+            assert proc.returncode == 0, f"DeepSpeed fixtures failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+            made[world] = out
+        return made[world] / variant
+
+    return get
+
+
+def merged_tensors(out) -> dict:
+    tensors = {}
+    for f in sorted(out.glob("*.safetensors")):
+        for name, t in load_file(f).items():
+            assert name not in tensors, f"{name} written twice"
+            tensors[name] = t
+    return tensors
+
+
+def assert_bit_exact(reference: dict, merged: dict):
+    assert set(merged) == set(reference), set(merged) ^ set(reference)
+    for name, ref in reference.items():
+        got = merged[name]
+        assert got.dtype == ref.dtype and got.shape == ref.shape, (name, got.dtype, ref.dtype, got.shape, ref.shape)
+        assert torch.equal(got.view(torch.uint8), ref.view(torch.uint8)), f"{name} differs"
+
+
+def expected_plain(variant_dir) -> dict:
+    """zero_to_fp32's state dict as an HF checkpoint holds it: a tied head is written once."""
+    ref = load_file(variant_dir / "reference" / "fp32.safetensors")
+    config = json.loads((variant_dir / "checkpoint-2" / "config.json").read_text())
+    if config.get("tie_word_embeddings"):
+        assert torch.equal(ref.pop("lm_head.weight"), ref["model.embed_tokens.weight"])
+    return ref
+
+
+@cache
+def reference_logits(variant_dir) -> torch.Tensor:
+    """Logits of the model built from config.json with DeepSpeed's reconstruction loaded."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(variant_dir / "checkpoint-2")
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(load_file(variant_dir / "reference" / "fp32.safetensors"), strict=True)
+    with torch.no_grad():
+        return model.eval()(input_ids=torch.tensor(FIXED_INPUT)).logits
+
+
+def loaded_logits(out) -> torch.Tensor:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    with torch.no_grad():
+        return model.eval()(input_ids=torch.tensor(FIXED_INPUT)).logits
+
+
+def config_dtype(out) -> str | None:
+    config = json.loads((out / "config.json").read_text())
+    return config.get("dtype", config.get("torch_dtype"))
+
+
+def merge(source, out, *extra, ranks=1, torchrun=False, summary=None):
+    args = ["merge", "--source", str(source), "--target", str(out), "--max-shard-size", "60KB", "--no-progress", *extra]
+    if summary is not None:
+        args += ["--summary-json", str(summary)]
+    if ranks > 1 and not torchrun:
+        args += ["--local-ranks", str(ranks)]
+    proc = run_distmerge(args, nproc=ranks if torchrun else 1, timeout=MERGE_TIMEOUT)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
+# ---------------------------------------------------------------- bit-exact with zero_to_fp32
+
+MERGE_CASES = [(1, "direct"), (2, "direct"), (2, "collective")]
+
+
+@pytest.mark.parametrize("variant", PLAIN)
+@pytest.mark.parametrize("ranks,transport", MERGE_CASES, ids=[f"{r}ranks-{t}" for r, t in MERGE_CASES])
+def test_merge_equals_zero_to_fp32(variant, ranks, transport, zero, tmp_path):
+    src = zero(variant)
+    out, summary = tmp_path / "hf", tmp_path / "summary.json"
+    merge(src / "checkpoint-2", out, "--transport", transport, ranks=ranks, summary=summary)
+    assert_bit_exact(expected_plain(src), merged_tensors(out))
+    assert torch.equal(loaded_logits(out), reference_logits(src))
+    assert config_dtype(out) == "float32"
+    result = json.loads(summary.read_text())
+    assert len(result["peak_rss_mb"]) == ranks and max(result["peak_rss_mb"]) < 600, result["peak_rss_mb"]
+    assert len(result["files"]) > 1  # 60KB shards: the ranks share the work
+    assert not (out / "global_step2").exists() and not (out / "latest").exists()  # training files stay behind
+
+
+def test_torchrun_merge_of_zero3_at_4_training_ranks(zero, tmp_path):
+    src = zero("z3_odd")
+    merge(src / "checkpoint-2", tmp_path / "hf", "--transport", "collective", ranks=2, torchrun=True)
+    assert_bit_exact(expected_plain(src), merged_tensors(tmp_path / "hf"))
+
+
+def test_bf16_output_casts_the_fp32_master_weights(zero, tmp_path):
+    src = zero("z3_odd_tied")
+    merge(src / "checkpoint-2", tmp_path / "hf", "--dtype", "bf16")
+    assert_bit_exact({k: v.bfloat16() for k, v in expected_plain(src).items()}, merged_tensors(tmp_path / "hf"))
+    assert config_dtype(tmp_path / "hf") == "bfloat16"
+
+
+# ---------------------------------------------------------------- which directory is the source
+
+def test_tag_directory_as_source(zero, tmp_path):
+    src = zero("z2_odd")
+    merge(src / "checkpoint-2" / "global_step2", tmp_path / "hf")
+    assert_bit_exact(expected_plain(src), merged_tensors(tmp_path / "hf"))
+
+
+def test_openrlhf_directory_of_tags_needs_the_hf_config(zero, tmp_path, capsys):
+    """OpenRLHF keeps `latest` and the tags in _actor/, without the HF config beside them."""
+    src = zero("z3_odd_tied")
+    actor = tmp_path / "_actor"
+    actor.mkdir()
+    shutil.copytree(src / "checkpoint-2" / "global_step2", actor / "global_step2")
+    shutil.copy(src / "checkpoint-2" / "latest", actor / "latest")
+    code = main(["merge", "--source", str(actor), "--target", str(tmp_path / "hf"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--hf-config" in err and "Traceback" not in err, err
+    merge(actor, tmp_path / "hf", "--hf-config", str(src / "checkpoint-2"))
+    assert_bit_exact(expected_plain(src), merged_tensors(tmp_path / "hf"))
+
+
+# ---------------------------------------------------------------- the 16-bit module weights (ZeRO-1/2)
+
+def expected_module(src) -> dict:
+    """The 16-bit `module` state dict of mp_rank_00_model_states.pt, a tied head written once."""
+    expected = load_file(src / "reference" / "module.safetensors")
+    if json.loads((src / "checkpoint-2" / "config.json").read_text())["tie_word_embeddings"]:
+        assert torch.equal(expected.pop("lm_head.weight"), expected["model.embed_tokens.weight"])
+    return expected
+
+
+@pytest.mark.parametrize("variant,dtype", [("z1", torch.bfloat16), ("z2_fp16_tied", torch.float16)])
+def test_module_weights_are_the_16_bit_state(variant, dtype, zero, tmp_path):
+    src = zero(variant)
+    merge(src / "checkpoint-2", tmp_path / "hf", "--zero-weights", "module", ranks=2)
+    expected = expected_module(src)
+    assert {t.dtype for t in expected.values()} == {dtype}
+    assert_bit_exact(expected, merged_tensors(tmp_path / "hf"))
+    assert config_dtype(tmp_path / "hf") == str(dtype).removeprefix("torch.")
+
+
+def test_module_weights_through_the_python_api(zero, tmp_path):
+    import distmerge
+
+    src = zero("z2_odd")
+    distmerge.merge(str(src / "checkpoint-2"), str(tmp_path / "hf"), zero_weights="module", progress=False)
+    assert_bit_exact(expected_module(src), merged_tensors(tmp_path / "hf"))
+
+
+def test_module_weights_without_optimizer_files(zero, tmp_path, capsys):
+    """Users who deleted the optimizer files: master weights are refused with the way out, module works."""
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(zero("z1") / "checkpoint-2", ckpt)
+    for f in (ckpt / "global_step2").glob("*_optim_states.pt"):
+        f.unlink()
+    code = main(["merge", "--source", str(ckpt), "--target", str(tmp_path / "hf"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--zero-weights module" in err and "Traceback" not in err, err
+    merge(ckpt, tmp_path / "hf", "--zero-weights", "module")
+    assert_bit_exact(expected_module(zero("z1")), merged_tensors(tmp_path / "hf"))
+
+
+def test_module_weights_refused_for_zero3(zero, tmp_path, capsys):
+    code = main(["merge", "--source", str(zero("z3_odd_tied") / "checkpoint-2"), "--target", str(tmp_path / "hf"),
+                 "--zero-weights", "module", "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and "ZeRO-3" in err and "placeholders" in err and "Traceback" not in err, err
+    assert not (tmp_path / "hf").exists()
+
+
+# ---------------------------------------------------------------- PEFT LoRA under ZeRO-3
+
+def lora_reference(src) -> tuple[dict, dict, dict]:
+    """DeepSpeed's reconstruction of the PEFT model split into HF base weights and adapters."""
+    ref = load_file(src / "reference" / "fp32.safetensors")
+    prefix = "base_model.model."
+    base = {k[len(prefix):].replace(".base_layer.", "."): v for k, v in ref.items() if ".lora_" not in k}
+    adapters = {k: v for k, v in ref.items() if ".lora_" in k}
+    return ref, base, adapters
+
+
+@pytest.mark.parametrize("variant", ["z3_lora", "z2_lora"])
+def test_lora_fold_under_zero(variant, zero, tmp_path):
+    src = zero(variant)
+    ref, base, adapters = lora_reference(src)
+    assert {v.dtype for v in base.values()} == {torch.bfloat16} and {v.dtype for v in adapters.values()} == {
+        torch.float32}  # frozen base from the 16-bit fragments, trained adapters from the fp32 master
+    merge(src / "checkpoint-2", tmp_path / "hf", ranks=2)
+    expected = dict(base)
+    for name, a in adapters.items():
+        if ".lora_A." in name:
+            module = name.split(".lora_A.")[0][len("base_model.model."):]
+            b = adapters[name.replace(".lora_A.", ".lora_B.")]
+            w = expected[f"{module}.weight"]
+            expected[f"{module}.weight"] = (w.float() + (b.float() @ a.float()) * LORA_SCALE).to(w.dtype)
+    merged = merged_tensors(tmp_path / "hf")
+    assert_bit_exact(expected, merged)
+    adapted = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(merged[adapted], base[adapted])
+    assert not (tmp_path / "hf" / "adapter_config.json").exists()  # the output is a full model, not an adapter
+    torch.testing.assert_close(loaded_logits(tmp_path / "hf"), peft_logits(src), rtol=0.02, atol=0.02)
+
+
+@cache
+def peft_logits(src) -> torch.Tensor:
+    """The PEFT model with DeepSpeed's reconstruction loaded (unfolded), in fp32."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(src / "checkpoint-2")
+    lc = LoraConfig(**{k: v for k, v in json.loads((src / "checkpoint-2" / "adapter_config.json").read_text()).items()
+                       if k in ("r", "lora_alpha", "target_modules", "lora_dropout", "task_type")})
+    model = get_peft_model(AutoModelForCausalLM.from_config(config, dtype=torch.float32), lc)
+    missing, unexpected = model.load_state_dict(load_file(src / "reference" / "fp32.safetensors"), strict=False)
+    assert not unexpected and not [k for k in missing if "inv_freq" not in k], (missing, unexpected)
+    with torch.no_grad():
+        return model.eval()(input_ids=torch.tensor(FIXED_INPUT)).logits
+
+
+def test_lora_adapter_under_zero3_loads_with_peft(zero, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    src = zero("z3_lora")
+    _, base, adapters = lora_reference(src)
+    merge(src / "checkpoint-2", tmp_path / "hf", "--lora", "adapter", "--transport", "collective", ranks=2)
+    assert_bit_exact(base, merged_tensors(tmp_path / "hf"))
+    saved = load_file(tmp_path / "hf" / "lora_adapter" / "adapter_model.safetensors")
+    assert_bit_exact({k.replace(".default.", "."): v for k, v in adapters.items()}, saved)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32),
+                                      tmp_path / "hf" / "lora_adapter")
+    with torch.no_grad():
+        logits = model.eval()(input_ids=torch.tensor(FIXED_INPUT)).logits
+    assert torch.equal(logits, peft_logits(src))
+
+
+# ---------------------------------------------------------------- refused, with one message
+
+@pytest.fixture
+def z3_copy(zero, tmp_path):
+    """A private copy of a ZeRO-3 save that a test may damage."""
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(zero("z3_odd_tied") / "checkpoint-2", ckpt)
+    return ckpt
+
+
+def refused(capsys, ckpt, tmp_path, code, *needles):
+    got = main(["merge", "--source", str(ckpt), "--target", str(tmp_path / "hf"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert got == code, err
+    assert "Traceback" not in err and err.count("distmerge: error:") == 1, err
+    for needle in needles:
+        assert needle in err, (needle, err)
+    assert not (tmp_path / "hf").exists()
+
+
+def test_missing_rank_file_against_partition_count(z3_copy, tmp_path, capsys):
+    (z3_copy / "global_step2" / "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt").unlink()
+    refused(capsys, z3_copy, tmp_path, 2, "partition_count is 2", "1 *_optim_states.pt")
+
+
+def test_truncated_optimizer_file(z3_copy, tmp_path, capsys):
+    f = z3_copy / "global_step2" / "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    refused(capsys, z3_copy, tmp_path, 4, "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt", "truncated")
+
+
+@pytest.mark.parametrize("name,needle", [
+    ("zero_pp_rank_0_mp_rank_01_model_states.pt", "tensor-parallel"),
+    ("expp_rank_0_mp_rank_00_optim_states.pt", "MoE expert"),
+    ("zero", "universal checkpoint"),
+])
+def test_unsupported_layouts(name, needle, z3_copy, tmp_path, capsys):
+    target = z3_copy / "global_step2" / name
+    if name == "zero":
+        (target / "model.embed_tokens.weight").mkdir(parents=True)
+    else:
+        shutil.copy(z3_copy / "global_step2" / "zero_pp_rank_0_mp_rank_00_model_states.pt", target)
+    refused(capsys, z3_copy, tmp_path, 2, needle)
+
+
+def test_param_shapes_from_another_save(zero, tmp_path, capsys):
+    """The model states of the odd-sized save with the optimizer files of the 4-rank save of the same model."""
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(zero("z3_odd_tied") / "checkpoint-2", ckpt)
+    for f in (ckpt / "global_step2").glob("*optim_states.pt"):
+        f.unlink()
+    for rank in (0, 1):
+        name = f"bf16_zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"
+        shutil.copy(zero("z3_odd") / "checkpoint-2" / "global_step2" / name, ckpt / "global_step2" / name)
+    refused(capsys, ckpt, tmp_path, 2, "partition_count is 4")
+
+
+def test_latest_may_not_leave_the_source(z3_copy, tmp_path, capsys):
+    (z3_copy / "latest").write_text("../elsewhere")
+    refused(capsys, z3_copy, tmp_path, 2, "latest", "not a tag directory name")
+
+
+def test_pickle_code_never_runs(z3_copy, tmp_path, capsys):
+    """An optimizer file whose pickle would create a file when unpickled: read inertly, then refused."""
+    marker = tmp_path / "pwned"
+    torch.save({"optimizer_state_dict": CodeRunningPickle(marker)},
+               z3_copy / "global_step2" / "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt")
+    refused(capsys, z3_copy, tmp_path, 2, "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt")
+    assert not marker.exists()
+
+
+# ---------------------------------------------------------------- flat runs as rectangles
+
+@pytest.mark.parametrize("shape", [(), (7,), (5, 3), (4, 3, 5), (2, 3, 2, 3), (3, 0, 2)])
+def test_flat_runs_cut_into_few_rectangles(shape):
+    """Every run [a, b) of every tensor is covered exactly, in at most 2 (ndim - 1) + 1 blocks."""
+    import math
+
+    from distmerge.sources.deepspeed import flat_blocks
+
+    numel = math.prod(shape)
+    flat = torch.arange(numel).reshape(shape)
+    for a in range(numel + 1):
+        for b in range(a, numel + 1):
+            blocks = list(flat_blocks(shape, a, b))
+            assert len(blocks) <= max(1, 2 * (len(shape) - 1) + 1)
+            seen = []
+            for first, region, block in blocks:
+                view = flat[tuple(slice(r, r + n) for r, n in zip(region, block))]
+                assert view.numel() and view.reshape(-1)[0].item() == first
+                assert torch.equal(view.reshape(-1), torch.arange(first, first + view.numel()))  # one C-order run
+                seen += view.reshape(-1).tolist()
+            assert sorted(seen) == list(range(a, b))
