@@ -116,9 +116,9 @@ def add_output_options(m) -> None:
     m.add_argument("--hf-config", metavar="DIR", help="directory with config.json, tokenizer and generation config "
                    "(default: SOURCE/huggingface, for DCP and verl Megatron also a huggingface/ beside the source)")
     m.add_argument("--vocab-size", metavar="N", type=int,
-                   help="a Megatron checkpoint without config.json: the tokenizer's vocabulary size (Megatron's embedding "
-                        "is padded; the padding rows are dropped). Read from a tokenizer inside the checkpoint "
-                        "when there is one")
+                   help="a Megatron checkpoint without config.json: the tokenizer's vocabulary size (Megatron's "
+                        "embedding is padded; the padding rows are dropped). Read from a tokenizer inside the "
+                        "checkpoint when there is one")
     m.add_argument("--overwrite", action="store_true",
                    help="replace a non-empty target; the old one is removed only after the merge succeeded")
     m.add_argument("--lora", default="merge", choices=["merge", "adapter", "both"],

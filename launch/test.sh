@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Set up everything the tests need and run them; CI runs exactly this (.ci/run).
-#   bash launch/test.sh                 # the whole suite (about 12 min on 2 cores)
+#   bash launch/test.sh                 # the whole suite (about 20 min on 2 cores)
 #   bash launch/test.sh -m "not slow"   # the fast tier: no test that starts processes
 #   bash launch/test.sh tests/test_cli.py -k typo
-# Needs python3 with venv, access to the package index and about 1.2 GB of disk for .venv.
+# Needs python3 with venv, g++, access to the package index and about 2.2 GB of disk for .venv.
 # As root with apt-get it also installs SLURM (slurm-wlm) for tests/test_slurm.py; where it cannot,
 # it says so in one line before the run (that test then fails with the reason).
 set -euo pipefail
@@ -33,5 +33,5 @@ if ! command -v slurmctld >/dev/null; then
     say "SLURM (slurm-wlm) is missing and cannot be installed without root and apt-get: tests/test_slurm.py will fail"
   fi
 fi
-[ $# -gt 0 ] || say "running every test: about 12 min on 2 cores (the fast tier: bash launch/test.sh -m 'not slow')"
+[ $# -gt 0 ] || say "running every test: about 20 min on 2 cores (the fast tier: bash launch/test.sh -m 'not slow')"
 exec "$VENV/bin/python" -m pytest -q "$@"
