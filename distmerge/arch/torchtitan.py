@@ -41,11 +41,8 @@ class Rope:
     kv: bool = False
 
 
-@dataclass(frozen=True)
-class Experts:
+class Experts(Same):
     """[E, out, in] stacked experts -> one HF [out, in] tensor per expert (`{e}` in the name)."""
-
-    hf: str
 
 
 @dataclass(frozen=True)
