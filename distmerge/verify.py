@@ -48,7 +48,7 @@ class Report:
                   for name, status in self.checks]
         equal = sum(c["equal"] for c in self.compared)
         if self.compared and equal == len(self.compared):
-            lines.append(f"  tensors compared: {len(self.compared)}, all bit-identical")
+            lines.append(f"  tensors compared: {len(self.compared)}, bit-identical: {equal} (all)")
         elif self.compared:
             worst = sorted(self.compared, key=lambda c: (c["equal"], -c["max_abs"]))[:WORST_SHOWN]
             lines.append(f"  tensors compared: {len(self.compared)}, bit-identical: {equal}; worst:")

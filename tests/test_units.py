@@ -131,7 +131,7 @@ def test_verify_report_shows_no_worst_table_when_every_tensor_is_identical():
 
     same = [{"name": f"t{i}", "equal": True, "max_abs": 0.0, "max_rel": 0.0} for i in range(3)]
     text = Report("x", compared=same).render()
-    assert "all bit-identical" in text and "worst" not in text
+    assert "bit-identical: 3 (all)" in text and "worst" not in text
     differs = same + [{"name": "bad", "equal": False, "max_abs": 1.0, "max_rel": 1.0}]
     assert "worst:" in Report("x", compared=differs).render()
 
