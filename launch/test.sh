@@ -22,7 +22,7 @@ fi
 # torchtitan writes the torchtitan fixtures; its declared dependencies (wandb, datasets, ...) are
 # not needed to build and save a model, so it is installed without them plus what its imports need
 "$VENV/bin/pip" install -q --no-deps torchtitan==0.3.0 spmd_types==0.2.3 torch_checkpointing==0.1.1 tyro==1.0.17 \
-  docstring_parser typeguard triton einops
+  docstring_parser==0.18.0 typeguard==4.6.1 triton==3.9.0 einops==0.8.2
 
 if ! command -v slurmctld >/dev/null; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
