@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from .errors import MergeError, MergeIOError, MergeLockedError
 from .integrity import DONE, HASH, JOB, MANIFEST, done_record, hash_range, read_json, write_json
 from .model import Plan, dtype_str
+from .paths import inside
 
 log = logging.getLogger("distmerge")
 
@@ -252,11 +253,6 @@ class HFFile:
     size: int
 
 
-def _inside(path: str, root: str) -> bool:
-    real, root = os.path.realpath(path), os.path.realpath(root)
-    return real == root or real.startswith(root.rstrip(os.sep) + os.sep)
-
-
 def _link_root(hf_dir: str) -> str:
     """Where the links of an HF directory may lead: inside it, or for a Hugging Face cache snapshot
     (REPO/snapshots/REV, whose files link to ../../blobs/HASH) inside its REPO directory."""
@@ -271,7 +267,7 @@ def _hf_entry(path: str, name: str, root: str, explicit: bool) -> os.stat_result
     resolves inside `root`; a directory the user named (`explicit`) may link anywhere (an HF cache
     snapshot links into ../../blobs)."""
     fix = ("replace it with the file itself, or pass --hf-config DIR naming a directory whose links you trust")
-    if os.path.islink(path) and not explicit and not _inside(path, root):
+    if os.path.islink(path) and not explicit and not inside(path, root):
         raise MergeError(f"{path} is a link to {os.path.realpath(path)}, outside {root}; a checkpoint's files must "
                          f"be its own. {fix}")
     try:

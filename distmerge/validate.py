@@ -10,46 +10,16 @@ from __future__ import annotations
 
 import math
 import os
-import stat
-from dataclasses import dataclass
 
 import numpy as np
 
+from .arch.config import text_config
 from .errors import MergeError
 from .model import SAFETENSORS_DTYPES, Catalogue, OutputTensor, Piece, SourceTensor, dtype_str
-from .arch.config import text_config
+from .paths import SourceFile, check_file
 from .sources.chunks import PieceTable, gc_paused
 
 MAX_ELEMENTS = 1 << 50  # no real tensor comes near this; a larger claim is a corrupt or hostile record
-
-
-@dataclass(frozen=True)
-class SourceFile:
-    """A data file as checked: its size, once (a piece's span is checked against it)."""
-
-    path: str
-    size: int
-
-
-def inside(path: str, root: str) -> bool:
-    """Whether `path`, with every symlink resolved, lies inside `root` (also resolved)."""
-    real, real_root = os.path.realpath(path), os.path.realpath(root)
-    return real == real_root or real.startswith(real_root.rstrip(os.sep) + os.sep)
-
-
-def check_file(path: str, root: str) -> SourceFile:
-    """A data file must resolve inside the source directory and be a regular file."""
-    if not inside(path, root):
-        raise MergeError(f"{path} resolves to {os.path.realpath(path)}, outside the source {root}; a checkpoint "
-                         "may only name its own files. Copy the real files into the checkpoint directory")
-    try:
-        st = os.stat(path)
-    except OSError as e:
-        raise MergeError(f"{path} is named by the checkpoint's metadata but cannot be read ({e.strerror}); "
-                         "copy the complete checkpoint") from None
-    if not stat.S_ISREG(st.st_mode):
-        raise MergeError(f"{path} is not a regular file; a checkpoint's data files must be plain files")
-    return SourceFile(path, st.st_size)
 
 
 def piece_problem(p: Piece, file: SourceFile) -> str | None:

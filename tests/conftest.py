@@ -2,6 +2,8 @@
 made once per test session, and helpers that run distmerge as users do."""
 from __future__ import annotations
 
+import builtins
+import contextlib
 import os
 import socket
 import subprocess
@@ -188,3 +190,23 @@ def segment_hashes(path, segments: list) -> list:
     from distmerge.integrity import hash_range
 
     return [[start, end, hash_range(str(path), start, end)] for start, end, _ in segments]
+
+
+@contextlib.contextmanager
+def opened_under(directory, monkeypatch):
+    """The files under `directory` (symlinks resolved) that anything opens while inside the block."""
+    opened: list[str] = []
+
+    def spying(real):
+        def wrapper(file, *args, **kwargs):
+            if isinstance(file, (str, bytes, os.PathLike)) and str(directory) in os.path.realpath(os.fsdecode(file)):
+                opened.append(os.fsdecode(file))
+            return real(file, *args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(builtins, "open", spying(builtins.open))
+    monkeypatch.setattr(os, "open", spying(os.open))
+    try:
+        yield opened
+    finally:
+        monkeypatch.undo()

@@ -6,6 +6,7 @@ of 2 training ranks for six variants, one of 4 ranks for the seventh."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from functools import cache
 
@@ -13,7 +14,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, CodeRunningPickle, run, run_distmerge, torchrun_cmd
+from conftest import ROOT, CodeRunningPickle, opened_under, run, run_distmerge, torchrun_cmd
+from test_fsdp_merge import assert_bit_exact, merged_tensors
 from distmerge.cli import main
 
 pytestmark = pytest.mark.slow
@@ -45,23 +47,6 @@ def zero(tmp_path_factory):
         return made[world] / variant
 
     return get
-
-
-def merged_tensors(out) -> dict:
-    tensors = {}
-    for f in sorted(out.glob("*.safetensors")):
-        for name, t in load_file(f).items():
-            assert name not in tensors, f"{name} written twice"
-            tensors[name] = t
-    return tensors
-
-
-def assert_bit_exact(reference: dict, merged: dict):
-    assert set(merged) == set(reference), set(merged) ^ set(reference)
-    for name, ref in reference.items():
-        got = merged[name]
-        assert got.dtype == ref.dtype and got.shape == ref.shape, (name, got.dtype, ref.dtype, got.shape, ref.shape)
-        assert torch.equal(got.view(torch.uint8), ref.view(torch.uint8)), f"{name} differs"
 
 
 def expected_plain(variant_dir) -> dict:
@@ -339,6 +324,25 @@ def test_param_shapes_from_another_save(zero, tmp_path, capsys):
 def test_latest_may_not_leave_the_source(z3_copy, tmp_path, capsys):
     (z3_copy / "latest").write_text("../elsewhere")
     refused(capsys, z3_copy, tmp_path, 2, "latest", "not a tag directory name")
+
+
+def test_a_state_file_linked_out_of_the_source_is_refused_before_it_is_opened(z3_copy, tmp_path, capsys,
+                                                                              monkeypatch):
+    name = "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    shutil.move(z3_copy / "global_step2" / name, outside / name)
+    (z3_copy / "global_step2" / name).symlink_to(outside / name)
+    with opened_under(outside, monkeypatch) as opened:
+        refused(capsys, z3_copy, tmp_path, 2, name, "outside the source")
+    assert not opened, f"files outside the source were opened: {opened}"
+
+
+def test_a_fifo_named_like_a_state_file_is_refused_not_waited_on(z3_copy, tmp_path, capsys):
+    name = "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    (z3_copy / "global_step2" / name).unlink()
+    os.mkfifo(z3_copy / "global_step2" / name)
+    refused(capsys, z3_copy, tmp_path, 2, name, "not a regular file")
 
 
 def test_pickle_code_never_runs(z3_copy, tmp_path, capsys):

@@ -34,7 +34,7 @@ def assert_bit_exact(reference: dict, merged: dict):
     assert set(merged) == set(reference), set(merged) ^ set(reference)
     for name, ref in reference.items():
         got = merged[name]
-        assert got.dtype == ref.dtype and got.shape == ref.shape, name
+        assert got.dtype == ref.dtype and got.shape == ref.shape, (name, got.dtype, ref.dtype, got.shape, ref.shape)
         assert torch.equal(got.view(torch.uint8), ref.view(torch.uint8)), f"{name} differs"
 
 

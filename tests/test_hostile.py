@@ -7,7 +7,6 @@ DCP metadata re-pickled with other paths, links and special files put in place. 
 the top are shared with test_fuzz.py."""
 from __future__ import annotations
 
-import builtins
 import json
 import os
 import pickle
@@ -21,6 +20,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import opened_under
 from distmerge.cli import main
 from distmerge.errors import MergeError
 
@@ -190,31 +190,22 @@ def test_no_file_outside_the_source_is_opened(checkpoint, tmp_path, capsys, monk
     secret.mkdir()
     shutil.move(dcp / "__1_0.distcp", secret / "__1_0.distcp")
     repath_dcp(dcp, str(secret / "__1_0.distcp"))
-    opened = []
-
-    def spying(real):
-        def wrapper(file, *args, **kwargs):
-            if isinstance(file, (str, bytes, os.PathLike)) and str(secret) in os.path.realpath(os.fsdecode(file)):
-                opened.append(os.fsdecode(file))
-            return real(file, *args, **kwargs)
-        return wrapper
-
-    monkeypatch.setattr(builtins, "open", spying(builtins.open))
-    monkeypatch.setattr(os, "open", spying(os.open))
-    code, err = merge(capsys, "--source", dcp, "--target", tmp_path / "out")
-    monkeypatch.undo()
+    with opened_under(secret, monkeypatch) as opened:
+        code, err = merge(capsys, "--source", dcp, "--target", tmp_path / "out")
     refused(code, err, 2, "outside")
     assert not opened, f"files outside the source were opened: {opened}"
 
 
-def test_a_rank_file_linked_out_of_the_source_is_refused(fsdp, tmp_path, capsys):
-    """Before: the linked file was read and merged, exit 0."""
+def test_a_rank_file_linked_out_of_the_source_is_refused(fsdp, tmp_path, capsys, monkeypatch):
+    """Before: the linked file was read and merged, exit 0. Now it is refused before it is opened."""
     outside = tmp_path / "elsewhere"
     outside.mkdir()
     shutil.move(fsdp / RANK1, outside / RANK1)
     (fsdp / RANK1).symlink_to(outside / RANK1)
-    code, err = merge(capsys, "--source", fsdp, "--target", tmp_path / "out")
+    with opened_under(outside, monkeypatch) as opened:
+        code, err = merge(capsys, "--source", fsdp, "--target", tmp_path / "out")
     refused(code, err, 2, RANK1, "outside the source")
+    assert not opened, f"files outside the source were opened: {opened}"
     nothing_published(tmp_path)
 
 

@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 
 from ..errors import MergeError
 from ..model import Catalogue
-from ..sources.megatron_layouts import MAX_TEXT_BYTES, inside
+from ..paths import inside
+from ..sources.megatron_layouts import MAX_TEXT_BYTES
 from ..sources.torch_archive import _fast_load, _Record
 
 MAX_TOKENIZER_BYTES = 128 << 20
@@ -117,7 +118,7 @@ def read_settings(catalogue: Catalogue) -> Settings:
         candidates.append((catalogue.files[0], _args_section, None))
     seen = set()
     for path, reader, section in candidates:
-        if path in seen or not os.path.isfile(path) or not inside(root, path):
+        if path in seen or not os.path.isfile(path) or not inside(path, root):
             continue
         seen.add(path)
         values = reader(path, section)
@@ -191,7 +192,7 @@ def find_tokenizer(root: str, ckpt: str) -> tuple[str | None, int | None]:
     for base in dict.fromkeys((ckpt, root)):
         for sub in TOKENIZER_DIRS:
             d = os.path.join(base, sub)
-            if os.path.isdir(d) and inside(root, d):
+            if os.path.isdir(d) and inside(d, root):
                 size = tokenizer_size(d)
                 if size is not None:
                     return d, size

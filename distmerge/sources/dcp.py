@@ -19,10 +19,10 @@ import torch
 
 from ..errors import MergeError, MergeIOError
 from ..model import Catalogue, SourceTensor, dtype_size, dtype_str
+from ..paths import check_file
 from .chunks import PieceTable, gc_paused
 from .layout import find_hf_dir
 from .registry import ReadOptions, SourceFormat
-from ..validate import check_file
 from .torch_archive import FAST_PATH_MISSES, StoredTensor, load_tensor_blob, plain_global
 
 NAME = "dcp"

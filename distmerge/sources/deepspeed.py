@@ -32,6 +32,7 @@ import torch
 
 from ..errors import MergeError
 from ..model import Catalogue, Piece, SourceTensor
+from ..paths import check_file
 from .layout import find_hf_dir
 from .registry import ReadOptions, SourceFormat
 from .torch_archive import StoredTensor, load_inert
@@ -117,8 +118,9 @@ def hf_directory(source: str, tag_dir: str) -> str | None:
     return find_hf_dir(source)
 
 
-def scan_tag(tag_dir: str) -> TagFiles:
-    """The state files of the tag, refusing what is not one ZeRO save of tensor-parallel degree 1."""
+def scan_tag(tag_dir: str, source: str) -> TagFiles:
+    """The state files of the tag, refusing what is not one ZeRO save of tensor-parallel degree 1.
+    Each file is checked (inside the source, a regular file) before anything opens it."""
     names = sorted(os.listdir(tag_dir))
     if os.path.isdir(os.path.join(tag_dir, "zero")):
         raise MergeError(f"{tag_dir} is a DeepSpeed universal checkpoint (ds_to_universal.py output, zero/<param>/); "
@@ -131,6 +133,8 @@ def scan_tag(tag_dir: str) -> TagFiles:
     stage3 = any(ZERO3_MODEL_FILE.match(n) for n in names)
     model = _by_rank(tag_dir, names, ZERO3_MODEL_FILE if stage3 else MODEL_FILE)
     optim = _by_rank(tag_dir, names, OPTIM_FILE)
+    for path in [*model.values(), *optim.values()]:
+        check_file(path, source)
     if 0 not in model:
         want = "zero_pp_rank_0_mp_rank_00_model_states.pt" if stage3 else "mp_rank_00_model_states.pt"
         raise MergeError(f"{tag_dir} has no {want}; it is not a complete DeepSpeed ZeRO save. Pass the tag directory "
@@ -476,7 +480,7 @@ def read_catalogue(source: str, opts: ReadOptions = ReadOptions()) -> Catalogue:
     if opts.zero_weights not in WEIGHTS:
         raise MergeError(f"--zero-weights {opts.zero_weights} is not one of {', '.join(WEIGHTS)}")
     tag_dir = tag_directory(source)
-    files = scan_tag(tag_dir)
+    files = scan_tag(tag_dir, source)
     model0 = _state(files.model[0], ("module",))
     if opts.zero_weights == "module":
         if files.stage3:

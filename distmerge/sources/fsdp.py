@@ -13,6 +13,7 @@ import re
 
 from ..errors import MergeError
 from ..model import Catalogue, Piece, SourceTensor, dtype_size, dtype_str
+from ..paths import check_file
 from .chunks import PieceTable, gc_paused
 from .registry import ReadOptions, SourceFormat
 from .torch_archive import StoredDTensor, load_state_metadata
@@ -31,7 +32,9 @@ def _rank_files(source: str) -> tuple[int, list[str]]:
     for name in sorted(os.listdir(source)):
         m = RANK_FILE.match(name)
         if m:
-            found.setdefault(int(m.group(1)), {})[int(m.group(2))] = os.path.join(source, name)
+            path = os.path.join(source, name)
+            check_file(path, source)  # before it is opened: inside the source, a regular file
+            found.setdefault(int(m.group(1)), {})[int(m.group(2))] = path
     if len(found) > 1:
         sizes = ", ".join(str(w) for w in sorted(found))
         raise MergeError(f"{source} holds rank files of {len(found)} world sizes ({sizes}); "

@@ -96,9 +96,3 @@ def strip_prefix(prefix: str):
     def rename(names: list[str]) -> dict[str, str]:
         return {n: n[len(prefix):] if prefix and n.startswith(prefix) else n for n in names}
     return rename
-
-
-def inside(root: str, path: str) -> bool:
-    """`path` is `root` or lies under it (symlinks resolved): nothing outside the source is read."""
-    root, path = os.path.realpath(root), os.path.realpath(path)
-    return path == root or path.startswith(root + os.sep)

@@ -26,7 +26,7 @@ from collections import defaultdict
 from ..arch.megatron_gpt import COLUMN, COLUMN_LOCAL, GATE_UP, REPLICATED, ROW, tp_split
 from ..errors import MergeError
 from ..model import Catalogue, Piece, SourceTensor, dtype_size
-from ..validate import check_file
+from ..paths import check_file
 from .layout import find_hf_dir, latest_iteration
 from .registry import ReadOptions, SourceFormat
 from .torch_archive import (FAST_PATH_MISSES, StoredTensor, _convert_fast, _fast_load, _fast_path_missed,

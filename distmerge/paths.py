@@ -1,0 +1,40 @@
+"""Where a checkpoint may lead: every file it names must resolve inside it and be a regular file.
+
+No distmerge imports beyond errors, so every reader can check a file before it opens it.
+"""
+from __future__ import annotations
+
+import os
+import stat
+from dataclasses import dataclass
+
+from .errors import MergeError
+
+
+@dataclass(frozen=True)
+class SourceFile:
+    """A data file as checked: its size, once (a piece's span is checked against it)."""
+
+    path: str
+    size: int
+
+
+def inside(path: str, root: str) -> bool:
+    """Whether `path`, with every symlink resolved, lies inside `root` (also resolved)."""
+    real, real_root = os.path.realpath(path), os.path.realpath(root)
+    return real == real_root or real.startswith(real_root.rstrip(os.sep) + os.sep)
+
+
+def check_file(path: str, root: str) -> SourceFile:
+    """A data file must resolve inside the source directory and be a regular file."""
+    if not inside(path, root):
+        raise MergeError(f"{path} resolves to {os.path.realpath(path)}, outside the source {root}; a checkpoint "
+                         "may only name its own files. Copy the real files into the checkpoint directory")
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise MergeError(f"{path} is named by the checkpoint's metadata but cannot be read ({e.strerror}); "
+                         "copy the complete checkpoint") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise MergeError(f"{path} is not a regular file; a checkpoint's data files must be plain files")
+    return SourceFile(path, st.st_size)
