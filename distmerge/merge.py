@@ -16,7 +16,7 @@ from .finish import (acquire_lock, check_sizes, check_target, copy_hf_files, hf_
 from .integrity import fingerprint, manifest_files, write_manifest
 from .model import DTYPE_NAMES, Plan
 from .plan import make_plan, parse_size
-from .prepare import Prepared, PrepareOptions, cast_rule, prepare  # noqa: F401  (cast_rule: re-exported)
+from .prepare import Prepared, PrepareOptions, check_choices, prepare
 from .progress import Progress
 from .runtime import intra_op_threads
 from .scatter import scatter_shares
@@ -98,13 +98,11 @@ class Stages:
 
 def check_options(opts: MergeOptions) -> None:
     """What can be refused before a process group exists."""
-    if opts.lora not in lora.MODES:
-        raise MergeError(f"--lora {opts.lora} is not one of {', '.join(lora.MODES)}")
+    check_choices(opts.lora, opts.dtype)
     if opts.transport not in TRANSPORTS:
         raise MergeError(f"--transport {opts.transport} is not one of {', '.join(TRANSPORTS)}")
     parse_size(opts.max_shard_size)
     parse_size(opts.segment_size)
-    cast_rule(opts.dtype)
 
 
 class MergeJob:

@@ -55,10 +55,15 @@ def cast_rule(dtype: str):
     return lambda d: target if d.is_floating_point else d
 
 
+def check_choices(lora_mode: str, dtype: str):
+    """--lora and --dtype must be among their choices (the API does not go through argparse); the cast rule."""
+    if lora_mode not in lora.MODES:
+        raise MergeError(f"--lora {lora_mode} is not one of {', '.join(lora.MODES)}")
+    return cast_rule(dtype)
+
+
 def prepare(source: str, opts: PrepareOptions = PrepareOptions()) -> Prepared:
-    if opts.lora not in lora.MODES:
-        raise MergeError(f"--lora {opts.lora} is not one of {', '.join(lora.MODES)}")
-    cast = cast_rule(opts.dtype)
+    cast = check_choices(opts.lora, opts.dtype)
     fmt, catalogue = read_source(source, ReadOptions(iteration=opts.iteration, quick=opts.quick,
                                                      zero_weights=opts.zero_weights))
     validate_catalogue(catalogue)
