@@ -91,12 +91,27 @@ def _part_bands(part: SourceRows, source: SourceTensor, out_row: int) -> list[Ba
         cuts.update(r for r in (p.region[d], p.region[d] + p.shape[d]) if part.start < r < part.stop)
     cuts = sorted(cuts)
     result = []
-    for lo, hi in zip(cuts, cuts[1:]):
+    for (lo, hi), covering in zip(zip(cuts, cuts[1:]), _covering(held, cuts, d)):
         for first in range(lo, hi, per_band):
             stop = min(first + per_band, hi)
             result.append(Band(out_row + first - part.start, out_row + stop - part.start, source, part.index,
-                               ((first, stop),), _reads(part.index, held, ((first, stop),))))
+                               ((first, stop),), _reads(part.index, covering, ((first, stop),))))
     return result
+
+
+def _covering(held: list[tuple[int, Piece]], cuts: list[int], d: int) -> list[list[tuple[int, Piece]]]:
+    """For each interval between consecutive cuts, the held pieces whose rows cover it, in held
+    order. Every piece's first and last row are cuts (or lie outside them), so a piece covers an
+    interval whole or not at all: one pass over the pieces, not one per interval."""
+    where = {cut: k for k, cut in enumerate(cuts)}
+    covering: list[list[tuple[int, Piece]]] = [[] for _ in cuts[1:]]
+    for item in held:
+        p = item[1]
+        first = where.get(max(p.region[d], cuts[0]), 0)
+        stop = where.get(min(p.region[d] + p.shape[d], cuts[-1]), len(cuts) - 1)
+        for k in range(first, stop):
+            covering[k].append(item)
+    return covering
 
 
 def _gathered_bands(part: SourceRows, source: SourceTensor, held: list, out_row: int, per_band: int) -> list[Band]:

@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from .bands import Band, Read, bands, whole_block
+from .batch import SMALL_TENSOR_BYTES, Batch, ByteRun, stored_runs
 from .integrity import record_done
 from .model import Catalogue, FileEntry, OutputFile, Piece, Plan, Segment, dtype_size
 from .reader import BandProducer, PieceReader, drop_cached
@@ -84,6 +85,7 @@ class RankRunner:
         self.pending_writes: collections.deque = collections.deque()
         self.closed: list[str] = []   # the segments this rank wrote, in the order it finished them
         self.hashes: dict[str, str] = {}
+        self.batch = Batch()  # small tensors gathered for one read-write-hash (batch.py)
 
     def run(self) -> dict:
         collective = self.plan.transport == "collective" and self.rt.world_size > 1
@@ -96,6 +98,11 @@ class RankRunner:
                     continue
                 owner = seg.rank
                 writer = self._writer(out_file, seg, unit) if owner == self.rt.rank else None
+                if writer is not None and not collective and self._batched(writer, entry):
+                    self._entry_done(seg, unit)
+                    continue
+                if writer is not None:
+                    self._flush()
                 for band in bands(entry.tensor, self.catalogue):
                     if writer is not None:
                         self._produce(writer, entry, band, tag if collective else None)
@@ -106,6 +113,7 @@ class RankRunner:
                     self._write(writer, entry.begin, torch.zeros(entry.tensor.shape, dtype=entry.tensor.dtype))
                 if owner == self.rt.rank:
                     self._entry_done(seg, unit)
+            self._flush()
             self._drain(0)
             self._wait_writes(0)
         finally:
@@ -140,6 +148,35 @@ class RankRunner:
         block = self.producer.produce(out, band, get, self.timers.phase)
         self._write(writer, entry.begin + band.first * row_bytes, self._cast(block, out.dtype))
 
+    def _batched(self, writer: SafetensorsWriter, entry: FileEntry) -> bool:
+        """Add a small tensor stored as it goes out to the batch (batch.py); False when it is
+        large or needs a cast, a fold or a gather (then it goes band by band)."""
+        out = entry.tensor
+        if out.nbytes > SMALL_TENSOR_BYTES or out.lora is not None or any(
+                part.order or self.catalogue.tensors[part.source].dtype != out.dtype for part in out.parts):
+            return False
+        runs = stored_runs(out, self.catalogue, entry.begin)
+        if runs is None:
+            runs, row_bytes = [], math.prod(out.shape[1:]) * dtype_size(out.dtype)
+            for band in bands(out, self.catalogue):
+                run = self._byte_run(entry, band, None)
+                if run is None:
+                    return False
+                runs.append(ByteRun(entry.begin + band.first * row_bytes, *run))
+        if not self.batch.fits(writer, entry.begin, entry.end):
+            self._flush()
+        self.batch.add(writer, entry.begin, entry.end, runs)
+        return True
+
+    def _flush(self) -> None:
+        """Read, write and hash the batch of small tensors gathered so far."""
+        batch, self.batch = self.batch, Batch()
+        if batch.writer is None:
+            return
+        with self.timers.phase("read"):
+            data = batch.fill(self.reader)
+        self._submit(batch.writer, batch.begin, len(data), data, self._timed_write, batch.writer, batch.begin, data)
+
     def _byte_run(self, entry: FileEntry, band: Band, tag: int | None) -> tuple[str, int, int] | None:
         """(source file, byte offset, byte count) when the band's output bytes are one run of a
         file this rank reads: one read of whole rows, no cast, no LoRA fold."""
@@ -155,6 +192,7 @@ class RankRunner:
     def _entry_done(self, seg: Segment, unit: str) -> None:
         self.remaining[unit] -= 1
         if self.remaining[unit] == 0:
+            self._flush()
             self._wait_writes(0)
             with self.timers.phase("close"):
                 digest = self.hashes[unit] = self.writers.pop(unit).close()

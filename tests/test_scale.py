@@ -164,3 +164,24 @@ def test_blob_chunks_parsed_once_per_framing_match_a_full_parse(tmp_path, monkey
             f.seek(piece.offset)
             data = f.read(piece.nbytes)
         assert data == state[name].view(torch.uint8).numpy().tobytes()
+
+
+def test_tiny_chunks_are_read_in_bulk(deepseek, tmp_path, monkeypatch):
+    """The run stage's cost per chunk falls: the small tensors' chunks are read by a few preadv
+    calls (a rank file's chunks of consecutive tensors are adjacent), not one call per chunk, and
+    the bytes are the source's."""
+    import distmerge
+    total = scale.tensors(scale.SMALL, LAYERS)
+    chunks = sum(len(scale.row_chunks(shape[0], WORLD)) for _, shape in total)
+    calls = {"preadv": 0, "copy_file_range": 0, "pread": 0}
+    for name in calls:
+        real = getattr(os, name)
+
+        def counted(*args, _real=real, _name=name):
+            calls[_name] += 1
+            return _real(*args)
+        monkeypatch.setattr(os, name, counted)
+    distmerge.merge(deepseek, tmp_path / "out", progress=False)
+    assert sum(calls.values()) * 100 < chunks, (calls, chunks)
+    monkeypatch.undo()
+    assert scale.check_output(deepseek, str(tmp_path / "out"), WORLD, scale.SMALL, LAYERS) == len(total)
