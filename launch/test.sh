@@ -23,6 +23,16 @@ fi
 # not needed to build and save a model, so it is installed without them plus what its imports need
 "$VENV/bin/pip" install -q --no-deps torchtitan==0.3.0 spmd_types==0.2.3 torch_checkpointing==0.1.1 tyro==1.0.17 \
   docstring_parser==0.18.0 typeguard==4.6.1 triton==3.9.0 einops==0.8.2
+# torchtune writes the torchtune fixtures; it pins packages of its own (torchao 0.10), so it gets an
+# environment of its own that sees this one's packages (torch included) through a .pth file
+TT_VENV=${TORCHTUNE_VENV:-.venv-torchtune}
+purelib() { "$1/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])"; }
+if ! "$TT_VENV/bin/python" -c "import torchtune" 2>/dev/null; then
+  (python3 -m venv "$TT_VENV" && realpath "$(purelib "$VENV")" > "$(purelib "$TT_VENV")/main-venv.pth" \
+    && "$TT_VENV/bin/pip" install -q torchtune==0.6.1 torchao==0.10.0) \
+    || say "could not set up torchtune in $TT_VENV: the torchtune tests will be skipped"
+fi
+export TORCHTUNE_PYTHON="$PWD/$TT_VENV/bin/python"
 
 if ! command -v slurmctld >/dev/null; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then

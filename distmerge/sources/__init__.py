@@ -9,7 +9,7 @@ import os
 
 from ..errors import MergeError
 from ..model import Catalogue
-from . import dcp, deepspeed, fsdp, megatron, megatron_legacy, torchtitan
+from . import dcp, deepspeed, fsdp, megatron, megatron_legacy, torchtitan, torchtune
 from .registry import ReadOptions, SourceFormat
 
 # order matters: a legacy Megatron-LM run also has latest_checkpointed_iteration.txt; DCP's .metadata
@@ -20,6 +20,7 @@ FORMATS: list[SourceFormat] = [
     torchtitan.FORMAT,  # before megatron (whose --iteration claims any folder) and dcp (same .metadata)
     megatron.FORMAT,
     deepspeed.FORMAT,
+    torchtune.FORMAT,  # before dcp: the same .metadata, recognised by torchtune's names
     dcp.FORMAT,
 ]
 

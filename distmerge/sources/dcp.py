@@ -6,6 +6,10 @@ unpickler that knows only DCP's metadata classes (as plain records) and refuses 
 A chunk is either a torch.save blob (the default format: its tensor's bytes sit at a known offset
 inside it) or raw bytes; either way the run stage preads only the bytes of the rows it needs.
 File names never tell which shard is where: with fully-parallel saving any chunk may be in any file.
+
+The trainers that save with DCP put the model in their own folders behind a wrapper key
+(dcp_layouts.py: accelerate, NeMo-RL, torchtune): the source may be the folder a user naturally passes,
+and the wrapper is stripped exactly, not guessed. torchtune's names are its own (torchtune.py).
 """
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ from ..errors import MergeError, MergeIOError
 from ..model import Catalogue, SourceTensor, dtype_size, dtype_str
 from ..paths import check_file
 from .chunks import PieceTable, gc_paused
+from .dcp_layouts import Located, locate, strip_wrapper
 from .layout import find_hf_dir
 from .registry import ReadOptions, SourceFormat
 from .torch_archive import FAST_PATH_MISSES, StoredTensor, load_tensor_blob, plain_global
@@ -31,8 +36,10 @@ METADATA = ".metadata"
 
 
 def detect(source: str, opts: ReadOptions = ReadOptions()) -> bool:
-    # a Megatron torch_dist checkpoint is DCP underneath, but has its own reader (megatron.py)
-    return os.path.isfile(os.path.join(source, METADATA)) and not os.path.isfile(os.path.join(source, "metadata.json"))
+    """A DCP directory, or a trainer's folder that holds one (dcp_layouts.locate). A Megatron torch_dist
+    checkpoint is DCP underneath but has its own reader (megatron.py). An ambiguous or unfinished
+    trainer folder is refused here, with the fix."""
+    return locate(source) is not None
 
 
 class _Inert:
@@ -310,10 +317,34 @@ def _tensor(name: str, fqn: str, entry, stored: dict, files: _DataFiles, blobs: 
     return SourceTensor(name, size, dtype, table)
 
 
+def locate_or_refuse(source: str) -> Located:
+    located = locate(source)
+    if located is None:
+        raise MergeError(f"{source} holds no {METADATA} (PyTorch DCP), nor a trainer's folder with one; pass the "
+                         "checkpoint directory")
+    return located
+
+
+def catalogue_of(name: str, source: str, located: Located, rename) -> Catalogue:
+    """The catalogue of the located DCP directory, its names renamed; the HF config is looked for
+    beside the source, then beside the model directory."""
+    tensors, files, notes, world = tensors_from_metadata(located.ckpt, rename)
+    if not tensors:
+        raise MergeError(f"{located.ckpt} holds no model weights ({'; '.join(notes) or 'nothing'}); pass the model's "
+                         "directory (accelerate: pytorch_model_fsdp_0 beside optimizer_0; NeMo-RL: policy/weights "
+                         "beside policy/optimizer)")
+    return Catalogue(format=name, source=source, files=files, tensors=tensors,
+                     hf_dir=find_hf_dir(source) or find_hf_dir(located.ckpt), world_size=world,
+                     mesh="chunked (DCP)", notes=[*located.notes, *notes])
+
+
 def read_catalogue(source: str, opts: ReadOptions = ReadOptions()) -> Catalogue:
-    tensors, files, notes, world = tensors_from_metadata(source, strip_dcp_prefix)
-    return Catalogue(format=NAME, source=source, files=files, tensors=tensors, hf_dir=find_hf_dir(source),
-                     world_size=world, mesh="chunked (DCP)", notes=notes)
+    """HF names: a plain DCP directory's (an all-'model.' wrapper stripped when it wraps HF names), or
+    a known writer's, its wrapper stripped exactly."""
+    located = locate_or_refuse(source)
+    writer = located.writer
+    rename = strip_dcp_prefix if writer is None else (lambda names: strip_wrapper(names, writer, located.ckpt))
+    return catalogue_of(NAME, source, located, rename)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -337,4 +368,4 @@ def _add_chunk(table: PieceTable, blobs: _BlobFrames, index: int, start: int, le
 
 
 FORMAT = SourceFormat(name=NAME, family="hf", detect=detect, read_catalogue=read_catalogue,
-                      describe=".metadata (PyTorch DCP)")
+                      describe=".metadata (PyTorch DCP, or accelerate's / NeMo-RL's folders holding one)")
