@@ -146,16 +146,18 @@ def _take_metadata(path: str) -> tuple[dict, dict]:
 
 
 def _load_metadata(path: str) -> tuple[dict, dict]:
-    try:
-        with open(path, "rb") as f, gc_paused():
-            meta = _MetadataUnpickler(f).load()
-    except (pickle.UnpicklingError, MemoryError, *FAST_PATH_MISSES) as e:
-        raise _unreadable(path, e) from None
-    try:
-        with gc_paused():
+    """One pause of the cycle collector over the unpickling and the index: between the two, its
+    first pass would walk every record just made."""
+    with gc_paused():
+        try:
+            with open(path, "rb") as f:
+                meta = _MetadataUnpickler(f).load()
+        except (pickle.UnpicklingError, MemoryError, *FAST_PATH_MISSES) as e:
+            raise _unreadable(path, e) from None
+        try:
             return dict(_field(meta, "state_dict_metadata", 0)), _storage_index(_field(meta, "storage_data", 2), path)
-    except (pickle.UnpicklingError, *FAST_PATH_MISSES) as e:
-        raise _unreadable(path, e) from None
+        except (pickle.UnpicklingError, *FAST_PATH_MISSES) as e:
+            raise _unreadable(path, e) from None
 
 
 def _storage_index(storage_data: dict, path: str) -> dict[str, dict]:
