@@ -25,6 +25,15 @@ def inside(path: str, root: str) -> bool:
     return real == real_root or real.startswith(real_root.rstrip(os.sep) + os.sep)
 
 
+def check_dir(path: str, root: str) -> str:
+    """A directory a format found in the source (a trainer's model folder, a step or iteration
+    directory) must resolve inside it: checked before anything in it is opened."""
+    if not inside(path, root):
+        raise MergeError(f"{path} resolves to {os.path.realpath(path)}, outside the source {root}; a checkpoint "
+                         "may only hold its own directories. Pass the real directory as --source, or copy it in")
+    return path
+
+
 def check_file(path: str, root: str) -> SourceFile:
     """A data file must resolve inside the source directory and be a regular file."""
     if not inside(path, root):

@@ -152,6 +152,23 @@ def test_checkpoint_folder_reads_the_latest_step_or_the_named_one(titan, tmp_pat
     assert proc.returncode == 2 and "no step-7/" in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_a_step_linked_out_of_the_checkpoint_folder_is_refused(titan, tmp_path, monkeypatch):
+    """A step-N/ that is a link out of the checkpoint folder given as --source: refused (exit 2)
+    before its `.metadata` is opened."""
+    import shutil
+    from conftest import opened_under
+    from distmerge.cli import main
+    outside = tmp_path / "elsewhere"
+    shutil.copytree(titan / "llama3" / "checkpoint" / "step-1", outside)
+    (tmp_path / "source" / "checkpoint").mkdir(parents=True)
+    (tmp_path / "source" / "checkpoint" / "step-1").symlink_to(outside)
+    with opened_under(outside, monkeypatch) as opened:
+        code = main(["merge", "--source", str(tmp_path / "source"), "--target", str(tmp_path / "out"),
+                     "--hf-config", str(titan / "llama3" / "hf")])
+    assert code == 2 and not opened, opened
+    assert not (tmp_path / "out").exists()
+
+
 def test_deepseek_v3_drops_multi_token_prediction_and_says_so(titan):
     src = titan / "deepseek_v3"
     proc = run_distmerge(["inspect", str(src / "checkpoint" / "step-1"), "--hf-config", str(src / "hf")])

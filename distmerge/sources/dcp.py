@@ -195,8 +195,8 @@ SKIPPED_PREFIXES = ("optim.", "optimizer.", "lr_scheduler.", "dataloader.", "ext
 class _DataFiles:
     """The data files chunks name, each stat'ed once (not once per chunk): index and size by relative name."""
 
-    def __init__(self, ckpt_dir: str):
-        self.dir = ckpt_dir
+    def __init__(self, ckpt_dir: str, root: str):
+        self.dir, self.root = ckpt_dir, root
         self.paths: list[str] = []
         self.found: dict[str, tuple[int, int]] = {}
 
@@ -207,7 +207,7 @@ class _DataFiles:
             if not os.path.lexists(path):
                 raise MergeError(f"missing {path}, which holds {fqn} (and maybe more); copy the complete "
                                  "checkpoint directory and rerun")
-            checked = check_file(path, self.dir)  # inside the checkpoint and a regular file, before it is opened
+            checked = check_file(path, self.root)  # inside the source and a regular file, before it is opened
             known = self.found[relative] = (len(self.paths), checked.size)
             self.paths.append(path)
         return known
@@ -250,10 +250,13 @@ class _BlobFrames:
         self.fds.clear()
 
 
-def tensors_from_metadata(ckpt_dir: str, rename=lambda names: {n: n for n in names}):
+def tensors_from_metadata(ckpt_dir: str, rename=lambda names: {n: n for n in names}, root: str | None = None):
     """The SourceTensors of a DCP directory (metadata only), the data files, and notes on what was skipped.
-    Each tensor's pieces are a PieceTable (ints in one array, not an object per chunk)."""
+    Each tensor's pieces are a PieceTable (ints in one array, not an object per chunk). `root`: the
+    source the directory was found in; `.metadata` and every data file must resolve inside it."""
+    root = root or ckpt_dir
     meta_path = os.path.join(ckpt_dir, METADATA)
+    check_file(meta_path, root)  # before it is opened
     entries, storage = _take_metadata(meta_path)
     try:
         bytes_entries = [n for n, e in entries.items() if _kind(e) == "BytesStorageMetadata"]
@@ -268,7 +271,7 @@ def tensors_from_metadata(ckpt_dir: str, rename=lambda names: {n: n for n in nam
     extra = sum("._extra_state" in n for n in entries)
     entries = {n: e for n, e in entries.items() if not n.startswith(SKIPPED_PREFIXES) and "._extra_state" not in n}
     renamed = rename(list(entries))
-    files, blobs = _DataFiles(ckpt_dir), _BlobFrames()
+    files, blobs = _DataFiles(ckpt_dir, root), _BlobFrames()
     tensors: dict[str, SourceTensor] = {}
     try:
         with gc_paused():
@@ -330,7 +333,7 @@ def locate_or_refuse(source: str) -> Located:
 def catalogue_of(name: str, source: str, located: Located, rename) -> Catalogue:
     """The catalogue of the located DCP directory, its names renamed; the HF config is looked for
     beside the source, then beside the model directory."""
-    tensors, files, notes, world = tensors_from_metadata(located.ckpt, rename)
+    tensors, files, notes, world = tensors_from_metadata(located.ckpt, rename, root=source)
     if not tensors:
         raise MergeError(f"{located.ckpt} holds no model weights ({'; '.join(notes) or 'nothing'}); pass the model's "
                          "directory (accelerate: pytorch_model_fsdp_0 beside optimizer_0; NeMo-RL: policy/weights "

@@ -26,6 +26,7 @@ import re
 from dataclasses import dataclass
 
 from ..errors import MergeError
+from ..paths import check_dir
 
 METADATA = ".metadata"
 
@@ -156,7 +157,15 @@ def _torchtune_dir(source: str) -> Located | None:
 
 def locate(source: str) -> Located | None:
     """The DCP directory of SOURCE and its writer; None when SOURCE is no DCP save of any kind.
-    A plain DCP directory is Located with writer None (torchtune's is recognised by its names, in dcp.py)."""
+    A plain DCP directory is Located with writer None (torchtune's is recognised by its names). A
+    model directory that resolves outside SOURCE (a link out of it) is refused before it is read."""
+    found = _locate(source)
+    if found is not None:
+        check_dir(found.ckpt, source)
+    return found
+
+
+def _locate(source: str) -> Located | None:
     if _is_dcp(source):
         name = os.path.basename(os.path.abspath(source))
         if ACCELERATE_MODEL.match(name):

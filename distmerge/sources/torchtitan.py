@@ -16,6 +16,7 @@ import os
 import re
 
 from ..errors import MergeError
+from ..paths import check_dir
 from ..model import Catalogue
 from .dcp import METADATA, read_metadata, tensors_from_metadata
 from .layout import find_hf_dir
@@ -48,19 +49,20 @@ def step_dirs(source: str) -> dict[int, str]:
 def checkpoint_dir(source: str, iteration: int | None) -> str | None:
     """The DCP directory to read: `source` itself, or the latest (or --iteration N's) step-N of
     `source` or of its checkpoint/ (torchtitan's dump folder); None when it is none of those.
-    Never raises for a directory that is not torchtitan's."""
+    Never raises for a directory that is not torchtitan's; refuses a step directory that resolves
+    outside the source (a link out of it) before anything in it is read."""
     if iteration is None and os.path.isfile(os.path.join(source, METADATA)):
         return source
     steps = step_dirs(source) or step_dirs(os.path.join(source, CHECKPOINT_FOLDER))
     if not steps:
         return None
     if iteration is None:
-        return steps[max(steps)]
+        return check_dir(steps[max(steps)], source)
     if iteration not in steps:
         folder = os.path.dirname(next(iter(steps.values())))
         raise MergeError(f"{folder} has no step-{iteration}/ (it has steps {', '.join(map(str, sorted(steps)))}); "
                          "pass one of those to --iteration")
-    return steps[iteration]
+    return check_dir(steps[iteration], source)
 
 
 @functools.lru_cache(maxsize=8)
@@ -77,8 +79,8 @@ def detect(source: str, opts: ReadOptions = ReadOptions()) -> bool:
     """A DCP directory (or a folder of step-N/ ones) whose metadata names torchtitan model keys."""
     try:
         ckpt = checkpoint_dir(source, opts.iteration)
-    except MergeError:
-        return opts.iteration is not None  # a checkpoint folder without that step: read_catalogue says so
+    except MergeError:  # step-N/ directories, but not that step, or linked out: read_catalogue says so
+        return True
     if ckpt is None or os.path.isfile(os.path.join(ckpt, "metadata.json")):  # metadata.json: Megatron torch_dist
         return False
     st = os.stat(os.path.join(ckpt, METADATA))
@@ -92,7 +94,7 @@ def read_catalogue(source: str, opts: ReadOptions = ReadOptions()) -> Catalogue:
     if ckpt is None:
         raise MergeError(f"{source} holds neither {METADATA} nor step-N/ directories with one; pass a torchtitan "
                          "checkpoint directory (<dump>/checkpoint/step-N)")
-    tensors, files, notes, world = tensors_from_metadata(ckpt)
+    tensors, files, notes, world = tensors_from_metadata(ckpt, root=source)
     state = [name for name in tensors if name.startswith(TRAIN_STATE)]
     for name in state:
         del tensors[name]
