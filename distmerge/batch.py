@@ -20,11 +20,12 @@ from .model import Catalogue, OutputTensor
 from .reader import PieceReader, drop_cached, pread_exactly
 
 BATCH_BYTES = 16 * 2**20        # output bytes gathered before they are written (one buffer)
+BATCH_RUNS = 2**15              # ... and at most this many byte runs (their records are memory too)
 SMALL_TENSOR_BYTES = 2**20      # a tensor of at most this many bytes may join a batch
 IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 16  # buffers one preadv may fill
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ByteRun:
     """nbytes of source file `path` from `offset`, going to data offset `out` of the output file."""
 
@@ -48,7 +49,8 @@ class Batch:
         """Whether output bytes [begin, end) of `writer` extend this batch."""
         if self.writer is None:
             return True
-        return writer is self.writer and begin == self.end and end - self.begin <= BATCH_BYTES
+        return writer is self.writer and begin == self.end and end - self.begin <= BATCH_BYTES \
+            and len(self.runs) < BATCH_RUNS
 
     def add(self, writer, begin: int, end: int, runs: list[ByteRun]) -> None:
         if self.writer is None:
