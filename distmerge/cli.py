@@ -107,8 +107,9 @@ def add_output_options(m) -> None:
                    help="largest output file (500MB, 2GiB, bytes); a larger tensor gets a file of its own, as in "
                         "transformers; a single file is named model.safetensors")
     m.add_argument("--segment-size", metavar="SIZE", default="256MiB",
-                   help="a file larger than this is cut, at tensor boundaries, into runs written by different ranks "
-                        "in parallel (the bytes do not depend on it or on the rank count)")
+                   help="the most bytes of one run of tensors a rank writes: files are cut, at tensor boundaries, "
+                        "into runs of at most this size and of about 1/64 of the model (at least 4 MiB), shared out "
+                        "among the ranks (the bytes do not depend on it or on the rank count)")
     m.add_argument("--transport", default=DEFAULT_TRANSPORT, choices=TRANSPORTS,
                    help="how pieces reach their writer: direct = the writer reads them from the filesystem; "
                         "collective = each source file is read by one rank and pieces are sent "
@@ -124,6 +125,10 @@ def add_output_options(m) -> None:
     m.add_argument("--lora", default="merge", choices=["merge", "adapter", "both"],
                    help="LoRA checkpoints: merge = fold W + (alpha/r) B @ A into the base weights (in fp32, then the "
                         "output dtype); adapter = the base weights plus a PEFT adapter in TARGET/lora_adapter/; both")
+    m.add_argument("--base", metavar="HF_DIR",
+                   help="a LoRA-only checkpoint (verl's checkpoint.save_lora_only): the HF model (safetensors, one "
+                        "file or sharded with an index) whose weights the adapters are folded into, or written "
+                        "beside (--lora adapter); read in bands like the checkpoint, never whole")
     m.add_argument("--lora-alpha", metavar="ALPHA", type=float,
                    help="the lora_alpha the training used (default: from lora_train_meta.json or peft's "
                         "adapter_config.json; without it a LoRA merge is refused, never done with 0)")
@@ -187,6 +192,8 @@ def add_inspect_parser(sub) -> None:
     i.add_argument("--hf-config", metavar="DIR", help="as for merge")
     i.add_argument("--iteration", metavar="N", type=int, help="as for merge")
     i.add_argument("--vocab-size", metavar="N", type=int, help="as for merge")
+    i.add_argument("--lora-alpha", metavar="ALPHA", type=float, help="as for merge")
+    i.add_argument("--base", metavar="HF_DIR", help="as for merge")
     i.add_argument("--check-all", action="store_true",
                    help="read every rank file's metadata and check that the shards cover every tensor, as a merge "
                         "does (verl FSDP; by default rank 0's metadata describes the model)")
@@ -521,7 +528,7 @@ def run_command(args: argparse.Namespace, clock: Clock | None = None) -> int:
         print(inspect_source(args.source, nproc=args.nproc, max_shard_size=args.max_shard_size,
                              segment_size=args.segment_size, dtype=args.dtype, hf_config=args.hf_config,
                              iteration=args.iteration, as_json=args.json, check_all=args.check_all,
-                             vocab_size=args.vocab_size))
+                             vocab_size=args.vocab_size, lora_alpha=args.lora_alpha, base=args.base))
         return 0
     return run_verify(args)
 

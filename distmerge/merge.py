@@ -54,6 +54,7 @@ class MergeOptions:
     zero_weights: str = "master"          # DeepSpeed ZeRO-1/2: fp32 master weights or the 16-bit module
     untie_word_embeddings: bool = False   # keep a head trained apart from the embedding; config says untied
     vocab_size: int | None = None         # a Megatron checkpoint without config.json: the true vocabulary
+    base: str | None = None               # a LoRA-only checkpoint: the HF model its adapters belong to
     backend: str = "auto"
     timeout: float = 1800.0
     progress: bool = True
@@ -130,7 +131,8 @@ class MergeJob:
         o = self.opts
         self.p = prepare(o.source, PrepareOptions(
             hf_config=o.hf_config, iteration=o.iteration, dtype=o.dtype, lora=o.lora, lora_alpha=o.lora_alpha,
-            zero_weights=o.zero_weights, untie_word_embeddings=o.untie_word_embeddings, vocab_size=o.vocab_size))
+            zero_weights=o.zero_weights, untie_word_embeddings=o.untie_word_embeddings, vocab_size=o.vocab_size,
+            base=o.base))
         self.warnings += check_verl_flags(o.source, source_kind(o.backend), self.p.format, self.p.config,
                                           o.tie_word_embedding, o.is_value_model)
 

@@ -13,6 +13,7 @@ from .arch.megatron_config import synthesize_config
 from .errors import MergeError
 from .model import DTYPE_NAMES, Catalogue, OutputTensor
 from .sources import read_source
+from .sources.hf_base import is_lora_only, read_base, with_base
 from .sources.registry import ReadOptions, SourceFormat
 from .tied import check_tied_head, untie
 from .validate import check_outputs, validate_catalogue
@@ -32,6 +33,7 @@ class PrepareOptions:
     untie_word_embeddings: bool = False  # keep a trained head and write tie_word_embeddings: false
     fallback_hf_dir: str | None = None  # verify --source: the reference's config when the source has none
     vocab_size: int | None = None       # --vocab-size: a Megatron checkpoint's true vocabulary (config synthesis)
+    base: str | None = None             # --base: the HF model a LoRA-only checkpoint's adapters belong to
 
 
 @dataclass
@@ -62,11 +64,25 @@ def check_choices(lora_mode: str, dtype: str):
     return cast_rule(dtype)
 
 
+def complete_lora_only(catalogue: Catalogue, base_dir: str | None) -> Catalogue:
+    """A LoRA-only checkpoint (verl's save_lora_only) plus the base model the user names; the base's
+    catalogue is validated against its own directory. Without --base such a checkpoint is refused."""
+    if base_dir is None:
+        if is_lora_only(catalogue):
+            raise MergeError(f"{catalogue.source} holds only LoRA factors (verl's checkpoint.save_lora_only), no base "
+                             "weights; pass --base HF_DIR, the HF model the LoRA was trained on")
+        return catalogue
+    base = read_base(base_dir)
+    validate_catalogue(base)
+    return with_base(catalogue, base)
+
+
 def prepare(source: str, opts: PrepareOptions = PrepareOptions()) -> Prepared:
     cast = check_choices(opts.lora, opts.dtype)
     fmt, catalogue = read_source(source, ReadOptions(iteration=opts.iteration, quick=opts.quick,
                                                      zero_weights=opts.zero_weights))
     validate_catalogue(catalogue)
+    catalogue = complete_lora_only(catalogue, opts.base)
     hf_dir = opts.hf_config or catalogue.hf_dir or opts.fallback_hf_dir
     if hf_dir is None and catalogue.family == "megatron":
         built = synthesize_config(catalogue, opts.vocab_size)  # no config.json anywhere: build one
@@ -76,7 +92,7 @@ def prepare(source: str, opts: PrepareOptions = PrepareOptions()) -> Prepared:
         config = load_config(hf_dir, source)
     if opts.untie_word_embeddings:
         config = untie(config)
-    adapters = find_adapters(catalogue, opts.lora_alpha)
+    adapters = find_adapters(catalogue, opts.lora_alpha, config)
     outputs = map_outputs(catalogue, config, cast, adapters, opts.lora)
     check_outputs(catalogue, outputs, config)
     check_tied_head(catalogue, outputs)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import struct
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -17,11 +16,11 @@ import torch
 from .errors import MergeError, MergeVerifyError
 from .finish import INCOMPLETE
 from .integrity import MANIFEST, hash_range
-from .model import SAFETENSORS_DTYPES, dtype_size
+from .model import dtype_size
+from .st_header import DTYPES, MAX_HEADER_BYTES, count, entry_problem, read_header
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
-DTYPES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
 COMPARE_BYTES = 16 * 2**20   # rows compared at a time
 WORST_SHOWN = 10
 
@@ -67,54 +66,7 @@ class Report:
         return {**asdict(self), "ok": self.ok}
 
 
-# ---- reading safetensors headers (our own parse: every defect gets a message naming the file)
-MAX_HEADER_BYTES = 100 * 2**20
-
-
-def read_header(path: str) -> tuple[dict, int]:
-    """The header of a safetensors file and where its data starts; ValueError says what is wrong."""
-    try:
-        size = os.path.getsize(path)
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise ValueError(f"{path} is {size} bytes, too short for a safetensors header")
-            n = struct.unpack("<Q", head)[0]
-            if n > size - 8 or n > MAX_HEADER_BYTES:
-                raise ValueError(f"{path}: header length {n} does not fit in the file ({size} bytes)")
-            header = json.loads(f.read(n))
-    except OSError as e:
-        raise ValueError(f"{path} cannot be read ({e.strerror})") from None
-    except (ValueError, RecursionError) as e:
-        if str(e).startswith(path):
-            raise
-        raise ValueError(f"{path}: the header is not valid JSON ({type(e).__name__})") from None
-    if not isinstance(header, dict):
-        raise ValueError(f"{path}: the header is not a JSON object")
-    meta = header.pop("__metadata__", None)
-    if meta is not None and not (isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
-        raise ValueError(f"{path}: __metadata__ is not an object of strings")
-    return header, 8 + n
-
-
-def _count(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
-
-
-def entry_problem(info) -> str | None:
-    """What is wrong with the types of one header entry, or None: dtype a known name, shape a list of
-    counts, data_offsets two counts in order."""
-    if not isinstance(info, dict):
-        return f"is {json.dumps(info)[:60]}, not an object"
-    dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-    if not isinstance(dtype, str) or dtype not in DTYPES:
-        return f"has dtype {json.dumps(dtype)[:40]}, not one of {', '.join(sorted(DTYPES))}"
-    if not (isinstance(shape, list) and len(shape) <= 64 and all(_count(n) for n in shape)):
-        return f"has shape {json.dumps(shape)[:60]}, not a list of sizes"
-    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_count(n) for n in offsets)
-            and offsets[0] <= offsets[1]):
-        return f"has data_offsets {json.dumps(offsets)[:60]}, not [begin, end]"
-    return None
+# ---- reading safetensors headers: st_header.py
 
 
 def header_problems(path: str, header: dict, data_start: int) -> list[str]:
@@ -176,7 +128,7 @@ def read_index(index_path: str) -> dict:
     elif not all(plain_name(f) for f in weight_map.values()):
         bad = next(f for f in weight_map.values() if not plain_name(f))
         problem = f"weight_map names {json.dumps(bad)[:80]}, not a file name in the directory"
-    elif not isinstance(metadata, dict) or not (metadata.get("total_size") is None or _count(metadata["total_size"])):
+    elif not isinstance(metadata, dict) or not (metadata.get("total_size") is None or count(metadata["total_size"])):
         problem = f"metadata is {json.dumps(metadata)[:80]}, not an object with a byte count total_size"
     if problem:
         raise MergeVerifyError(f"{index_path}: {problem}; it is not a valid index")
@@ -278,7 +230,7 @@ def manifest_problems(target: str, manifest_path: str) -> list[str]:
 
 
 def _segment(seg) -> bool:
-    return (isinstance(seg, list) and len(seg) == 3 and _count(seg[0]) and _count(seg[1]) and seg[0] <= seg[1]
+    return (isinstance(seg, list) and len(seg) == 3 and count(seg[0]) and count(seg[1]) and seg[0] <= seg[1]
             and isinstance(seg[2], str))
 
 

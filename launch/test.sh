@@ -23,6 +23,9 @@ fi
 # not needed to build and save a model, so it is installed without them plus what its imports need
 "$VENV/bin/pip" install -q --no-deps torchtitan==0.3.0 spmd_types==0.2.3 torch_checkpointing==0.1.1 tyro==1.0.17 \
   docstring_parser==0.18.0 typeguard==4.6.1 triton==3.9.0 einops==0.8.2
+# Megatron-Bridge's LoRA writes the Megatron LoRA fixtures; only its PEFT modules are imported
+# (tests/make_megatron_lora.py), so it is installed without its training stack's dependencies
+"$VENV/bin/pip" install -q --no-deps megatron-bridge==0.3.1
 # torchtune writes the torchtune fixtures; it pins packages of its own (torchao 0.10), so it gets an
 # environment of its own that sees this one's packages (torch included) through a .pth file
 TT_VENV=${TORCHTUNE_VENV:-.venv-torchtune}

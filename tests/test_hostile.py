@@ -196,6 +196,27 @@ def test_no_file_outside_the_source_is_opened(checkpoint, tmp_path, capsys, monk
     assert not opened, f"files outside the source were opened: {opened}"
 
 
+@pytest.mark.parametrize("layout", ["accelerate", "megatron"])
+def test_a_model_directory_linked_out_of_the_source_is_refused(checkpoint, tmp_path, capsys, monkeypatch, layout):
+    """A trainer's folder whose model directory is a link out of it (accelerate's
+    pytorch_model_fsdp_0/, Megatron's iter_N/): refused before its `.metadata` is opened."""
+    outside = tmp_path / "elsewhere"
+    source = tmp_path / "source"
+    source.mkdir()
+    if layout == "accelerate":
+        shutil.copytree(dcp_copy(checkpoint, tmp_path), outside)
+        (source / "pytorch_model_fsdp_0").symlink_to(outside)
+    else:
+        shutil.copytree(checkpoint("mg_llama_tp2") / "dist_ckpt", outside)
+        (source / "latest_checkpointed_iteration.txt").write_text("1")
+        (source / "iter_0000001").symlink_to(outside)
+    with opened_under(outside, monkeypatch) as opened:
+        code, err = merge(capsys, "--source", source, "--target", tmp_path / "out")
+    refused(code, err, 2, "outside")
+    assert not opened, f"files outside the source were opened: {opened}"
+    nothing_published(tmp_path)
+
+
 def test_a_rank_file_linked_out_of_the_source_is_refused(fsdp, tmp_path, capsys, monkeypatch):
     """Before: the linked file was read and merged, exit 0. Now it is refused before it is opened."""
     outside = tmp_path / "elsewhere"
@@ -374,10 +395,11 @@ def test_stride_zero_with_a_huge_shape_is_refused_at_once(plain, tmp_path, capsy
 
 
 def tensors_with_attributes(plain: Path) -> None:
-    """Every tensor carries a Python attribute: the fast reader leaves such a file to torch's loader."""
+    """Every tensor carries a Python attribute holding a set: the fast reader (which reads plain tensors
+    with attributes of plain values, as FSDP1 saves them) leaves such a file to torch's loader."""
     state = torch.load(plain / PLAIN, weights_only=True)
     for t in state.values():
-        t.note = "x"
+        t.note = {1}
     torch.save(state, plain / PLAIN)
 
 

@@ -128,6 +128,20 @@ def read_settings(catalogue: Catalogue) -> Settings:
     return settings
 
 
+def read_peft_settings(catalogue: Catalogue) -> tuple[dict, str]:
+    """Megatron-Bridge's `peft:` section of iter_N/run_config.yaml (dim, alpha) and that file's path,
+    or ({}, "") when there is none. Only plain LoRA is folded: DoRA and canonical LoRA are refused."""
+    path = os.path.join(_ckpt_dir(catalogue), "run_config.yaml")
+    if not os.path.isfile(path) or not inside(path, catalogue.source):
+        return {}, ""
+    values = _yaml_section(path, "peft")
+    target = str(values.get("_target_", ""))
+    if target and target.rsplit(".", 1)[-1] != "LoRA":
+        raise MergeError(f"{path} says the adapters are {target}; distmerge folds Megatron-Bridge's plain LoRA "
+                         "(megatron.bridge.peft.lora.LoRA) only")
+    return values, path
+
+
 def _read_text(path: str) -> str:
     if os.path.getsize(path) > MAX_TEXT_BYTES:
         raise MergeError(f"{path} is {os.path.getsize(path)} bytes, not a settings file; {FIX}")

@@ -11,6 +11,8 @@ parallelism splits that key (`tp`, which the legacy reader joins TP ranks by):
 - `Router`, `RouterBias`, `Experts`: MoE, named per family by MOE_NAMES.
 Embedding and head rows beyond the config's vocab_size are Megatron's vocab padding and are dropped.
 A new family is mostly a new entry in FAMILY_RULES and MOE_NAMES.
+Megatron-Bridge's LoRA factors (`<linear>.adapter.linear_in/out.weight`) are taken up by
+find_adapters, per HF weight, by the same rules (see the LoRA section at the end).
 """
 from __future__ import annotations
 
@@ -19,7 +21,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from ..errors import MergeError
-from ..model import Catalogue, OutputTensor, SourceRows
+from ..model import Catalogue, LoraDelta, OutputTensor, Piece, SourceRows, SourceTensor, dtype_size
+from . import lora
 from .config import architecture, text_config
 
 LAYER = "model.layers.{i}."
@@ -337,8 +340,21 @@ def tp_split(name: str) -> str:
     key, or a top-level one): the split of the rule that maps it, REPLICATED where none does."""
     if name in (EMBEDDING, HEAD):
         return COLUMN  # vocab-parallel
+    adapter = ADAPTER_KEY.match(name)
+    if adapter:
+        return _adapter_split(tp_split(adapter["base"] + ".weight"), adapter["io"])
     m = LAYER_KEY.match(name)
     return TP_SPLITS.get(m.group(2), REPLICATED) if m else REPLICATED
+
+
+def _adapter_split(base: str, io: str) -> str:
+    """How TP splits a LoRA factor of a base weight split `base` (Megatron-Bridge's ParallelLinearAdapter):
+    linear_in (A) is a RowParallelLinear over a row-parallel base (its columns split), else a
+    ColumnParallelLinear (its r rows split); linear_out (B) is always a ColumnParallelLinear (rows
+    split), over fc1 as [gate_t; up_t] like the base."""
+    if io == "in":
+        return ROW if base == ROW else COLUMN
+    return GATE_UP if base == GATE_UP else COLUMN
 
 
 def _family(config: dict) -> tuple[str, bool]:
@@ -353,6 +369,18 @@ def _family(config: dict) -> tuple[str, bool]:
 
 
 def map_outputs(catalogue: Catalogue, config: dict, cast) -> list[OutputTensor]:
+    """The HF tensors of the base model. LoRA factors must have been taken up by find_adapters
+    first (it re-presents them under PEFT's names): a stored adapter left here would be dropped
+    without a word, so it is refused."""
+    stored = [name for name in catalogue.tensors if ".adapter." in name]
+    if stored:
+        raise MergeError(f"{catalogue.source} holds LoRA adapters ({stored[0]}, ...) that this merge did not "
+                         "read; distmerge must look for them (arch.find_adapters) before mapping")
+    return _map_base(catalogue, config, cast)
+
+
+def _map_base(catalogue: Catalogue, config: dict, cast) -> list[OutputTensor]:
+    """map_outputs without the adapter check: every tensor but the LoRA factors."""
     arch, value_model = _family(config)
     cfg = text_config(config)
     missing = [k for k in ("num_hidden_layers", "num_attention_heads", "hidden_size", "vocab_size")
@@ -360,7 +388,7 @@ def map_outputs(catalogue: Catalogue, config: dict, cast) -> list[OutputTensor]:
     if missing:
         raise MergeError(f"config.json has no {', '.join(missing)} (a positive integer), by which a Megatron "
                          "checkpoint is mapped; pass --hf-config DIR with the model's config.json")
-    tensors = catalogue.tensors
+    tensors = {name: t for name, t in catalogue.tensors.items() if not is_adapter_tensor(name)}
     rules = {**LAYER_RULES, **FAMILY_RULES.get(arch, {})}
     slots, unmapped = find_slots(tensors, cfg["num_hidden_layers"], rules)
     unmapped += [n for n in tensors if not n.startswith("decoder.layers.") and n not in (EMBEDDING, HEAD, FINAL_NORM)]
@@ -406,3 +434,157 @@ def _head(m: Mapping, config: dict, value_model: bool) -> list[OutputTensor]:
     if HEAD not in tensors:
         raise MergeError(f"config.json has tie_word_embeddings=false but {source} holds no {HEAD}")
     return [_vocab_rows(m, "lm_head.weight", HEAD)]
+
+
+# ---------------------------------------------------------------- LoRA: Megatron-Bridge's PEFT adapters
+#
+# Megatron-Bridge's LoRA (which verl's Megatron workers use) wraps a linear as `<linear>.to_wrap`
+# plus `<linear>.adapter` (ParallelLinearAdapter), and the dist checkpoint keeps the base weight's
+# key: decoder.layers.<linear>.weight, and beside it <linear>.adapter.linear_in.weight (A, [r, in])
+# and .adapter.linear_out.weight (B, [out, r]) stacked like the base. The output is
+# W + (alpha / r) * B @ A. B's rows are laid out like W's (a fused QKV's groups, fc1's [gate; up]),
+# so the rows an HF weight takes of W are the rows its B takes of B; A is shared by q/k/v (and by
+# gate/up). find_adapters re-presents each adapted HF weight's A and B as 2-d catalogue tensors
+# under PEFT's names, so the fold (LoraDelta) and the PEFT adapter writer take them unchanged.
+
+ADAPTER_KEY = re.compile(r"^(?P<base>.+)\.adapter\.linear_(?P<io>in|out)\.weight$")
+ADAPTER_NAME = "default"  # the adapter name in the PEFT-style names of the re-presented factors
+
+
+def is_adapter_tensor(name: str) -> bool:
+    """A LoRA factor as Megatron stores it, or as find_adapters re-presents it: not a base tensor."""
+    return ".adapter." in name or name.startswith(lora.PREFIX)
+
+
+def _adapter_pairs(catalogue: Catalogue) -> dict[str, tuple[str, str]]:
+    """Base weight's catalogue name -> (linear_in (A), linear_out (B)) catalogue names."""
+    found: dict[str, dict[str, str]] = {}
+    for name in catalogue.tensors:
+        m = ADAPTER_KEY.match(name)
+        if m:
+            found.setdefault(m["base"] + ".weight", {})[m["io"]] = name
+        elif ".adapter." in name:
+            raise MergeError(f"{catalogue.source} holds {name}: an adapter other than Megatron-Bridge's LoRA "
+                             "(linear_in / linear_out), e.g. canonical LoRA or DoRA, which distmerge does not "
+                             "read yet")
+    if found and EMBEDDING not in catalogue.tensors and not any(b in catalogue.tensors for b in found):
+        raise MergeError(f"{catalogue.source} holds LoRA adapter weights only: Megatron-Bridge's PEFT saves "
+                         "(and verl's without the model in dist_ckpt/) leave out the base model, which is the "
+                         "model the training started from (Bridge: checkpoint.pretrained_checkpoint); distmerge "
+                         "needs the base weights in the same checkpoint")
+    pairs = {}
+    for base, io in found.items():
+        if set(io) != {"in", "out"}:
+            raise MergeError(f"{catalogue.source}: the LoRA adapter of {base} has linear_{''.join(io)} but not "
+                             "the other factor; the checkpoint is incomplete")
+        if base not in catalogue.tensors:
+            raise MergeError(f"{catalogue.source}: a LoRA adapter {io['in']} has no base weight {base}")
+        if ".experts." in base or ".router." in base:
+            raise MergeError(f"{catalogue.source} holds a LoRA adapter on {base}: adapters on MoE experts and "
+                             "routers are not read yet (only attention and dense MLP linears)")
+        _check_factors(catalogue, base, io["in"], io["out"])
+        pairs[base] = (io["in"], io["out"])
+    return pairs
+
+
+def _check_factors(catalogue: Catalogue, base: str, a: str, b: str) -> None:
+    """A is [.., r, in] and B [.., out, r] for a base weight [.., out, in], stacked alike."""
+    w, sa, sb = (tuple(catalogue.tensors[n].shape) for n in (base, a, b))
+    lead = w[:-2]
+    if len(w) < 2 or len(sa) != len(w) or len(sb) != len(w) or sa[:-2] != lead or sb[:-2] != lead \
+            or sa[-1] != w[-1] or sb[-2] != w[-2] or sb[-1] != sa[-2] or sa[-2] < 1:
+        raise MergeError(f"{catalogue.source}: LoRA factors {a} {list(sa)} and {b} {list(sb)} do not fit their "
+                         f"base weight {base} {list(w)} (A must be [.., r, in], B [.., out, r]): the adapters are "
+                         "incomplete (a TP rank's file missing?) or not this model's")
+
+
+def find_adapters(catalogue: Catalogue, config: dict, lora_alpha: float | None) -> lora.Adapters | None:
+    """The checkpoint's LoRA adapters as PEFT's per-module factors, or None when it has none.
+
+    Every HF weight that an adapted linear maps to gets its A (the layer's linear_in) and its B (the
+    rows of linear_out the weight takes of the base) as 2-d catalogue tensors named like PEFT's
+    (`base_model.model.<module>.lora_A.default.weight`); they replace the stacked factors in
+    `catalogue.tensors`. Their pieces are blocks of the stored (already validated) pieces."""
+    pairs = _adapter_pairs(catalogue)
+    if not pairs:
+        return None
+    factors, base_names, derived, used = {}, {}, {}, set()
+    for out in _map_base(catalogue, config, lambda dtype: dtype):
+        base = out.parts[0].source if out.parts else None
+        if base not in pairs or out.sources != {base}:
+            continue
+        a_src, b_src = pairs[base]
+        module = out.name.removesuffix(".weight")
+        a, b = (f"{lora.PREFIX}{module}.lora_{ab}.{ADAPTER_NAME}.weight" for ab in "AB")
+        rank = catalogue.tensors[a_src].shape[-2]
+        derived[a] = sub_tensor(catalogue, a, [SourceRows(a_src, out.parts[0].index, 0, rank)])
+        derived[b] = sub_tensor(catalogue, b, [SourceRows(b_src, p.index, p.start, p.stop) for p in out.parts])
+        factors[module], base_names[out.name] = (a, b), base
+        used.add(base)
+    if set(pairs) - used:
+        unused = sorted(set(pairs) - used)
+        raise MergeError(f"{catalogue.source}: the LoRA adapter of {unused[0]} adapts a weight that no rule of "
+                         f"distmerge/arch/megatron_gpt.py maps ({len(unused)} such adapters)")
+    ranks = {catalogue.tensors[a].shape[-2] for a, _ in pairs.values()}
+    if len(ranks) != 1:
+        raise MergeError(f"{catalogue.source}: LoRA factors of different ranks {sorted(ranks)}; per-module ranks "
+                         "are not supported")
+    r = ranks.pop()
+    alpha = _lora_alpha(catalogue, lora_alpha, r)
+    for a_src, b_src in pairs.values():
+        del catalogue.tensors[a_src], catalogue.tensors[b_src]
+    catalogue.tensors.update(derived)
+    return lora.Adapters(r=r, alpha=alpha, task_type="CAUSAL_LM", factors=factors, base_names=base_names)
+
+
+def sub_tensor(catalogue: Catalogue, name: str, parts: list[SourceRows]) -> SourceTensor:
+    """A tensor made of row ranges of catalogue tensors at fixed leading indices, one after the
+    other: the same stored bytes, described by blocks of the source pieces (no data is read)."""
+    pieces, at = [], 0
+    for part in parts:
+        source, d = catalogue.tensors[part.source], len(part.index)
+        for p in source.pieces:
+            if not all(o <= x < o + n for x, o, n in zip(part.index, p.region, p.shape)):
+                continue
+            lo, hi = max(part.start, p.region[d]), min(part.stop, p.region[d] + p.shape[d])
+            if lo >= hi:
+                continue
+            skip = sum((x - o) * st for x, o, st in zip(part.index, p.region, p.strides)) \
+                + (lo - p.region[d]) * p.strides[d]
+            pieces.append(Piece(file=p.file, offset=p.offset + skip * dtype_size(p.dtype),
+                                shape=(hi - lo,) + tuple(p.shape[d + 1:]), strides=tuple(p.strides[d:]),
+                                region=(at + lo - part.start,) + tuple(p.region[d + 1:]), dtype=p.dtype))
+        at += part.stop - part.start
+    first = catalogue.tensors[parts[0].source]
+    return SourceTensor(name, (at,) + tuple(first.shape[len(parts[0].index) + 1:]), first.dtype, pieces)
+
+
+def _lora_alpha(catalogue: Catalogue, option: float | None, r: int) -> float:
+    """alpha: --lora-alpha, else Megatron-Bridge's run_config.yaml `peft:` section, else peft's
+    adapter_config.json or verl's lora_train_meta.json. verl's Megatron saves store none of them."""
+    from .megatron_config import read_peft_settings
+
+    meta, origin = read_peft_settings(catalogue)
+    if not meta:
+        meta, origin = lora.read_meta(catalogue)
+    rank = meta.get("dim", meta.get("r"))
+    if rank is not None and rank != r:
+        raise MergeError(f"{origin} says the LoRA rank is {rank} but the adapters have rank {r}; "
+                         "the file is not this checkpoint's")
+    alpha = option if option is not None else meta.get("alpha", meta.get("lora_alpha"))
+    if alpha is None:
+        raise MergeError(f"{catalogue.source} holds LoRA adapters but no file of it says their alpha (verl's "
+                         "Megatron checkpoints keep it in the training config only); pass --lora-alpha ALPHA "
+                         "(the training's lora alpha: the fold scales B @ A by alpha / r)")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0:
+        raise MergeError(f"lora alpha is {alpha} ({'--lora-alpha' if option is not None else origin}); a fold "
+                         "with alpha 0 gives back the base model: pass the training's --lora-alpha")
+    return float(alpha)
+
+
+def attach_folds(outputs: list[OutputTensor], adapters: lora.Adapters) -> None:
+    """--lora merge/both: each adapted HF weight is written as W + (alpha / r) * B @ A."""
+    for out in outputs:
+        factors = adapters.factors.get(out.name.removesuffix(".weight"))
+        if factors is not None and out.name.endswith(".weight"):
+            out.lora = LoraDelta(a=factors[0], b=factors[1], scale=adapters.scale)

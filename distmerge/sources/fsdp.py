@@ -8,6 +8,7 @@ zip archive, shape, strides, and for a DTensor its global shape, placements and 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 
@@ -20,14 +21,16 @@ from .torch_archive import StoredDTensor, load_state_metadata
 
 RANK_FILE = re.compile(r"^model_world_size_(\d+)_rank_(\d+)\.pt$")
 NAME = "verl-fsdp"
+log = logging.getLogger("distmerge")
 
 
 def detect(source: str, opts: ReadOptions = ReadOptions()) -> bool:
     return any(RANK_FILE.match(n) for n in os.listdir(source))
 
 
-def _rank_files(source: str) -> tuple[int, list[str]]:
-    """The world size and the rank files in rank order, after checking the set is complete."""
+def _rank_files(source: str) -> tuple[int, list[str], str | None]:
+    """The world size, the rank files in rank order (after checking the set is complete), and a note
+    when the world size comes from the file names alone (older verl releases wrote no fsdp_config.json)."""
     found: dict[int, dict[int, str]] = {}
     for name in sorted(os.listdir(source)):
         m = RANK_FILE.match(name)
@@ -41,7 +44,13 @@ def _rank_files(source: str) -> tuple[int, list[str]]:
                          "keep the files of one save only (move the others away) and rerun")
     (world, by_rank), = found.items()
     config_path = os.path.join(source, "fsdp_config.json")
-    if os.path.exists(config_path):
+    note = None
+    if not os.path.lexists(config_path):
+        note = (f"no fsdp_config.json: the world size {world} is taken from the file names "
+                f"(model_world_size_{world}_rank_*.pt)")
+        log.warning("%s: %s", source, note)
+    else:
+        check_file(config_path, source)
         try:
             with open(config_path) as f:
                 declared = int(json.load(f)["world_size"])
@@ -59,7 +68,7 @@ def _rank_files(source: str) -> tuple[int, list[str]]:
     extra = [r for r in by_rank if r >= world]
     if extra:
         raise MergeError(f"{by_rank[extra[0]]} has rank {extra[0]} >= world size {world}")
-    return world, [by_rank[r] for r in range(world)]
+    return world, [by_rank[r] for r in range(world)], note
 
 
 def shard_region(shape, mesh_shape, coord, placements) -> tuple[list[int], list[int]]:
@@ -109,7 +118,7 @@ def read_catalogue(source: str, opts: ReadOptions = ReadOptions()) -> Catalogue:
     ranks are not located (a merge always reads them all, and validation checks the tiling).
     Each tensor's pieces go into one PieceTable over the rank files: W files of a record per
     tensor make W x tensors pieces, kept as ints rather than an object each."""
-    world, paths = _rank_files(source)
+    world, paths, note = _rank_files(source)
     tensors: dict[str, SourceTensor] = {}
     mesh = _Mesh()
     with gc_paused():
@@ -123,7 +132,7 @@ def read_catalogue(source: str, opts: ReadOptions = ReadOptions()) -> Catalogue:
     mesh_desc = mesh.desc or ("single rank" if world == 1 else f"{world} ranks")
     return Catalogue(format=NAME, source=source, files=paths, tensors=tensors,
                      hf_dir=hf_dir if os.path.isdir(hf_dir) else None, world_size=world, mesh=mesh_desc,
-                     partial=opts.quick and world > 1)
+                     partial=opts.quick and world > 1, notes=[note] if note else [])
 
 
 class _Mesh:

@@ -18,6 +18,7 @@ import re
 from dataclasses import dataclass
 
 from ..errors import MergeError
+from ..paths import check_dir
 from .layout import latest_iteration
 
 ITER_DIR = re.compile(r"^iter_(\d{7})$")
@@ -55,18 +56,27 @@ def _dir(*parts: str) -> str | None:
     return path if os.path.isdir(path) else None
 
 
+def _holds(source: str, *parts: str) -> bool:
+    """Whether source/parts is a torch_dist checkpoint directory; one that resolves outside the
+    source (a link out of it) is refused before its metadata.json is opened."""
+    path = os.path.join(source, *parts)
+    if os.path.isdir(path):
+        check_dir(path, source)
+    return is_dist_ckpt(path)
+
+
 def find_layout(source: str, iteration: int | None = None) -> Layout | None:
     """The layout `source` holds, or None when it holds no torch_dist checkpoint."""
     if is_dist_ckpt(source):  # NeMo 2's weights/ passed by itself keeps its prefix
         nemo = os.path.basename(os.path.normpath(source)) == "weights" and os.path.isdir(
             os.path.join(os.path.dirname(os.path.abspath(source)), "context"))
         return Layout("nemo2" if nemo else "torch_dist", source, source, key_prefix=NEMO_PREFIX if nemo else "")
-    if is_dist_ckpt(os.path.join(source, "dist_ckpt")):
+    if _holds(source, "dist_ckpt"):
         return Layout("verl", source, os.path.join(source, "dist_ckpt"), _dir(source, "huggingface"))
-    if is_dist_ckpt(os.path.join(source, "model", "dist_ckpt")):
+    if _holds(source, "model", "dist_ckpt"):
         return Layout("verl-model", source, os.path.join(source, "model", "dist_ckpt"),
                       _dir(source, "model", "huggingface") or _dir(source, "huggingface"))
-    if is_dist_ckpt(os.path.join(source, "weights")) and os.path.isdir(os.path.join(source, "context")):
+    if _holds(source, "weights") and os.path.isdir(os.path.join(source, "context")):
         return Layout("nemo2", source, os.path.join(source, "weights"), key_prefix=NEMO_PREFIX)
     return _iteration_layout(source, iteration)
 
@@ -85,7 +95,7 @@ def _iteration_layout(source: str, iteration: int | None) -> Layout | None:
     if iteration is None:
         return None
     path = os.path.join(source, f"iter_{iteration:07d}")
-    if not is_dist_ckpt(path):
+    if not _holds(source, f"iter_{iteration:07d}"):
         raise MergeError(f"{path} is not a torch_dist checkpoint (no metadata.json with sharded_backend "
                          "torch_dist); pick another --iteration")
     return Layout("megatron-bridge" if bridge else "megatron-lm", source, path)

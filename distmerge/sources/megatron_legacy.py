@@ -16,6 +16,8 @@ for experts), so the same mapping table (arch/megatron_gpt.py) applies.
   (expert TP = TP, megatron-core's default). MLA's down projections are column-parallel in
   megatron-core's local spec and whole on every rank in Transformer Engine's, whose saves are told
   by their fused layer norms (`*.layer_norm_weight`).
+- LoRA factors (`<linear>.adapter.linear_in/out.weight`) split as their rule says (tp_split), and
+  verl's adapter files (adapter_checkpoint/mp_rank_*_adapter.pt, read_adapter_files) join the same way.
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ from collections import defaultdict
 from ..arch.megatron_gpt import COLUMN, COLUMN_LOCAL, GATE_UP, REPLICATED, ROW, tp_split
 from ..errors import MergeError
 from ..model import Catalogue, Piece, SourceTensor, dtype_size
-from ..paths import check_file
+from ..paths import check_dir, check_file
 from .layout import find_hf_dir, latest_iteration
 from .registry import ReadOptions, SourceFormat
 from .torch_archive import (FAST_PATH_MISSES, StoredTensor, _convert_fast, _fast_load, _fast_path_missed,
@@ -35,6 +37,8 @@ from .torch_archive import (FAST_PATH_MISSES, StoredTensor, _convert_fast, _fast
 NAME = "megatron-legacy"
 RANK_DIR = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?(?:_(\d{3}))?$")
 LAYER_KEY = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
+ADAPTER_DIR = "adapter_checkpoint"  # verl's Megatron LoRA adapters, beside dist_ckpt/
+ADAPTER_FILE = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?(?:_(\d{3}))?_adapter\.pt$")
 # an expert's tensor inside a layer: SequentialMLP's local_experts.{j}.X or TEGroupedMLP's X{j}
 EXPERT_KEY = re.compile(r"^mlp\.experts\.(?:local_experts\.(\d+)\.(.+)|(linear_fc[12]\.(?:weight|bias))(\d+))$")
 ARG_VALUES = (int, str, type(None))  # the saved args kept: plain values only
@@ -47,9 +51,10 @@ def resolve(source: str, iteration: int | None = None) -> str | None:
     if has_ranks(source):
         return source
     iteration = iteration if iteration is not None else latest_iteration(source)
-    if iteration is not None and has_ranks(os.path.join(source, f"iter_{iteration:07d}")):
-        return os.path.join(source, f"iter_{iteration:07d}")
-    return None
+    path = os.path.join(source, f"iter_{iteration:07d}") if iteration is not None else None
+    if path is not None and os.path.isdir(path):
+        check_dir(path, source)  # a link out of the source: refused before it is listed
+    return path if path is not None and has_ranks(path) else None
 
 
 def detect(source: str, opts: ReadOptions = ReadOptions()) -> bool:
@@ -246,6 +251,76 @@ def _stack(name: str, parts: list, tp: int, split: str) -> SourceTensor:
         elif t == 0:  # replicated across TP: rank 0's is read
             pieces.append(_piece(path, stored, lead, (0,) * len(local), 0, local[0] if local else 0))
     return SourceTensor(name, lead_shape + global_shape, first.dtype, pieces)
+
+
+def read_adapter_files(folder: str, source: str, layers: int | None) -> tuple[dict[str, SourceTensor], list[str]]:
+    """verl's Megatron LoRA adapters, ADAPTER_DIR/mp_rank_TT[_PPP][_EEE]_adapter.pt: each TP x PP (x EP)
+    rank's {"adapter_state_dict": {name: local shard}}, names with `.adapter.` and local layer numbers,
+    joined like legacy rank files into torch_dist's stacked names; and the files read. `layers` is the
+    base model's layer count: with PP, a rank's first layer is counted from the ranks before it, so
+    adapters on only some layers (or, with virtual stages, on the first chunk only, which is all verl
+    saves) cannot be placed and are refused."""
+    files = {}
+    for name in sorted(os.listdir(folder)):
+        m = ADAPTER_FILE.match(name)
+        if m:
+            path = os.path.join(folder, name)
+            check_file(path, source)  # before it is opened: inside the source, a regular file
+            files[tuple(int(g) for g in m.groups() if g is not None)] = path
+    if not files:
+        return {}, []
+    if len({len(k) for k in files}) > 1:
+        raise MergeError(f"{folder} mixes mp_rank_*_adapter.pt names of different forms; it holds files of "
+                         "more than one save")
+    chunks = {path: _adapter_state(path) for path in files.values()}
+    args = {"pipeline_model_parallel_size": _adapter_stages(folder, files, chunks, layers)} \
+        if any(len(key) == 2 for key in files) else {}
+    states = {path: ([chunk], args) for path, chunk in chunks.items()}
+    grid = _rank_grid(folder, files, states)
+    tp, pp, _ = (max(k[d] for k in grid) + 1 for d in range(3))
+    offsets, layer_total = _layer_offsets(states, grid, pp, 1)
+    if pp > 1 and layers is not None and layer_total != layers:
+        raise MergeError(f"the adapters of {folder} cover {layer_total} of the model's {layers} layers over {pp} "
+                         "pipeline stages, so their layer numbers cannot be placed; merge the dist checkpoint's "
+                         "adapters instead (a save with the model in dist_ckpt/)")
+    blocks = _per_layer_where_uneven(_blocks(states, grid, offsets), layer_total)
+    return {name: _stack(name, parts, tp, tp_split(name)) for name, parts in blocks.items()}, sorted(grid.values())
+
+
+def _adapter_stages(folder: str, files: dict, chunks: dict, layers: int | None) -> int:
+    """The PP size of adapter files named mp_rank_TT_XXX, where XXX is a PP rank or (PP=1) an EP rank.
+    The files hold no args, and every stage numbers its layers from 0, so the base model's layer
+    count decides: N stages of the same layer count make up the model, or one rank holds it all."""
+    held = len({int(m.group(1)) for m in map(LAYER_KEY.match, chunks[files[min(files)]]) if m})
+    second = len({key[1] for key in files})
+    if layers is not None and held * second == layers and held != layers:
+        return second
+    if layers is not None and held == layers:
+        return 1
+    model = f"a {layers}-layer model" if layers is not None else "a checkpoint without base weights"
+    raise MergeError(f"the adapter files of {folder} (mp_rank_TT_XXX, {held} layers each) fit neither {second} "
+                     f"pipeline stages nor expert ranks of {model}; the files are incomplete or not this "
+                     "checkpoint's, or the base model is missing")
+
+
+def _adapter_state(path: str) -> dict:
+    """The {name: StoredTensor} of one verl adapter file (restricted unpickler; torch's safe loader
+    where the fast path cannot read it)."""
+    top = _fast_load(path, inert_unknown=True)
+    if top is not None:
+        try:
+            return _convert_fast(_adapter_dict(top, path), path)
+        except FAST_PATH_MISSES as e:
+            _fast_path_missed(path, e)
+    return _load_with_torch(path, lambda state, where: [_adapter_dict(state, where)])[0]
+
+
+def _adapter_dict(top, path: str) -> dict:
+    state = top.get("adapter_state_dict") if isinstance(top, dict) else None
+    if not isinstance(state, dict) or not all(isinstance(k, str) and ".adapter." in k for k in state):
+        raise MergeError(f"{path} is not a verl adapter file: it needs {{'adapter_state_dict': {{name: tensor}}}} "
+                         "with `.adapter.` in every name")
+    return state
 
 
 def _piece(path: str, stored: StoredTensor, lead: tuple, region: tuple, first_row: int, rows: int) -> Piece:

@@ -121,7 +121,7 @@ def _io_error(path: str, e: Exception) -> MergeIOError:
                         "copy it again from the training job's storage")
 
 
-def _open_regular(path: str):
+def open_regular(path: str):
     """The file opened for reading, refused unless it is a regular file: a FIFO or a device named
     like a checkpoint file would block the open or never end."""
     try:
@@ -150,7 +150,7 @@ def load_state_metadata(path: str) -> dict:
 def _fast_load(path: str, inert_unknown: bool):
     """The file's top-level object through the restricted unpickler; None where it meets something unknown."""
     try:
-        with _open_regular(path) as f:
+        with open_regular(path) as f:
             data, prefix, offsets = _read_archive(f, path)
         try:
             return _FastUnpickler(data, prefix, offsets, inert_unknown=inert_unknown).load()
@@ -203,7 +203,7 @@ MAX_BLOB_FALLBACK = 64 << 20  # torch's loader reads a blob whole: only small on
 def load_tensor_blob(path: str, start: int, length: int) -> StoredTensor:
     """Where the bytes of the one tensor torch.save'd at [start, start + length) of a file lie."""
     try:
-        with _open_regular(path) as f:
+        with open_regular(path) as f:
             window = _Window(f, start, length)
             data, prefix, offsets = _read_archive(window, path, start)
             try:
@@ -383,11 +383,19 @@ def _rebuild_wrapper_subclass(cls, dtype, size, stride, storage_offset, layout, 
     return _Record("wrapper", (cls, dtype, tuple(size)))
 
 
+class _PlainTensor:
+    """torch.Tensor, named as the type of a plain tensor pickled with Python attributes: FSDP1's
+    `_has_been_cloned` (a one-rank or a one-wide HYBRID_SHARD save holds whole tensors so),
+    DeepSpeed's `ds_id`. The attributes do not change where its bytes lie, so they are dropped."""
+
+
 def _rebuild_from_type_v2(func, new_type, args, state):
     obj = func(*args)
     if isinstance(obj, _Record):
         obj.kind = getattr(new_type, "kind", "wrapper")
         obj.__setstate__(state)
+    elif new_type is _PlainTensor and isinstance(obj, _TensorRef):
+        return obj
     elif state:
         raise _Unsupported("state on a plain tensor")
     return obj
@@ -415,6 +423,8 @@ class _FastUnpickler(pickle.Unpickler):
             return _STORAGE_DTYPES[name]
         if module == "torch" and name == "device":
             return str
+        if module == "torch" and name == "Tensor":
+            return _PlainTensor
         if (module.startswith("torch.distributed") and name in _DIST_CLASSES) or self.inert_unknown:
             # a stand-in that records its arguments: the real class (or function) is never called
             return self.classes[name]
@@ -577,7 +587,7 @@ def _load_with_torch(path: str, chunks=None):
     # Registered globally: the safe_globals context manager would unregister what the import registered.
     torch.serialization.add_safe_globals([_StridedShard])
     try:
-        with _open_regular(path) as f:
+        with open_regular(path) as f:
             _, prefix, offsets = _read_archive(f, path)
     except (zipfile.BadZipFile, EOFError, OSError, struct.error) as e:
         raise _io_error(path, e) from None
@@ -678,9 +688,9 @@ def load_inert(path: str):
     arguments and state (`kind`, `args`, `state`; nothing is called), and each tensor found in a
     dict, list or tuple becomes the StoredTensor that says where its bytes lie (none are read)."""
     try:
-        with _open_regular(path) as f:
+        with open_regular(path) as f:
             data, prefix, offsets = _read_archive(f, path)
-        top = _InertUnpickler(data, prefix, offsets, inert_unknown=True).load()
+        top = _FastUnpickler(data, prefix, offsets, inert_unknown=True).load()
     except _BadRecord as e:
         raise bad_record(path, e) from None
     except (zipfile.BadZipFile, EOFError, OSError, struct.error) as e:
@@ -690,22 +700,6 @@ def load_inert(path: str):
                          f"without running code ({type(e).__name__} {e}). distmerge never runs code from a "
                          "checkpoint") from None
     return _inert_tree(top, path, 0)
-
-
-def _rebuild_plain_tensor(func, new_type, args, state):
-    """A plain tensor pickled with Python attributes (DeepSpeed's `ds_id` on its flat groups): the
-    attributes do not change where its bytes lie, so the tensor is kept and they are dropped."""
-    obj = func(*args)
-    if isinstance(obj, _TensorRef) and getattr(new_type, "kind", None) == "Tensor":
-        return obj
-    return _rebuild_from_type_v2(func, new_type, args, state)
-
-
-class _InertUnpickler(_FastUnpickler):
-    def find_class(self, module, name):
-        if module == "torch._tensor" and name == "_rebuild_from_type_v2":
-            return _rebuild_plain_tensor
-        return super().find_class(module, name)
 
 
 def _inert_tree(value, path: str, depth: int):

@@ -1,0 +1,172 @@
+"""Write a real megatron-core `torch_dist` checkpoint of a tiny GPT trained with Megatron-Bridge's LoRA,
+on CPU, under torchrun with gloo.
+
+    torchrun --nproc-per-node N tests/make_megatron_lora.py --out DIR [--tp T] [--from REF] [model options]
+
+The model is make_megatron_checkpoint's (same options, same seeds). Megatron-Bridge's own `LoRA`
+transform wraps every linear_qkv, linear_proj, linear_fc1 and linear_fc2 (`LoRALinear` around the
+ColumnParallelLinear / RowParallelLinear, with a `ParallelLinearAdapter`: linear_in = A, linear_out = B).
+Its adapter weights are then filled with seeded values (B starts at zero: the fold would change
+nothing). The save is what verl's Megatron worker writes with LoRA:
+- dist_ckpt/: the model's sharded state dict (base and `.adapter.linear_in/out.weight`), saved by
+  megatron-core's dist_checkpointing, as verl's MegatronCheckpointManager does;
+- adapter_checkpoint/mp_rank_TT[_PPP]_adapter.pt: {"adapter_state_dict": every parameter whose name
+  holds `.adapter.`}, each TP rank's local shard, as verl's save_adapter_checkpoint writes;
+- huggingface/: config.json and the tokenizer.
+With --legacy it writes Megatron-LM's legacy rank files instead, whose model state dicts hold the
+adapters (AdapterWrapper.state_dict puts them under `<linear>.adapter.`).
+Without --from (one process) it also records Megatron's forward with the adapters applied by Bridge's
+LoRALinear on FIXED_INPUT: DIR/reference/logits.pt, and DIR/reference/lora.json (r, alpha).
+
+Megatron-Bridge imports Transformer Engine (CUDA only) at module level for isinstance checks and its
+package __init__ pulls in its whole training stack; import_bridge_lora imports only its PEFT modules,
+with a stand-in Transformer Engine module whose classes are never built (the local spec has none),
+and tells them Transformer Engine is absent (megatron-core's MagicMock stand-ins fool their check).
+"""
+import argparse
+import json
+import os
+import sys
+import types
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.dirname(__file__))
+from make_megatron_checkpoint import (FIXED_INPUT, build, exit_now, patch_for_cpu, save_layout_files,  # noqa: E402
+                                      save_legacy)
+
+TARGETS = ["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"]
+
+
+def parse_args():
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", required=True)
+    p.add_argument("--from", dest="ref", help="reference checkpoint (dist_ckpt dir) to load and re-save")
+    p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--pp", type=int, default=1)
+    p.add_argument("--model", default="llama", choices=["llama", "qwen2", "qwen3"])
+    p.add_argument("--rank", type=int, default=4, help="LoRA dim (r)")
+    p.add_argument("--alpha", type=int, default=8, help="LoRA alpha")
+    p.add_argument("--tie", action="store_true")
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--hidden", type=int, default=64)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--groups", type=int, default=2)
+    p.add_argument("--ffn", type=int, default=96)
+    p.add_argument("--vocab", type=int, default=128)
+    p.add_argument("--padded-vocab", type=int, default=None)
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--legacy", action="store_true",
+                   help="save Megatron-LM's legacy format (iter_0000001/mp_rank_TT[_PPP]/model_optim_rng.pt)")
+    p.add_argument("--adapters-apart", action="store_true",
+                   help="leave the adapters out of dist_ckpt/: only adapter_checkpoint/ holds them")
+    args = p.parse_args()
+    # make_megatron_checkpoint.build reads these too
+    args.vpp, args.ep, args.experts, args.value_head, args.dense_first = None, 1, 4, False, False
+    args.expert_bias, args.layout, args.singleton, args.fully_parallel = False, "verl", False, False
+    return args
+
+
+def import_bridge_lora():
+    """Megatron-Bridge's LoRA class, without its package __init__ (its training stack) and with a
+    stand-in for Transformer Engine (see the module docstring). megatron-core is imported first, so
+    that its own Transformer Engine checks see no Transformer Engine."""
+    import megatron
+    import megatron.core.distributed  # noqa: F401
+    import megatron.core.models.gpt  # noqa: F401
+    import megatron.core.transformer.moe.router  # noqa: F401
+
+    te, te_torch = types.ModuleType("transformer_engine"), types.ModuleType("transformer_engine.pytorch")
+    te_torch.Linear = type("Linear", (torch.nn.Module,), {})
+    te_torch.LayerNormLinear = type("LayerNormLinear", (torch.nn.Module,), {})
+    te_torch.ops = types.SimpleNamespace(Sequential=object)
+    te.pytorch = te_torch
+    sys.modules.setdefault("transformer_engine", te)
+    sys.modules.setdefault("transformer_engine.pytorch", te_torch)
+    root = next(p for p in megatron.__path__ if os.path.isdir(os.path.join(p, "bridge")))
+    bridge = types.ModuleType("megatron.bridge")
+    bridge.__path__ = [os.path.join(root, "bridge")]
+    sys.modules.setdefault("megatron.bridge", bridge)
+    from megatron.bridge.peft import utils
+    from megatron.bridge.peft.lora import LoRA
+
+    # megatron-core without Transformer Engine defines its TE classes as MagicMocks, which Bridge's
+    # import check takes for Transformer Engine (and then fails isinstance); tell it the truth
+    utils.HAVE_TE = False
+    return LoRA
+
+
+def with_lora(args, model):
+    """The model with Bridge's LoRA on every linear; a reference run fills A and B with seeded values."""
+    lora = import_bridge_lora()(target_modules=TARGETS, dim=args.rank, alpha=args.alpha)
+    model = lora(model, training=False)
+    if not args.ref:
+        with torch.no_grad():
+            gen = torch.Generator().manual_seed(2)
+            for name, p in model.named_parameters():
+                if ".adapter." in name:
+                    p.copy_((torch.randn(p.shape, generator=gen) * 0.05).to(p.dtype))
+    return model
+
+
+def save_verl_adapter_files(args, model) -> None:
+    """verl's save_adapter_checkpoint: each TP (x PP) rank's adapter parameters, local shards."""
+    from megatron.core import parallel_state as ps
+
+    if ps.get_data_parallel_rank() != 0:
+        return
+    name = f"mp_rank_{ps.get_tensor_model_parallel_rank():02d}"
+    if args.pp > 1:
+        name += f"_{ps.get_pipeline_model_parallel_rank():03d}"
+    folder = os.path.join(args.out, "adapter_checkpoint")
+    os.makedirs(folder, exist_ok=True)
+    state = {n: p.data.clone() for n, p in model.named_parameters() if ".adapter." in n.lower()}
+    torch.save({"adapter_state_dict": state}, os.path.join(folder, name + "_adapter.pt"))
+
+
+def save_reference(args, model) -> None:
+    """Megatron's forward with Bridge's LoRALinear applying the adapters: what a fold must reproduce."""
+    ids = torch.tensor(FIXED_INPUT)
+    seq = ids.shape[1]
+    mask = torch.triu(torch.ones(1, 1, seq, seq, dtype=torch.bool), diagonal=1)
+    with torch.no_grad():
+        logits = model.eval()(input_ids=ids, position_ids=torch.arange(seq).unsqueeze(0), attention_mask=mask)
+    os.makedirs(os.path.join(args.out, "reference"), exist_ok=True)
+    torch.save(logits[..., : args.vocab].float(), os.path.join(args.out, "reference", "logits.pt"))
+    with open(os.path.join(args.out, "reference", "lora.json"), "w") as f:
+        json.dump({"r": args.rank, "lora_alpha": args.alpha, "target_modules": TARGETS}, f)
+
+
+def main():
+    args = parse_args()
+    dist.init_process_group("gloo")
+    patch_for_cpu()
+    from megatron.core import dist_checkpointing
+    from megatron.core import parallel_state as ps
+
+    ps.initialize_model_parallel(tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp)
+    model = with_lora(args, build(args))
+    if args.ref:
+        state = dist_checkpointing.load(model.sharded_state_dict(), args.ref)
+        model.load_state_dict(state, strict=False)
+    if args.legacy:  # the adapters are in the model's state dict (AdapterWrapper.state_dict)
+        save_legacy(args, ["model"], [model])
+    else:
+        ckpt = os.path.join(args.out, "dist_ckpt")
+        os.makedirs(ckpt, exist_ok=True)
+        sharded = model.sharded_state_dict()
+        if args.adapters_apart:
+            sharded = {k: v for k, v in sharded.items() if ".adapter." not in k}
+        dist_checkpointing.save(sharded, ckpt)
+        save_verl_adapter_files(args, model)
+    if dist.get_rank() == 0:
+        save_layout_files(args, model.config)
+    if not args.ref and dist.get_world_size() == 1:
+        save_reference(args, model)
+    dist.barrier()
+    exit_now()
+
+
+if __name__ == "__main__":
+    main()
