@@ -106,11 +106,10 @@ def _covering(held: list[tuple[int, Piece]], cuts: list[int], d: int) -> list[li
     where = {cut: k for k, cut in enumerate(cuts)}
     covering: list[list[tuple[int, Piece]]] = [[] for _ in cuts[1:]]
     for item in held:
-        p = item[1]
-        first = where.get(max(p.region[d], cuts[0]), 0)
-        stop = where.get(min(p.region[d] + p.shape[d], cuts[-1]), len(cuts) - 1)
-        for k in range(first, stop):
-            covering[k].append(item)
+        first, stop = item[1].region[d], item[1].region[d] + item[1].shape[d]
+        if first < cuts[-1] and stop > cuts[0]:  # else none of the part's rows
+            for k in range(where[max(first, cuts[0])], where[min(stop, cuts[-1])]):
+                covering[k].append(item)
     return covering
 
 
