@@ -4,12 +4,19 @@ verl's merger as a baseline; writes bench/results.{json,md} and bench/scaling.pn
 checkpoint is also merged into 2 GB files (`--max-shard-size 2GB`), where ranks write files of
 their own; at the default 5GB it is one file, which the ranks share. A DeepSpeed ZeRO-3 save of a
 ~374M-parameter Llama (2 training ranks, written by real DeepSpeed on CPU) is merged beside
-DeepSpeed's own `zero_to_fp32.py --safe_serialization` (same fp32 bytes out).
+DeepSpeed's own `zero_to_fp32.py --safe_serialization` (same fp32 bytes out). Two torchtitan checkpoints
+(torchtitan's own models, FSDP2 over 2 gloo ranks, its CheckpointManager; bench/torchtitan_checkpoint.py)
+are merged with --hf-config: a ~2.2 GB Qwen3-MoE (stacked experts split per expert) and a ~1.6 GB Llama 3
+(q/k rows reordered within each head). Every row's peak RSS per rank is checked against RSS_BOUND_MB.
 
     python bench/run.py                          # generate (once), then measure; ~45 minutes on 2 cores
     python bench/run.py --sizes 1.4 --runs 5     # the 1.4 GB checkpoint only
     python bench/run.py --work /fast/disk/bench
     python bench/run.py --sizes "" --no-verl --no-megatron --results-dir /tmp/ds   # the DeepSpeed rows only
+    python bench/run.py --sizes "" --no-verl --no-megatron --no-deepspeed --results-name results-torchtitan
+                                                 # the torchtitan rows only, into bench/results-torchtitan.{json,md}
+    python bench/run.py --sizes "" --no-verl --no-megatron --no-deepspeed --no-torchtitan --scale 8,32,64 \
+        --runs 1 --results-name results-scale     # metadata at scale: DeepSeek-V3's tensors saved by W ranks
 
 Floors, measured in the same run, per launch mode:
   one process, and M ranks forked by `merge --local-ranks M`: `python -c "import torch"` + `cat` of the
@@ -41,6 +48,11 @@ MEGATRON_MODEL = ["--tp", "2", "--pp", "2", "--hidden", "2048", "--layers", "8",
 MODEL = ["--model", "llama", "--hidden", "2048", "--heads", "16", "--kv-heads", "4",
          "--intermediate", "2816", "--vocab", "32000", "--meta-init", "--no-reference"]
 LAYERS = {"1.4": 8, "5": 40, "11": 94}   # checkpoint GB -> layers (111 MB per layer + 524 MB of embeddings)
+# peak RSS per rank at any size (issue 15; issue 19's bound for every rank but the metadata reader): 0.6 GB, in the
+# unit of the summary's peak_rss_mb (ru_maxrss / 1024: MiB), so 572
+RSS_BOUND_MB = 0.6e9 / 2**20
+TORCHTITAN = {"qwen3_moe": "torchtitan Qwen3-MoE W=2 2.2 GB (stacked experts)",
+              "llama3": "torchtitan Llama 3 W=2 1.6 GB (permuted q/k)"}   # variant -> row label
 
 
 def free_port() -> int:
@@ -177,7 +189,8 @@ def measure(label: str, ckpt: Path, work: Path, runs: int, configs, dtypes, extr
                    "output_gb": best["bytes"] / 1e9, "median_s": statistics.median(times),
                    "floor_s": statistics.median(floors), "peak_rss_mb": max(max(s["peak_rss_mb"]) for s in summaries),
                    "phases": best["phases"], "stages": best.get("stages", {}), "times": times, "floors": floors,
-                   "ratio": statistics.median(ratios), "extra": list(extra), "files": len(best["files"])}
+                   "ratio": statistics.median(ratios), "extra": list(extra), "files": len(best["files"]),
+                   "rss_by_rank_mb": [max(s["peak_rss_mb"][i] for s in summaries) for i in range(ranks)]}
             rows.append(row)
             print(f"{label}: {ranks} rank(s) {launcher:8s} {transport:10s} {dtype:4s}: {row['median_s']:.2f} s (floor {row['floor_s']:.2f} s, "
                   f"x{row['ratio']:.2f}), peak RSS/rank {row['peak_rss_mb']:.0f} MB", flush=True)
@@ -245,6 +258,60 @@ def deepspeed_rows(work: Path, runs: int) -> list[dict]:
     return rows
 
 
+def torchtitan_checkpoint(work: Path, variant: str) -> Path:
+    """WORK/torchtitan/VARIANT/ (its checkpoint/step-1/ and hf/), written once by bench/torchtitan_checkpoint.py
+    under torchrun with 2 ranks: every variant of TORCHTITAN in one job (about a minute, 4 GB of memory per rank)."""
+    ckpt = work / "torchtitan" / variant
+    if not (ckpt / "hf" / "config.json").exists():   # written by rank 0 after the save
+        print("generating the torchtitan benchmark checkpoints ...", flush=True)
+        maker = str(ROOT / "bench" / "torchtitan_checkpoint.py")
+        subprocess.run(torchrun(2) + [maker, "--out", str(work / "torchtitan"), "--variants", ",".join(TORCHTITAN)],
+                       check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+    return ckpt
+
+
+def torchtitan_rows(work: Path, runs: int) -> list[dict]:
+    """Each torchtitan checkpoint with 1 rank, 2 forked ranks and 2 torchrun ranks, kept (fp32) and cast to bf16
+    (a cast band is read into memory, where a kept one is copied by the kernel)."""
+    rows = []
+    configs = [(1, "direct", None), (2, "direct", "fork"), (2, "direct", "torchrun")]
+    for variant, label in TORCHTITAN.items():
+        ckpt = torchtitan_checkpoint(work, variant)
+        rows += measure(label, ckpt / "checkpoint" / "step-1", work, runs, configs, ("auto", "bf16"),
+                        extra=("--hf-config", str(ckpt / "hf")))
+    return rows
+
+
+def scale_checkpoint(work: Path, world: int) -> Path:
+    """WORK/scale/wW: bench/scale.py's DeepSeek-V3 layout (its 45,395 tensor names, small dimensions, 372 MB)
+    saved by W ranks as row chunks, 45,395 x W of them; written once (W=64: about 10 minutes)."""
+    ckpt = work / "scale" / f"w{world}"
+    if not (ckpt / ".metadata").exists():   # written last
+        print(f"generating the W={world} DeepSeek-V3-layout checkpoint ...", flush=True)
+        subprocess.run([PY, str(ROOT / "bench" / "scale.py"), "make", "--world", str(world), "--dims", "small",
+                        "--out", str(ckpt)], check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+    return ckpt
+
+
+def scale_rows(work: Path, worlds: list[int], runs: int) -> list[dict]:
+    """Metadata at scale (issue 19): each W merged by 2 forked ranks, rank 0 the metadata reader. The reader's
+    peak RSS is its own figure (the catalogue of every chunk passes through it); the bound is for the others."""
+    rows = []
+    for world in worlds:
+        label = f"DeepSeek-V3 layout W={world} ({45395 * world:,} chunks)"
+        rows += measure(label, scale_checkpoint(work, world), work, runs, [(2, "direct", "fork")], ("auto",))
+    return rows
+
+
+def over_bound(rows: list[dict]) -> list[str]:
+    """The rows whose peak RSS per rank passed RSS_BOUND_MB, as 'label, N rank(s) launcher dtype: MB'; in the
+    scale rows, the ranks but the metadata reader (rank 0)."""
+    def peak(r):
+        return max(r["rss_by_rank_mb"][1:]) if r["source"].startswith("DeepSeek-V3 layout") else r["peak_rss_mb"]
+    return [f"{r['source']}, {r['ranks']} rank(s) {r['launcher']} {r['dtype']}: {peak(r):.0f} MB"
+            for r in rows if r["transport"] in ("direct", "collective") and peak(r) > RSS_BOUND_MB]
+
+
 def plot(rows, path: Path) -> None:
     try:
         import matplotlib
@@ -290,7 +357,11 @@ def main():
     p.add_argument("--no-verl", action="store_true", help="skip verl's model_merger baseline")
     p.add_argument("--no-megatron", action="store_true")
     p.add_argument("--no-deepspeed", action="store_true", help="skip the DeepSpeed ZeRO-3 rows (zero_to_fp32 baseline)")
+    p.add_argument("--no-torchtitan", action="store_true", help="skip the torchtitan rows (Qwen3-MoE, Llama 3)")
+    p.add_argument("--scale", default="", metavar="W,W,...",
+                   help="metadata at scale: DeepSeek-V3-layout checkpoints saved by these rank counts (e.g. 8,32,64)")
     p.add_argument("--results-dir", default=str(ROOT / "bench"), help="where results.{json,md} and scaling.png go")
+    p.add_argument("--results-name", default="results", help="the results files' name: NAME.json and NAME.md")
     args = p.parse_args()
     work = Path(args.work)
     py = None if args.no_verl else verl_python(work)
@@ -318,28 +389,42 @@ def main():
                         [(1, "direct", None), (2, "direct", "fork"), (2, "direct", "torchrun")], ("auto",))
     if not args.no_deepspeed:
         rows += deepspeed_rows(work, args.runs)
-    results = Path(args.results_dir)
+    if not args.no_torchtitan:
+        rows += torchtitan_rows(work, args.runs)
+    if args.scale:
+        rows += scale_rows(work, [int(w) for w in args.scale.split(",")], args.runs)
+    write_results(rows, Path(args.results_dir), args.results_name)
+
+
+def write_results(rows: list[dict], results: Path, name: str) -> None:
+    """NAME.json (every row, every run), NAME.md (the table, the bound, the phases) and, with verl FSDP rows,
+    the plot scaling.png."""
     results.mkdir(parents=True, exist_ok=True)
-    (results / "results.json").write_text(json.dumps(rows, indent=2))
-    lines = ["| checkpoint | ranks | launcher | transport | dtype | output GB (files) | seconds (median) | floor s | ratio | peak RSS / rank MB |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    (results / f"{name}.json").write_text(json.dumps(rows, indent=2))
+    lines = ["| checkpoint | ranks | launcher | transport | dtype | output GB (files) | seconds (median) | floor s "
+             "| ratio | peak RSS / rank MB |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        head = f"| {r['source']} | {r['ranks']} | {r['launcher']} | {r['transport']} | {r['dtype']} | {out_gb(r)} | "
         if r["median_s"] is None:
-            lines.append(f"| {r['source']} | {r['ranks']} | {r['launcher']} | {r['transport']} | {r['dtype']} | {out_gb(r)} | "
-                         f"failed: {r['failure']} | {r['floor_s']:.2f} | - | - |")
+            lines.append(head + f"failed: {r['failure']} | {r['floor_s']:.2f} | - | - |")
             continue
-        lines.append(f"| {r['source']} | {r['ranks']} | {r['launcher']} | {r['transport']} | {r['dtype']} | {out_gb(r)} | "
-                     f"{r['median_s']:.2f} | {r['floor_s']:.2f} | {r['ratio']:.2f} | {r['peak_rss_mb']:.0f} |")
-    lines += ["", "Seconds per stage (rank 0) and per phase (each rank) of the median run, from the job's own summary:", ""]
+        lines.append(head + f"{r['median_s']:.2f} | {r['floor_s']:.2f} | {r['ratio']:.2f} | {r['peak_rss_mb']:.0f} |")
+    over = over_bound(rows)
+    lines += ["", f"Peak RSS per rank (the highest of every run of a row) against the bound of 0.6 GB "
+              f"({RSS_BOUND_MB:.0f} in the table's MB, which are MiB): "
+              + ("over it in " + "; ".join(over) if over else "within it in every distmerge row") + ".", ""]
+    lines += ["Seconds per stage (rank 0) and per phase (each rank) of the median run, from the job's own summary:", ""]
     for r in rows:
         if r.get("phases"):
             stages = "stages: " + ", ".join(f"{k} {v:.2f}" for k, v in r.get("stages", {}).items())
             phases = "; ".join([stages] + [f"rank {i}: " + ", ".join(f"{k} {v:.2f}" for k, v in sorted(ph.items()))
                                            for i, ph in enumerate(r["phases"])])
-            lines.append(f"- {r['source']}, {r['ranks']} rank(s) {r['launcher']} {r['transport']} {r['dtype']}: {phases}")
-    (results / "results.md").write_text("\n".join(lines) + "\n")
+            lines.append(f"- {r['source']}, {r['ranks']} rank(s) {r['launcher']} {r['transport']} {r['dtype']}: "
+                         + phases + "; peak RSS by rank MB: " + ", ".join(f"{m:.0f}" for m in r["rss_by_rank_mb"]))
+    (results / f"{name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
-    plot(rows, results / "scaling.png")
+    if any(r["source"].startswith("verl FSDP2") for r in rows):
+        plot(rows, results / "scaling.png")
 
 
 if __name__ == "__main__":
