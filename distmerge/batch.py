@@ -11,8 +11,8 @@ after the other, so one preadv fills the chunks of hundreds of tensors from that
 from __future__ import annotations
 
 import math
-import os
 import operator
+import os
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
