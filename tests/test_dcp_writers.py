@@ -5,8 +5,8 @@ and 2 ranks, judged bit for bit against the model's own state dict (torchtune: i
 and by transformers' logits against the model's (torchtune: torchtune's forward).
 
 torchtune 0.6.1 needs its own environment (it pulls ~20 packages: datasets, torchdata, torchao
-0.10): TORCHTUNE_PYTHON names a Python that imports it with this torch (default /tmp/tt-venv/bin/python,
-see docs/dcp-writers.md); without one the torchtune tests are skipped, saying why.
+0.10): TORCHTUNE_PYTHON names a Python that imports it with this torch (default .venv-torchtune/bin/python,
+which launch/test.sh makes; see docs/dcp-writers.md); without one the torchtune tests are skipped, saying why.
 
 Run as a script under torchrun, this module merges the given variants inside that job with the
 Python API (the job's process group: 2 ranks).
@@ -28,7 +28,7 @@ from test_fsdp_merge import assert_bit_exact, merged_tensors
 pytestmark = pytest.mark.slow
 
 MAKER = ROOT / "tests" / "make_dcp_writers.py"
-TORCHTUNE_PYTHON = os.environ.get("TORCHTUNE_PYTHON", "/tmp/tt-venv/bin/python")
+TORCHTUNE_PYTHON = os.environ.get("TORCHTUNE_PYTHON", str(ROOT / ".venv-torchtune" / "bin" / "python"))
 FIXED_INPUT = [[1, 5, 9, 2, 7, 3, 11, 4]]
 # variant -> the directory a user passes (relative to the variant's folder)
 SOURCES = {
