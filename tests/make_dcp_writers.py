@@ -55,12 +55,8 @@ def hf_config(tied: bool):
     return LlamaConfig(architectures=["LlamaForCausalLM"], rope_theta=500000.0, **common)
 
 
-def hf_model(config):
-    """The HF model, every tensor moved off its default init (norms are all ones)."""
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+def perturbed(model):
+    """The model's weights moved off their init by seeded noise, q/k scaled by QK_SCALE (in place)."""
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -68,6 +64,15 @@ def hf_model(config):
             if name.endswith(("q_proj.weight", "k_proj.weight")):
                 p.mul_(QK_SCALE)
     return model
+
+
+def hf_model(config):
+    """The HF model, every tensor moved off its default init (norms are all ones)."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    return perturbed(model)
 
 
 def train_step(model, optimizer, scheduler=None) -> None:
@@ -206,13 +211,7 @@ def torchtune_model():
     torch.manual_seed(0)
     model = llama3(vocab_size=1001, num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=64, max_seq_len=128,
                    intermediate_dim=96, norm_eps=1e-5, rope_base=500000)
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.add_(torch.randn(p.shape, generator=gen) * 0.01)
-            if name.endswith(("q_proj.weight", "k_proj.weight")):
-                p.mul_(QK_SCALE)
-    return model
+    return perturbed(model)
 
 
 def torchtune_save(out: str) -> None:
