@@ -59,9 +59,7 @@ def _dir(*parts: str) -> str | None:
 def _holds(source: str, *parts: str) -> bool:
     """Whether source/parts is a torch_dist checkpoint directory; one that resolves outside the
     source (a link out of it) is refused before its metadata.json is opened."""
-    path = os.path.join(source, *parts)
-    if os.path.isdir(path):
-        check_dir(path, source)
+    path = check_dir(os.path.join(source, *parts), source)  # a path that does not exist resolves inside
     return is_dist_ckpt(path)
 
 

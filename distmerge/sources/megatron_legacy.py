@@ -51,10 +51,10 @@ def resolve(source: str, iteration: int | None = None) -> str | None:
     if has_ranks(source):
         return source
     iteration = iteration if iteration is not None else latest_iteration(source)
-    path = os.path.join(source, f"iter_{iteration:07d}") if iteration is not None else None
-    if path is not None and os.path.isdir(path):
-        check_dir(path, source)  # a link out of the source: refused before it is listed
-    return path if path is not None and has_ranks(path) else None
+    if iteration is None:
+        return None
+    path = check_dir(os.path.join(source, f"iter_{iteration:07d}"), source)  # a link out: refused, not listed
+    return path if has_ranks(path) else None
 
 
 def detect(source: str, opts: ReadOptions = ReadOptions()) -> bool:
