@@ -1,7 +1,7 @@
 """distmerge: turn sharded training checkpoints into Hugging Face checkpoints, streaming and distributed.
 
-`merge`, `MergeOptions` and `MergeResult` are imported on first use: they bring in torch, which
-`python -m distmerge --help` (this package's first import) must not wait for."""
+`merge`, `MergeOptions` and `MergeResult` are imported on first use: they bring in the whole
+merge machinery, which `python -m distmerge --help` (this package's first import) must not wait for."""
 import importlib
 import sys
 import types

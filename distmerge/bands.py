@@ -14,8 +14,9 @@ import math
 from contextlib import nullcontext
 from dataclasses import dataclass
 
-import torch
+import numpy as np
 
+from . import values
 from .errors import MergeError
 from .model import Catalogue, LoraDelta, OutputTensor, Piece, SourceRows, SourceTensor, dtype_size
 
@@ -43,7 +44,7 @@ class Gathered:
     first: int
     stop: int
 
-    def source_rows(self) -> torch.Tensor:
+    def source_rows(self) -> np.ndarray:
         return self.part.source_rows(self.first, self.stop)
 
 
@@ -128,14 +129,14 @@ def _gathered_bands(part: SourceRows, source: SourceTensor, held: list, out_row:
     return result
 
 
-def row_runs(rows: torch.Tensor) -> tuple[tuple[int, int], ...]:
+def row_runs(rows: np.ndarray) -> tuple[tuple[int, int], ...]:
     """Distinct rows as runs of consecutive rows [a, b), ascending."""
-    rows = torch.unique(rows)  # sorted
-    if not rows.numel():
+    rows = np.unique(rows)  # sorted
+    if not rows.size:
         return ()
-    breaks = ((rows[1:] - rows[:-1]) != 1).nonzero().flatten().tolist()
+    breaks = np.flatnonzero(np.diff(rows) != 1).tolist()
     starts = [0] + [b + 1 for b in breaks]
-    stops = [b + 1 for b in breaks] + [rows.numel()]
+    stops = [b + 1 for b in breaks] + [rows.size]
     return tuple((int(rows[a]), int(rows[b - 1]) + 1) for a, b in zip(starts, stops))
 
 
@@ -167,7 +168,7 @@ def whole_block(band: Band) -> Read | None:
     return None
 
 
-def assemble(band: Band, get, phase=lambda name: nullcontext()) -> torch.Tensor:
+def assemble(band: Band, get, phase=lambda name: nullcontext()) -> np.ndarray:
     """The band's rows, from its reads: get(k, piece, read) returns the k-th read's block. A band
     read from one piece of whole rows is that block itself."""
     source, d = band.source, len(band.index)
@@ -175,29 +176,29 @@ def assemble(band: Band, get, phase=lambda name: nullcontext()) -> torch.Tensor:
     if read is not None:
         return get(0, source.pieces[read.piece], read)
     rows = sum(b - a for a, b in band.runs)
-    assembled = torch.empty((rows,) + source.shape[d + 1:] if source.shape else (), dtype=source.dtype)
+    assembled = values.empty((rows,) + source.shape[d + 1:] if source.shape else (), source.dtype)
     for k, read in enumerate(band.reads):
         p = source.pieces[read.piece]
         block = get(k, p, read)
         with phase("assemble"):
             if not source.shape:
-                assembled.copy_(block)
+                assembled[()] = block
                 continue
             at = slice(read.at, read.at + read.stop - read.first)
             assembled[(at,) + tuple(slice(o, o + n) for o, n in zip(p.region[d + 1:], p.shape[d + 1:]))] = block
     if band.gathered is None:
         return assembled
     with phase("assemble"):
-        return assembled.index_select(0, _positions(band))
+        return assembled[_positions(band)]
 
 
-def _positions(band: Band) -> torch.Tensor:
+def _positions(band: Band) -> np.ndarray:
     """For each output row of a gathered band, its row in the assembled block (the runs' rows in order)."""
-    assembled_rows = torch.cat([torch.arange(a, b, dtype=torch.int64) for a, b in band.runs])
-    return torch.searchsorted(assembled_rows, band.gathered.source_rows())
+    assembled_rows = np.concatenate([np.arange(a, b, dtype=np.int64) for a, b in band.runs])
+    return np.searchsorted(assembled_rows, band.gathered.source_rows())
 
 
-def fold_lora(block: torch.Tensor, lora: LoraDelta, a: torch.Tensor, b_rows: torch.Tensor) -> torch.Tensor:
-    """The band's rows of W + scale * B @ A in fp32 (cast to the output dtype later): `block` is W's
-    rows, `b_rows` the same rows of B, `a` all of A."""
+def fold_lora(block, lora: LoraDelta, a, b_rows):
+    """The band's rows of W + scale * B @ A in fp32 (cast to the output dtype later), torch tensors:
+    `block` is W's rows, `b_rows` the same rows of B, `a` all of A."""
     return block.float() + (b_rows.float() @ a.float()) * lora.scale

@@ -436,7 +436,7 @@ def main(argv=None) -> int:
         return MergeError.exit_code
     if args.command not in ("merge", "watch"):
         return guarded(args, lambda: run_command(args, clock))
-    code = guarded(args, load_merge_machinery)  # one torch import, before any rank is forked
+    code = guarded(args, load_merge_machinery)  # imported once, before any rank is forked
     if code:
         return code
     clock.mark_start_up()
@@ -446,7 +446,7 @@ def main(argv=None) -> int:
 
 
 def load_merge_machinery() -> int:
-    importlib.import_module("distmerge.merge")  # torch
+    importlib.import_module("distmerge.merge")  # not torch: a one-process merge that copies bytes needs none
     return 0
 
 

@@ -19,16 +19,17 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
-import torch
-import torch.distributed as dist
+import numpy as np
 
+from . import values
 from .bands import Band, Read, bands, whole_block
 from .batch import SMALL_TENSOR_BYTES, Batch, ByteRun, stored_runs
+from .dtypes import DType
 from .integrity import record_done
 from .model import Catalogue, FileEntry, OutputFile, Piece, Plan, Segment, dtype_size
-from .reader import BandProducer, PieceReader, drop_cached
+from .reader import BandProducer, Block, PieceReader, drop_cached
 from .runtime import Runtime
-from .writer import SafetensorsWriter, as_bytes
+from .writer import SafetensorsWriter
 
 SEND_WINDOW_BYTES = 64 * 2**20  # bytes in flight per sending rank before it waits for the oldest send
 WRITES_IN_FLIGHT = 2            # bands handed to the writer thread and not yet written
@@ -110,7 +111,7 @@ class RankRunner:
                         self._send_parts(band, owner, tag)
                     tag += len(band.reads)
                 if writer is not None and not entry.tensor.parts:  # zeros (small: a bias)
-                    self._write(writer, entry.begin, torch.zeros(entry.tensor.shape, dtype=entry.tensor.dtype))
+                    self._write(writer, entry.begin, values.zeros(entry.tensor.shape, entry.tensor.dtype))
                 if owner == self.rt.rank:
                     self._entry_done(seg, unit)
             self._flush()
@@ -199,26 +200,29 @@ class RankRunner:
                 record_done(self.staging, unit, seg.start, seg.end, digest)
             self.closed.append(unit)
 
-    def _get(self, piece: Piece, read: Read, tag: int | None) -> torch.Tensor:
+    def _get(self, piece: Piece, read: Read, tag: int | None) -> np.ndarray:
         """A read's block: pread here, or received from the rank that reads its file."""
         reader_rank = self.plan.readers.get(piece.file, self.rt.rank)
         if tag is None or reader_rank == self.rt.rank:
             with self.timers.phase("read"):
                 return self.reader.read(piece, read)
+        import torch.distributed as dist
+
         shape = (read.stop - read.first,) + piece.shape[len(read.lead) + 1:] if piece.shape else ()
         with self.timers.phase("exchange"):
+            torch = values.torch()
             buf = torch.empty(math.prod(shape) * dtype_size(piece.dtype), dtype=torch.uint8, device=self.rt.device)
             dist.recv(buf, src=reader_rank, tag=tag)
-            return buf.cpu().view(piece.dtype).view(shape)
+            return values.from_buffer(buf.cpu().numpy(), piece.dtype).reshape(shape)
 
-    def _cast(self, tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        if tensor.dtype == dtype:
-            return tensor
+    def _cast(self, block: Block, dtype: DType) -> np.ndarray:
+        if block.dtype == dtype:
+            return block.values
         with self.timers.phase("cast"):
-            return tensor.to(dtype)
+            return values.cast(block.values, block.dtype, dtype)
 
-    def _write(self, writer: SafetensorsWriter, begin: int, tensor: torch.Tensor) -> None:
-        data = as_bytes(tensor)
+    def _write(self, writer: SafetensorsWriter, begin: int, vals: np.ndarray) -> None:
+        data = values.as_bytes(vals)
         self._submit(writer, begin, len(data), data, self._timed_write, writer, begin, data)
 
     def _submit(self, writer: SafetensorsWriter, begin: int, nbytes: int, data, job, *args) -> None:
@@ -253,6 +257,8 @@ class RankRunner:
 
     # ---- the reader's side (collective transport)
     def _send_parts(self, band: Band, owner: int, tag: int) -> None:
+        import torch.distributed as dist
+
         for k, read in enumerate(band.reads):
             p = band.source.pieces[read.piece]
             if self.plan.readers.get(p.file) != self.rt.rank:
@@ -260,7 +266,7 @@ class RankRunner:
             with self.timers.phase("read"):
                 block = self.reader.read(p, read)
             with self.timers.phase("exchange"):
-                data = block.reshape(-1).view(torch.uint8).to(self.rt.device)
+                data = values.torch().from_numpy(values.byte_array(block)).to(self.rt.device)
                 self._drain(SEND_WINDOW_BYTES - data.numel())
                 self.in_flight.append((dist.isend(data, dst=owner, tag=tag + k), data))
                 self.in_flight_bytes += data.numel()

@@ -36,6 +36,8 @@ def run_local_ranks(n: int, run_rank: Callable[[], int]) -> int:
     if n < 1:
         raise MergeError(f"--local-ranks must be at least 1, not {n}")
     port = os.environ.get("MASTER_PORT") or str(free_port())
+    if n > 1:  # the ranks form a process group: torch is imported once here, not in each forked rank
+        import torch.distributed  # noqa: F401
     sys.stdout.flush()
     sys.stderr.flush()
     ranks: dict[int, int] = {}  # pid -> rank

@@ -14,7 +14,8 @@ from .finish import (acquire_lock, check_sizes, check_target, copy_hf_files, hf_
                      release_lock, remove_run_records, staging_dir, verified_done_files, write_adapter_config,
                      write_index)
 from .integrity import fingerprint, manifest_files, write_manifest
-from .model import DTYPE_NAMES, Plan
+from .dtypes import CAST_NAMES
+from .model import Plan
 from .plan import make_plan, parse_size
 from .prepare import Prepared, PrepareOptions, check_choices, prepare
 from .progress import Progress
@@ -149,7 +150,7 @@ class MergeJob:
     def _plan_here(self) -> None:
         o, p = self.opts, self.p
         self.plan_: Plan = make_plan(p.catalogue, p.outputs, self.rt.world_size, parse_size(o.max_shard_size),
-                                     o.transport, config_dtype=None if o.dtype == "auto" else DTYPE_NAMES[o.dtype],
+                                     o.transport, config_dtype=None if o.dtype == "auto" else CAST_NAMES[o.dtype],
                                      extra_files=p.extra or None, segment_bytes=parse_size(o.segment_size))
         check_target(o.target, o.source, o.overwrite)
         hf_files(p.hf_dir, **self._hf_file_rules())  # refused now, before any data is written, not at finish

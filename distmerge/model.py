@@ -7,25 +7,18 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-import torch
+import numpy as np
 
+from .dtypes import DType
 from .errors import MergeError
 
-# safetensors dtype names (https://github.com/huggingface/safetensors, format spec)
-SAFETENSORS_DTYPES = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-    torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
-}
-DTYPE_NAMES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
-
-def dtype_size(dtype: torch.dtype) -> int:
+def dtype_size(dtype: DType) -> int:
     return dtype.itemsize
 
 
-def dtype_str(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
+def dtype_str(dtype: DType) -> str:
+    return dtype.name
 
 
 @dataclass(frozen=True)
@@ -37,7 +30,7 @@ class Piece:
     shape: tuple[int, ...]    # the block's shape
     strides: tuple[int, ...]  # element strides of the block inside its stored record
     region: tuple[int, ...]   # offset of the block in the global tensor, per dim
-    dtype: torch.dtype
+    dtype: DType
 
     @property
     def numel(self) -> int:
@@ -59,7 +52,7 @@ class Piece:
 class SourceTensor:
     name: str
     shape: tuple[int, ...]
-    dtype: torch.dtype
+    dtype: DType
     pieces: list[Piece]
 
     @property
@@ -106,13 +99,13 @@ class SourceRows:
             raise MergeError(f"{self.source}: a row order must permute range(P) for a P that divides the "
                              f"{self.stop - self.start} rows taken; got P={period}")
 
-    def source_rows(self, first: int, stop: int) -> torch.Tensor:
+    def source_rows(self, first: int, stop: int) -> np.ndarray:
         """The source rows that output rows [first, stop) of this part take (int64, in output order)."""
-        rows = torch.arange(first, stop, dtype=torch.int64)
+        rows = np.arange(first, stop, dtype=np.int64)
         if not self.order:
             return rows + self.start
         period = len(self.order)
-        return self.start + rows - rows % period + torch.tensor(self.order, dtype=torch.int64)[rows % period]
+        return self.start + rows - rows % period + np.array(self.order, dtype=np.int64)[rows % period]
 
 
 @dataclass(frozen=True)
@@ -134,7 +127,7 @@ class OutputTensor:
 
     name: str
     shape: tuple[int, ...]
-    dtype: torch.dtype        # as written
+    dtype: DType        # as written
     parts: list[SourceRows]
     lora: LoraDelta | None = None
 
@@ -196,7 +189,7 @@ class Plan:
     world_size: int
     transport: str                      # "collective" or "direct"
     readers: dict[str, int]             # source file -> rank that reads it (collective transport)
-    config_dtype: torch.dtype | None    # the dtype config.json states
+    config_dtype: DType | None    # the dtype config.json states
 
     @property
     def total_bytes(self) -> int:

@@ -11,7 +11,7 @@ import struct
 from collections import Counter
 
 from .errors import MergeError
-from .model import SAFETENSORS_DTYPES, Catalogue, FileEntry, OutputFile, OutputTensor, Plan, Segment
+from .model import Catalogue, FileEntry, OutputFile, OutputTensor, Plan, Segment
 
 UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
@@ -34,7 +34,7 @@ def safetensors_header(entries: list[FileEntry]) -> bytes:
     """8-byte little-endian length + JSON header padded with spaces to a multiple of 8."""
     header = {"__metadata__": {"format": "pt"}}
     for e in entries:
-        header[e.tensor.name] = {"dtype": SAFETENSORS_DTYPES[e.tensor.dtype], "shape": list(e.tensor.shape),
+        header[e.tensor.name] = {"dtype": e.tensor.dtype.safetensors, "shape": list(e.tensor.shape),
                                  "data_offsets": [e.begin, e.end]}
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)

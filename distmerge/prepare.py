@@ -11,7 +11,8 @@ from .arch import find_adapters, load_config, lora, map_outputs
 from .arch.lora import Adapters
 from .arch.megatron_config import synthesize_config
 from .errors import MergeError
-from .model import DTYPE_NAMES, Catalogue, OutputTensor
+from .dtypes import CAST_NAMES
+from .model import Catalogue, OutputTensor
 from .sources import read_source
 from .sources.hf_base import is_lora_only, read_base, with_base
 from .sources.registry import ReadOptions, SourceFormat
@@ -51,9 +52,9 @@ def cast_rule(dtype: str):
     """auto keeps every tensor's dtype; a named dtype casts floating tensors only."""
     if dtype == "auto":
         return lambda d: d
-    if dtype not in DTYPE_NAMES:
-        raise MergeError(f"--dtype {dtype} is not one of auto, {', '.join(DTYPE_NAMES)}")
-    target = DTYPE_NAMES[dtype]
+    if dtype not in CAST_NAMES:
+        raise MergeError(f"--dtype {dtype} is not one of auto, {', '.join(CAST_NAMES)}")
+    target = CAST_NAMES[dtype]
     return lambda d: target if d.is_floating_point else d
 
 

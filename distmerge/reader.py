@@ -1,4 +1,5 @@
-"""The piece reader of the run stage: source bytes into tensors, and a band's values from them.
+"""The piece reader of the run stage: source bytes into values (values.py: raw elements in numpy
+arrays), and a band's values from them.
 
 Rows are read with pread into fresh buffers (never a whole-file mmap, whose touched pages would
 count towards RSS), so a rank holds at most a few bands, never a whole file or model. Source
@@ -10,10 +11,13 @@ from __future__ import annotations
 import math
 import os
 from contextlib import nullcontext
+from typing import NamedTuple
 
-import torch
+import numpy as np
 
+from . import values
 from .bands import Band, Read, assemble, bands, fold_lora
+from .dtypes import FLOAT32, DType
 from .errors import MergeIOError, truncated_source
 from .model import Catalogue, OutputTensor, Piece, SourceRows, dtype_size
 
@@ -71,19 +75,20 @@ class PieceReader:
         shape, _, offset, nbytes = self.locate(piece, lead, first, stop)
         return (offset, nbytes) if nbytes == math.prod(shape) * dtype_size(piece.dtype) else None
 
-    def read_rows(self, piece: Piece, lead: tuple[int, ...], first: int, stop: int) -> torch.Tensor:
-        """piece[lead][first:stop] (see locate) as a tensor of its own."""
+    def read_rows(self, piece: Piece, lead: tuple[int, ...], first: int, stop: int) -> np.ndarray:
+        """piece[lead][first:stop] (see locate) as values of their own."""
         fd = self.fd(piece.file)
         shape, strides, offset, nbytes = self.locate(piece, lead, first, stop)
-        buf = torch.empty(nbytes, dtype=torch.uint8)
-        pread_exactly(fd, piece.file, memoryview(buf.numpy()), offset, offset + nbytes)
+        buf = np.empty(nbytes, dtype=np.uint8)
+        pread_exactly(fd, piece.file, memoryview(buf), offset, offset + nbytes)
         drop_cached(fd, offset, nbytes)
-        values = buf.view(piece.dtype)
+        elements = values.from_buffer(buf, piece.dtype)
         if nbytes == math.prod(shape) * dtype_size(piece.dtype):
-            return values.view(shape)
-        return values.as_strided(shape, strides).contiguous()
+            return elements.reshape(shape)
+        byte_strides = tuple(st * piece.dtype.itemsize for st in strides)
+        return np.lib.stride_tricks.as_strided(elements, shape, byte_strides, writeable=False).copy()
 
-    def read(self, piece: Piece, read: Read) -> torch.Tensor:
+    def read(self, piece: Piece, read: Read) -> np.ndarray:
         """The block a band's read names."""
         return self.read_rows(piece, read.lead, read.first, read.stop)
 
@@ -93,12 +98,19 @@ class PieceReader:
         self.fds.clear()
 
 
-def read_source_rows(catalogue: Catalogue, name: str, first: int, stop: int, reader: PieceReader) -> torch.Tensor:
+def read_source_rows(catalogue: Catalogue, name: str, first: int, stop: int, reader: PieceReader) -> np.ndarray:
     """Rows [first, stop) of a source tensor, from whatever pieces hold them."""
     source = catalogue.tensors[name]
     view = OutputTensor(name, (stop - first,) + source.shape[1:], source.dtype, [SourceRows(name, (), first, stop)])
     blocks = [assemble(b, lambda k, p, read: reader.read(p, read)) for b in bands(view, catalogue)]
-    return torch.cat(blocks) if len(blocks) > 1 else blocks[0]
+    return np.concatenate(blocks) if len(blocks) > 1 else blocks[0]
+
+
+class Block(NamedTuple):
+    """A band's values and their element type (the source's; fp32 after a LoRA fold)."""
+
+    values: np.ndarray
+    dtype: DType
 
 
 class BandProducer:
@@ -107,18 +119,20 @@ class BandProducer:
 
     def __init__(self, catalogue: Catalogue, reader: PieceReader):
         self.catalogue, self.reader = catalogue, reader
-        self.lora_a: dict[str, torch.Tensor] = {}  # the current tensor's lora_A (small: r x in)
+        self.lora_a: dict = {}  # the current tensor's lora_A, a torch fp32 tensor (small: r x in)
 
-    def produce(self, out: OutputTensor, band: Band, get=None, phase=lambda name: nullcontext()) -> torch.Tensor:
+    def produce(self, out: OutputTensor, band: Band, get=None, phase=lambda name: nullcontext()) -> Block:
         """get(k, piece, read) returns the k-th read's block; by default this rank preads it."""
         block = assemble(band, get or (lambda k, piece, read: self.reader.read(piece, read)), phase)
         if out.lora is None:
-            return block
+            return Block(block, band.source.dtype)
         with phase("lora"):
-            lora = out.lora
+            lora, tensors = out.lora, self.catalogue.tensors
             if lora.a not in self.lora_a:  # A once per tensor, B a band of rows at a time
                 self.lora_a.clear()
-                rows = self.catalogue.tensors[lora.a].shape[0]
-                self.lora_a[lora.a] = read_source_rows(self.catalogue, lora.a, 0, rows, self.reader).float()
+                a = read_source_rows(self.catalogue, lora.a, 0, tensors[lora.a].shape[0], self.reader)
+                self.lora_a[lora.a] = values.to_torch(a, tensors[lora.a].dtype).float()
             b_rows = read_source_rows(self.catalogue, lora.b, band.first, band.stop, self.reader)
-            return fold_lora(block, lora, self.lora_a[lora.a], b_rows)
+            folded = fold_lora(values.to_torch(block, band.source.dtype), lora, self.lora_a[lora.a],
+                               values.to_torch(b_rows, tensors[lora.b].dtype))
+            return Block(values.from_torch(folded), FLOAT32)

@@ -1,19 +1,24 @@
 """Process-group setup: rank and world from torchrun's environment, world size 1 without it.
 
 NCCL with CUDA tensors where GPUs are visible, gloo otherwise. An existing process group (when
-distmerge runs inside a live torchrun job) is used as is and left alive.
+distmerge runs inside a live torchrun job) is used as is and left alive. torch is imported only
+when there is a process group: a one-process merge that copies bytes never needs it (values.py).
 """
 from __future__ import annotations
 
 import contextlib
 import datetime
 import os
+import sys
 from dataclasses import dataclass
 
-import torch
-import torch.distributed as dist
-
+from . import values
 from .errors import MergeAbortedError, MergeError
+
+
+def _dist():
+    import torch.distributed as dist
+    return dist
 
 
 @dataclass
@@ -25,8 +30,9 @@ class Runtime:
     owns_group: bool = False
 
     @property
-    def device(self) -> torch.device:
-        """Where exchanged pieces live: CUDA for NCCL, CPU for gloo."""
+    def device(self):
+        """Where exchanged pieces live (a torch.device): CUDA for NCCL, CPU for gloo."""
+        import torch
         if self.backend == "nccl":
             return torch.device("cuda", self.local_rank)
         return torch.device("cpu")
@@ -42,11 +48,11 @@ class Runtime:
                 error = e
             except BaseException:
                 if self.world_size > 1:
-                    dist.broadcast_object_list([MergeAbortedError("rank 0 failed; its message says why")], src=0)
+                    _dist().broadcast_object_list([MergeAbortedError("rank 0 failed; its message says why")], src=0)
                 raise
         if self.world_size > 1:
             box = [error]
-            dist.broadcast_object_list(box, src=0)
+            _dist().broadcast_object_list(box, src=0)
             error = box[0]
         if error is not None:
             raise error
@@ -56,7 +62,7 @@ class Runtime:
         if self.world_size == 1:
             return [obj]
         out = [None] * self.world_size
-        dist.all_gather_object(out, obj)
+        _dist().all_gather_object(out, obj)
         return out
 
     def gather_dicts(self, d: dict) -> dict:
@@ -66,17 +72,20 @@ class Runtime:
         return merged
 
     def close(self) -> None:
-        if self.owns_group and dist.is_initialized():
-            dist.destroy_process_group()
+        if self.owns_group and _dist().is_initialized():
+            _dist().destroy_process_group()
 
 
 def start(backend: str = "auto", timeout_s: float = 1800) -> Runtime:
-    if dist.is_available() and dist.is_initialized():
-        return Runtime(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)),
-                       dist.get_backend(), owns_group=False)
+    live = sys.modules.get("torch.distributed")  # a live group means torch.distributed is imported
+    if live is not None and live.is_available() and live.is_initialized():
+        return Runtime(live.get_rank(), live.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)),
+                       live.get_backend(), owns_group=False)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return Runtime()
+    import torch
+    import torch.distributed as dist
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
@@ -96,14 +105,14 @@ def start(backend: str = "auto", timeout_s: float = 1800) -> Runtime:
 
 @contextlib.contextmanager
 def intra_op_threads(ranks_on_this_machine: int):
-    """torch threads for the casts and copies: half this rank's share of the cores (the other half
-    reads and writes). torch's default, every core, is 2-3x slower for casts on a small machine,
-    where those threads fight the rank's own reader and writer. An explicit OMP_NUM_THREADS wins."""
-    before = torch.get_num_threads()
+    """torch threads for the casts: half this rank's share of the cores (the other half reads and
+    writes). torch's default, every core, is 2-3x slower for casts on a small machine, where those
+    threads fight the rank's own reader and writer. An explicit OMP_NUM_THREADS wins. Set when
+    torch is first used (values.torch), restored after."""
     if "OMP_NUM_THREADS" not in os.environ:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        torch.set_num_threads(max(1, cores // (2 * max(1, ranks_on_this_machine))))
+        values.set_threads(max(1, cores // (2 * max(1, ranks_on_this_machine))))
     try:
         yield
     finally:
-        torch.set_num_threads(before)
+        values.set_threads(None)

@@ -19,9 +19,6 @@ from __future__ import annotations
 import pickle
 from dataclasses import dataclass, replace
 
-import torch
-import torch.distributed as dist
-
 from .model import Catalogue, OutputFile, Plan, Segment
 from .prepare import Prepared
 
@@ -75,6 +72,8 @@ def scatter_shares(rt, prepared: Prepared | None, plan: Plan | None) -> Share:
     each rank's tensors go to it alone, one rank at a time."""
     if rt.world_size == 1:
         return share_of(prepared, plan, 0)
+    import torch.distributed as dist
+
     collective = rt.rank == 0 and plan.transport == "collective"
     common = [None, None]
     if rt.rank == 0:
@@ -94,6 +93,9 @@ def scatter_shares(rt, prepared: Prepared | None, plan: Plan | None) -> Share:
 
 def _send_pickled(obj, dst: int, device) -> None:
     """Send a pickled object to one rank: its size, then its bytes (see _recv_pickled)."""
+    import torch
+    import torch.distributed as dist
+
     data = bytearray(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL))
     dist.send(torch.tensor([len(data)], dtype=torch.int64, device=device), dst=dst)
     dist.send(torch.frombuffer(data, dtype=torch.uint8).to(device), dst=dst)
@@ -104,6 +106,9 @@ def _recv_pickled(src: int, device):
     recv_object_list copies the buffer to bytes first: a third copy of a share that is, for a
     checkpoint of millions of chunks, the largest thing the rank ever holds. The bytes come from
     rank 0 of this job, the same trust as torch's own object collectives."""
+    import torch
+    import torch.distributed as dist
+
     size = torch.empty(1, dtype=torch.int64, device=device)
     dist.recv(size, src=src)
     buf = torch.empty(int(size.item()), dtype=torch.uint8, device=device)

@@ -9,9 +9,7 @@ import json
 import os
 import struct
 
-from .model import SAFETENSORS_DTYPES
-
-DTYPES = {v: k for k, v in SAFETENSORS_DTYPES.items()}  # safetensors' dtype name -> torch dtype
+from .dtypes import BY_SAFETENSORS as DTYPES  # safetensors' dtype name -> DType
 MAX_HEADER_BYTES = 100 * 2**20
 
 

@@ -29,12 +29,12 @@ import time
 from dataclasses import dataclass, field
 
 from .errors import MergeAbortedError, MergeError, MergeIOError
+from .integrity import MANIFEST
 
 log = logging.getLogger("distmerge")
 
 TRACKER = "latest_checkpointed_iteration.txt"   # verl and Megatron-LM
 LATEST = "latest"                               # DeepSpeed
-MANIFEST = "distmerge-manifest.json"            # integrity.MANIFEST (that module imports torch)
 LEDGER = "distmerge-steps.json"                 # in TARGET: what each step's merge did
 MAX_TRACKER_BYTES = 256
 

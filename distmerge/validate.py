@@ -15,7 +15,8 @@ import numpy as np
 
 from .arch.config import text_config
 from .errors import MergeError
-from .model import SAFETENSORS_DTYPES, Catalogue, OutputTensor, Piece, SourceTensor, dtype_str
+from .dtypes import ALL as KNOWN_DTYPES
+from .model import Catalogue, OutputTensor, Piece, SourceTensor, dtype_str
 from .paths import SourceFile, check_file
 from .sources.chunks import PieceTable, gc_paused
 
@@ -26,7 +27,7 @@ def piece_problem(p: Piece, file: SourceFile) -> str | None:
     """What is wrong with one piece's geometry, or None. The strides must not let two elements share
     bytes (sorted by stride, each dim starts past the span of the smaller ones), so the bytes a piece
     claims are at least its element count: a size claim cannot outgrow the file behind it."""
-    if p.dtype not in SAFETENSORS_DTYPES:
+    if p.dtype not in KNOWN_DTYPES:
         return f"dtype {p.dtype} is not one distmerge writes"
     if p.offset < 0:
         return f"byte offset {p.offset} is negative"
@@ -111,7 +112,7 @@ def _bulk_screen(catalogue: Catalogue, checked: dict[str, SourceFile]) -> set[st
     for t in catalogue.tensors.values():
         table = t.pieces
         if isinstance(table, PieceTable) and table.dtype == t.dtype and table.ndim == len(t.shape) >= 1 and \
-                t.dtype in SAFETENSORS_DTYPES and all(n >= 0 for n in t.shape) and math.prod(t.shape) <= MAX_ELEMENTS:
+                t.dtype in KNOWN_DTYPES and all(n >= 0 for n in t.shape) and math.prod(t.shape) <= MAX_ELEMENTS:
             groups.setdefault((table.ndim, id(table.files)), []).append(t)
     cleared: set[str] = set()
     for group in groups.values():

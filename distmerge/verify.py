@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from . import values
 from .errors import MergeError, MergeVerifyError
 from .finish import INCOMPLETE
 from .integrity import MANIFEST, hash_range
@@ -473,10 +474,11 @@ def compare_source_with_reference(source: str, reference: str, atol: float | Non
                 casts.add(f"{out.dtype} -> {ref_dtype}")
             cmp = TensorCompare(out.name, atol, rtol)
             if not out.parts:
-                cmp.add(torch.zeros(out.shape, dtype=ref_dtype), ref.tensor(out.name))
+                cmp.add(torch.zeros(out.shape, dtype=ref_dtype.torch), ref.tensor(out.name))
             for band in bands(out, catalogue):
                 # as `merge --dtype` would write it (no copy when equal)
-                block = producer.produce(out, band).to(ref_dtype)
+                block = producer.produce(out, band)
+                block = values.to_torch(block.values, block.dtype).to(ref_dtype.torch)
                 cmp.add(block, ref_slice[band.first:band.stop] if out.shape else ref.tensor(out.name))
             report.compared.append(cmp.result())
             if not cmp.ok:

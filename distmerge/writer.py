@@ -17,8 +17,6 @@ import logging
 import mmap
 import os
 
-import torch
-
 from .errors import MergeIOError, truncated_source
 from .integrity import hash_range, new_hash
 from .model import OutputFile, Segment
@@ -29,12 +27,6 @@ HASH_MAP_BYTES = 64 * 2**20  # copied bytes are hashed through read-only maps of
 KERNEL_COPY_REFUSED = {errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ETXTBSY}
 
 log = logging.getLogger("distmerge")
-
-
-def as_bytes(tensor: torch.Tensor) -> memoryview:
-    """The raw little-endian bytes of a CPU tensor, without a copy when it is contiguous."""
-    flat = tensor.contiguous().reshape(-1)
-    return memoryview(flat.view(torch.uint8).numpy())
 
 
 class SafetensorsWriter:

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import sys
 from functools import cache
 
 import pytest
@@ -118,6 +120,23 @@ def test_torchrun_merge_of_zero3_at_4_training_ranks(zero, tmp_path):
     src = zero("z3_odd")
     merge(src / "checkpoint-2", tmp_path / "hf", "--transport", "collective", ranks=2, torchrun=True)
     assert_bit_exact(expected_plain(src), merged_tensors(tmp_path / "hf"))
+
+
+def imports_torch(source, out, *extra) -> bool:
+    """Whether a one-process merge imported torch (python -X importtime lists every import)."""
+    proc = run([sys.executable, "-X", "importtime", "-m", "distmerge", "merge", "--source", str(source),
+                "--target", str(out), "--no-progress", *extra], timeout=MERGE_TIMEOUT)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return re.search(r"\|\s+torch$", proc.stderr, re.M) is not None
+
+
+def test_a_merge_that_copies_bytes_never_imports_torch(zero, tmp_path):
+    """torch costs about a second of start-up: a merge without a cast runs without it, bit-exact;
+    a cast brings it in."""
+    src = zero("z3_odd")
+    assert not imports_torch(src / "checkpoint-2", tmp_path / "copy")
+    assert_bit_exact(expected_plain(src), merged_tensors(tmp_path / "copy"))
+    assert imports_torch(src / "checkpoint-2", tmp_path / "cast", "--dtype", "bf16")
 
 
 def test_bf16_output_casts_the_fp32_master_weights(zero, tmp_path):

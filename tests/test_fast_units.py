@@ -12,8 +12,10 @@ import pytest
 import torch
 
 from distmerge import bands as bands_mod
+from distmerge import values as values_mod
 from distmerge.arch import megatron_gpt
 from distmerge.bands import Band, bands, row_runs, whole_block
+from distmerge.dtypes import FLOAT32, UINT8, of_torch
 from distmerge.errors import MergeError
 from distmerge.model import Catalogue, FileEntry, OutputFile, OutputTensor, Piece, SourceRows, SourceTensor
 from distmerge.plan import cut_segments
@@ -29,10 +31,11 @@ def write_tensor(path, name: str, t: torch.Tensor, dim: int = 0, n: int = 1) -> 
             data = block.contiguous()
             f.write(data.reshape(-1).view(torch.uint8).numpy().tobytes())
             region = tuple(start if d == dim else 0 for d in range(t.dim()))
-            pieces.append(Piece(str(path), offset, tuple(data.shape), tuple(data.stride()), region, t.dtype))
+            dtype = of_torch(t.dtype)
+            pieces.append(Piece(str(path), offset, tuple(data.shape), tuple(data.stride()), region, dtype))
             offset += data.numel() * data.element_size()
             start += data.shape[dim] if t.dim() else 0
-    return SourceTensor(name, tuple(t.shape), t.dtype, pieces)
+    return SourceTensor(name, tuple(t.shape), of_torch(t.dtype), pieces)
 
 
 def catalogue_of(tmp_path, tensors: dict, family: str = "hf", cuts: dict | None = None) -> Catalogue:
@@ -50,11 +53,11 @@ def produce(out: OutputTensor, catalogue: Catalogue) -> torch.Tensor:
     reader = PieceReader()
     try:
         producer = BandProducer(catalogue, reader)
-        blocks = [producer.produce(out, band) for band in bands(out, catalogue)]
+        blocks = [values_mod.to_torch(*producer.produce(out, band)) for band in bands(out, catalogue)]
     finally:
         reader.close()
     if not out.parts:
-        return torch.zeros(out.shape, dtype=out.dtype)
+        return torch.zeros(out.shape, dtype=out.dtype.torch)
     return (torch.cat(blocks) if out.shape else blocks[0]).reshape(out.shape)
 
 
@@ -71,7 +74,7 @@ def test_bands_cut_at_pieces_and_band_bytes_and_assemble_the_stored_bytes(tmp_pa
     monkeypatch.setattr(bands_mod, "BAND_BYTES", 3 * 8 * 4)  # 3 rows of 8 float32
     w = values((10, 8))
     catalogue = catalogue_of(tmp_path, {"w": w}, cuts={"w": cut})
-    out = OutputTensor("w", (10, 8), torch.float32, [SourceRows("w", (), 0, 10)])
+    out = OutputTensor("w", (10, 8), FLOAT32, [SourceRows("w", (), 0, 10)])
     cut_bands = bands(out, catalogue)
     assert [(b.first, b.stop) for b in cut_bands] == list(zip([b.first for b in cut_bands],
                                                               [b.first for b in cut_bands[1:]] + [10]))
@@ -87,9 +90,9 @@ def test_bands_cut_at_pieces_and_band_bytes_and_assemble_the_stored_bytes(tmp_pa
 def test_a_row_wider_than_a_band_is_one_band_and_a_scalar_is_one_row(tmp_path, monkeypatch):
     monkeypatch.setattr(bands_mod, "BAND_BYTES", 4)
     catalogue = catalogue_of(tmp_path, {"w": values((3, 5)), "s": torch.tensor(7.5)})
-    w_bands = bands(OutputTensor("w", (3, 5), torch.float32, [SourceRows("w", (), 0, 3)]), catalogue)
+    w_bands = bands(OutputTensor("w", (3, 5), FLOAT32, [SourceRows("w", (), 0, 3)]), catalogue)
     assert [(b.first, b.stop) for b in w_bands] == [(0, 1), (1, 2), (2, 3)]
-    scalar = OutputTensor("s", (), torch.float32, [SourceRows("s", (), 0, 1)])
+    scalar = OutputTensor("s", (), FLOAT32, [SourceRows("s", (), 0, 1)])
     assert [(b.first, b.stop) for b in bands(scalar, catalogue)] == [(0, 1)]
     assert produce(scalar, catalogue).item() == 7.5
 
@@ -98,7 +101,7 @@ def test_parts_of_a_stacked_tensor_take_their_layer_and_rows(tmp_path):
     stacked = values((3, 6, 4))
     catalogue = catalogue_of(tmp_path, {"s": stacked}, cuts={"s": (0, 3)})  # one piece per layer
     parts = [SourceRows("s", (2,), 4, 6), SourceRows("s", (0,), 0, 2)]
-    out = OutputTensor("o", (4, 4), torch.float32, parts)
+    out = OutputTensor("o", (4, 4), FLOAT32, parts)
     assert torch.equal(produce(out, catalogue), torch.cat([stacked[2, 4:6], stacked[0, 0:2]]))
     assert [b.reads[0].lead for b in bands(out, catalogue)] == [(0,), (0,)]  # each piece holds one layer
 
@@ -126,7 +129,7 @@ def test_row_gather_streams_rope_permutation_in_bounded_coalesced_bands(tmp_path
     wq = values((heads * head_dim, 6), torch.bfloat16)
     catalogue = catalogue_of(tmp_path, {"wq": wq}, cuts={"wq": cut})
     part = SourceRows("wq", (), 0, heads * head_dim, rope_order(head_dim))
-    out = OutputTensor("q", tuple(wq.shape), wq.dtype, [part])
+    out = OutputTensor("q", tuple(wq.shape), of_torch(wq.dtype), [part])
     cut_bands = bands(out, catalogue)
     assert torch.equal(produce(out, catalogue), permute_like_hf(wq, heads))
     assert all((b.stop - b.first) * 6 * 2 <= bands_mod.BAND_BYTES for b in cut_bands)
@@ -145,7 +148,7 @@ def test_row_gather_of_a_layer_of_a_stacked_tensor_with_an_offset(tmp_path):
     stacked = values((2, 12, 3))
     catalogue = catalogue_of(tmp_path, {"s": stacked})
     order = (2, 0, 1)
-    out = OutputTensor("o", (6, 3), torch.float32, [SourceRows("s", (1,), 3, 9, order)])
+    out = OutputTensor("o", (6, 3), FLOAT32, [SourceRows("s", (1,), 3, 9, order)])
     expected = stacked[1, [5, 3, 4, 8, 6, 7]]
     assert torch.equal(produce(out, catalogue), expected)
 
@@ -162,7 +165,7 @@ def test_a_lora_fold_of_gathered_rows_is_refused(tmp_path):
     from distmerge.model import LoraDelta
 
     catalogue = catalogue_of(tmp_path, {"w": values((4, 2))})
-    out = OutputTensor("w", (4, 2), torch.float32, [SourceRows("w", (), 0, 4, (1, 0))], LoraDelta("a", "b", 1.0))
+    out = OutputTensor("w", (4, 2), FLOAT32, [SourceRows("w", (), 0, 4, (1, 0))], LoraDelta("a", "b", 1.0))
     with pytest.raises(MergeError, match="LoRA"):
         bands(out, catalogue)
 
@@ -311,7 +314,7 @@ def test_legacy_tp_ranks_are_joined_as_the_rules_split_them(tmp_path, te):
         source = catalogue.tensors[stacked]
         lead = (0,) if stacked != name else ()
         assert source.shape == (1,) * len(lead) + tuple(w.shape), name
-        out = OutputTensor(name, tuple(w.shape), w.dtype, [SourceRows(stacked, lead, 0, w.shape[0])])
+        out = OutputTensor(name, tuple(w.shape), of_torch(w.dtype), [SourceRows(stacked, lead, 0, w.shape[0])])
         assert torch.equal(produce(out, catalogue), w), name
 
 
@@ -333,7 +336,7 @@ def test_legacy_keys_of_some_layers_only_are_kept_per_layer(tmp_path):
     for name, index, expected in (("decoder.layers.self_attention.linear_qkv.weight", (1,), qkv[1]),
                                   ("decoder.layers.0.mlp.linear_fc1.weight", (), fc1),
                                   ("decoder.layers.1.mlp.experts.experts.linear_fc2.weight", (2,), experts[2])):
-        out = OutputTensor(name, tuple(expected.shape), expected.dtype,
+        out = OutputTensor(name, tuple(expected.shape), of_torch(expected.dtype),
                            [SourceRows(name, index, 0, expected.shape[0])])
         assert torch.equal(produce(out, catalogue), expected), name
 
@@ -344,7 +347,7 @@ def test_cut_segments_keeps_whole_tensors_and_tiles_the_file():
     sizes = [10, 30, 5, 5, 100, 1]
     entries, offset = [], 0
     for k, n in enumerate(sizes):
-        entries.append(FileEntry(OutputTensor(f"t{k}", (n,), torch.uint8, []), offset, offset + n))
+        entries.append(FileEntry(OutputTensor(f"t{k}", (n,), UINT8, []), offset, offset + n))
         offset += n
     f = OutputFile("model.safetensors", entries, header=b"h" * 16)
     segments = cut_segments(f, 40)
@@ -358,9 +361,9 @@ def test_cut_segments_keeps_whole_tensors_and_tiles_the_file():
 
 def test_band_type_names_its_fields():
     """The geometry is plain named data: printable, comparable, and the same on every rank."""
-    w = SourceTensor("w", (2, 2), torch.float32, [Piece("f", 0, (2, 2), (2, 1), (0, 0), torch.float32)])
+    w = SourceTensor("w", (2, 2), FLOAT32, [Piece("f", 0, (2, 2), (2, 1), (0, 0), FLOAT32)])
     catalogue = Catalogue("test", "/", ["f"], {"w": w}, None)
-    out = OutputTensor("w", (2, 2), torch.float32, [SourceRows("w", (), 0, 2)])
+    out = OutputTensor("w", (2, 2), FLOAT32, [SourceRows("w", (), 0, 2)])
     band = bands(out, catalogue)[0]
     assert isinstance(band, Band) and band.runs == ((0, 2),) and band.reads[0].piece == 0
     assert bands(out, catalogue) == [band]
@@ -384,11 +387,11 @@ def test_rank_engine_writes_copied_gathered_folded_and_zero_tensors(tmp_path, mo
          "lora_a": values((2, 6), seed=4), "lora_b": values((5, 2), seed=5)}
     catalogue = catalogue_of(tmp_path, t, cuts={"q": (0, 2)})
     order = rope_order(8)
-    outputs = [OutputTensor("w", (16, 6), torch.float32, [SourceRows("w", (), 0, 16)]),
-               OutputTensor("q", (16, 6), torch.float32, [SourceRows("q", (), 0, 16, order)]),
-               OutputTensor("base", (5, 6), torch.float32, [SourceRows("base", (), 0, 5)],
+    outputs = [OutputTensor("w", (16, 6), FLOAT32, [SourceRows("w", (), 0, 16)]),
+               OutputTensor("q", (16, 6), FLOAT32, [SourceRows("q", (), 0, 16, order)]),
+               OutputTensor("base", (5, 6), FLOAT32, [SourceRows("base", (), 0, 5)],
                             LoraDelta("lora_a", "lora_b", 0.5)),
-               OutputTensor("bias", (3,), torch.float32, [])]
+               OutputTensor("bias", (3,), FLOAT32, [])]
     plan = make_plan(catalogue, outputs, 1, 10**9, "direct")
     staging = tmp_path / "staging"
     staging.mkdir()

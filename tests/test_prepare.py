@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 
+from distmerge.dtypes import FLOAT16, FLOAT32
 from distmerge.errors import MergeError
 from distmerge.model import Catalogue, Piece, SourceTensor
 from distmerge.prepare import PrepareOptions, prepare
@@ -86,9 +87,9 @@ def test_deeply_nested_config_json_is_refused(tmp_path):
 def catalogue_with(tmp_path: Path, **piece) -> Catalogue:
     data = tmp_path / "data.bin"
     data.write_bytes(bytes(64))
-    fields = dict(file=str(data), offset=0, shape=(2, 4), strides=(4, 1), region=(0, 0), dtype=torch.float32)
+    fields = dict(file=str(data), offset=0, shape=(2, 4), strides=(4, 1), region=(0, 0), dtype=FLOAT32)
     p = Piece(**(fields | piece))
-    t = SourceTensor("w", (2, 4), torch.float32, [p])
+    t = SourceTensor("w", (2, 4), FLOAT32, [p])
     return Catalogue(format="test", source=str(tmp_path), files=[str(data)], tensors={"w": t}, hf_dir=None)
 
 
@@ -102,7 +103,7 @@ def catalogue_with(tmp_path: Path, **piece) -> Catalogue:
     ({"shape": (2, 4), "strides": (400, 1)}, "needs bytes up to"),
     ({"region": (1, 0)}, "outside the tensor"),
     ({"shape": (1, 4)}, "cover 4 of its 8"),
-    ({"dtype": torch.float16}, "tensor is"),
+    ({"dtype": FLOAT16}, "tensor is"),
     ({"region": (0,)}, "disagree in rank"),
 ])
 def test_hostile_piece_records_are_refused(tmp_path, piece, message):
@@ -113,7 +114,7 @@ def test_hostile_piece_records_are_refused(tmp_path, piece, message):
 def test_overlapping_pieces_with_the_right_element_count_are_refused(tmp_path):
     c = catalogue_with(tmp_path, shape=(1, 4))
     t = c.tensors["w"]
-    t.pieces = [t.pieces[0], Piece(t.pieces[0].file, 0, (1, 4), (4, 1), (0, 0), torch.float32)]  # row 0 twice
+    t.pieces = [t.pieces[0], Piece(t.pieces[0].file, 0, (1, 4), (4, 1), (0, 0), FLOAT32)]  # row 0 twice
     with pytest.raises(MergeError, match="overlaps or holes"):
         validate_catalogue(c)
 
@@ -126,14 +127,14 @@ def test_files_outside_the_source_and_special_files_are_refused(tmp_path):
     (src / "link.bin").symlink_to(outside)
     for path in (str(outside), str(src / "link.bin"), str(src / ".." / "secret"), "/dev/zero"):
         c = catalogue_with(src)
-        c.tensors["w"].pieces = [Piece(path, 0, (2, 4), (4, 1), (0, 0), torch.float32)]
+        c.tensors["w"].pieces = [Piece(path, 0, (2, 4), (4, 1), (0, 0), FLOAT32)]
         with pytest.raises(MergeError, match="outside the source|not a regular file"):
             validate_catalogue(c)
     fifo = src / "fifo"
     import os
     os.mkfifo(fifo)
     c = catalogue_with(src)
-    c.tensors["w"].pieces = [Piece(str(fifo), 0, (2, 4), (4, 1), (0, 0), torch.float32)]
+    c.tensors["w"].pieces = [Piece(str(fifo), 0, (2, 4), (4, 1), (0, 0), FLOAT32)]
     with pytest.raises(MergeError, match="not a regular file"):
         validate_catalogue(c)
 
@@ -141,5 +142,5 @@ def test_files_outside_the_source_and_special_files_are_refused(tmp_path):
 def test_a_valid_catalogue_passes(tmp_path):
     validate_catalogue(catalogue_with(tmp_path))
     c = catalogue_with(tmp_path, shape=(2, 2), strides=(1, 2))  # a transposed (column-major) block is fine
-    c.tensors["w"] = SourceTensor("w", (2, 2), torch.float32, c.tensors["w"].pieces)
+    c.tensors["w"] = SourceTensor("w", (2, 2), FLOAT32, c.tensors["w"].pieces)
     validate_catalogue(c)

@@ -20,6 +20,7 @@ from conftest import PROCESS_TIMEOUT, ROOT
 sys.path.insert(0, str(ROOT / "bench"))
 import scale  # noqa: E402
 
+from distmerge.dtypes import BFLOAT16  # noqa: E402
 from distmerge.errors import MergeError  # noqa: E402
 from distmerge.model import Piece  # noqa: E402
 from distmerge.prepare import PrepareOptions, prepare  # noqa: E402
@@ -101,7 +102,7 @@ def test_dcp_reader_builds_tables(deepseek):
     assert isinstance(table, PieceTable) and len(table) == WORLD
     rows = 64 // WORLD
     assert list(table)[1] == table[1] == Piece(os.path.join(deepseek, "__1_0.distcp"), table[1].offset,
-                                               (rows, 64), (64, 1), (rows, 0), torch.bfloat16)
+                                               (rows, 64), (64, 1), (rows, 0), BFLOAT16)
     assert table.bytes_by_file()[os.path.join(deepseek, "__1_0.distcp")] == rows * 64 * 2
     validate_catalogue(c)
 
@@ -130,7 +131,7 @@ def test_bulk_screen_refuses_like_the_piece_checks(deepseek, change, message):
 
 def test_hostile_chunk_values_are_refused(deepseek, tmp_path):
     """A chunk offset no int64 holds is a corrupt record (exit 2), not a traceback."""
-    table = PieceTable([os.path.join(deepseek, "__0_0.distcp")], torch.bfloat16, 2)
+    table = PieceTable([os.path.join(deepseek, "__0_0.distcp")], BFLOAT16, 2)
     with pytest.raises(MergeError, match="corrupt"):
         table.add(0, 1 << 70, (0, 0), (1, 1), (1, 1))
 

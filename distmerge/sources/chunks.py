@@ -14,8 +14,8 @@ from array import array
 from collections.abc import Sequence
 
 import numpy as np
-import torch
 
+from ..dtypes import DType
 from ..errors import MergeError
 from ..model import Piece
 
@@ -25,7 +25,7 @@ class PieceTable(Sequence):
 
     __slots__ = ("files", "dtype", "ndim", "data")
 
-    def __init__(self, files: list[str], dtype: torch.dtype, ndim: int):
+    def __init__(self, files: list[str], dtype: DType, ndim: int):
         self.files = files          # shared by every table of a catalogue: index -> path
         self.dtype = dtype
         self.ndim = ndim

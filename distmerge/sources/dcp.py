@@ -19,8 +19,7 @@ import os
 import pickle
 import re
 
-import torch
-
+from ..dtypes import DType
 from ..errors import MergeError, MergeIOError
 from ..model import Catalogue, SourceTensor, dtype_size, dtype_str
 from ..paths import check_file
@@ -227,7 +226,7 @@ class _BlobFrames:
         self.known: dict[tuple, tuple] = {}  # (length, dtype, shape) -> (head, tail, StoredTensor at 0)
         self.fds: dict[str, int] = {}
 
-    def locate(self, path: str, start: int, length: int, dtype: torch.dtype, sizes: tuple) -> StoredTensor:
+    def locate(self, path: str, start: int, length: int, dtype: DType, sizes: tuple) -> StoredTensor:
         fd = self.fds.get(path)
         if fd is None:
             fd = self.fds[path] = os.open(path, os.O_RDONLY)
@@ -296,7 +295,7 @@ def _tensor(name: str, fqn: str, entry, stored: dict, files: _DataFiles, blobs: 
             meta_path: str) -> SourceTensor:
     """One tensor entry of `.metadata` and the storage of its chunks, as a SourceTensor."""
     dtype = _field(_field(entry, "properties", 0), "dtype", 0)
-    if not isinstance(dtype, torch.dtype):
+    if not isinstance(dtype, DType):
         raise TypeError(f"dtype {dtype!r}")
     size = tuple(_field(entry, "size", 1))
     table = PieceTable(files.paths, dtype, len(size))

@@ -28,8 +28,7 @@ import os
 import re
 from dataclasses import dataclass
 
-import torch
-
+from ..dtypes import FLOAT32, DType
 from ..errors import MergeError
 from ..model import Catalogue, Piece, SourceTensor
 from ..paths import check_file
@@ -67,7 +66,7 @@ class Run:
     file: str
     offset: int
     numel: int
-    dtype: torch.dtype
+    dtype: DType
 
 
 # ---------------------------------------------------------------- where the save is
@@ -416,7 +415,7 @@ def frozen_params(files: TagFiles, model0: dict, world: int) -> dict[str, Source
                 raise MergeError(f"{files.model[rank]}: the fragment of {name} holds {run.numel} elements, not "
                                  f"ceil({numel} / {world}) = {part}; the file is corrupt or from another save")
             pieces += run_pieces([run], 0, max(0, min(part, numel - rank * part)), shape, rank * part)
-        tensors[name] = SourceTensor(name, shape, run.dtype if frags else torch.float32, pieces)
+        tensors[name] = SourceTensor(name, shape, run.dtype if frags else FLOAT32, pieces)
     return tensors
 
 

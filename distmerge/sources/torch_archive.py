@@ -19,8 +19,7 @@ import zipfile
 import zlib
 from dataclasses import dataclass
 
-import torch
-
+from ..dtypes import STORAGE_NAMES, DType, named, of_torch
 from ..errors import MergeError, MergeIOError
 
 # A placement as plain data: ("shard", dim), ("strided", dim, split_factor) or ("replicate",)
@@ -35,7 +34,7 @@ class StoredTensor:
     storage_end: int          # file offset one past the storage's last byte (bounds check)
     shape: tuple[int, ...]
     strides: tuple[int, ...]
-    dtype: torch.dtype
+    dtype: DType
 
 
 @dataclass
@@ -223,6 +222,8 @@ def load_tensor_blob(path: str, start: int, length: int) -> StoredTensor:
         raise bad_record(path, e) from None
     except (zipfile.BadZipFile, EOFError, OSError, struct.error) as e:
         raise _io_error(path, e) from None
+    import torch
+
     t = _torch_load_refusing(blob, f"the item at byte {start} of {path}", path)
     if not isinstance(t, torch.Tensor):
         raise MergeError(f"{path}: the item at byte {start} is not a tensor")
@@ -239,6 +240,8 @@ def load_tensor_blob(path: str, start: int, length: int) -> StoredTensor:
 def _torch_load_refusing(f, what: str, path: str, **kwargs):
     """torch.load(weights_only=True) on the meta device; whatever it raises on a damaged or hostile
     file becomes one message naming it (exit 2), never a traceback."""
+    import torch
+
     try:
         return torch.load(f, map_location=kwargs.pop("map_location", "meta"), weights_only=True, **kwargs)
     except pickle.UnpicklingError as e:
@@ -257,9 +260,9 @@ def _torch_load_refusing(f, what: str, path: str, **kwargs):
                          f"{str(e).strip()[:200]}); it is corrupt or not a checkpoint file") from None
 
 
-def _stored_torch(t: torch.Tensor, base: int, path: str) -> StoredTensor:
+def _stored_torch(t, base: int, path: str) -> StoredTensor:
     """A tensor from torch's loader whose storage starts at file offset `base`, checked like a fast-path record."""
-    storage = _StorageRef(t.dtype, base, t.untyped_storage().nbytes())
+    storage = _StorageRef(of_torch(t.dtype), base, t.untyped_storage().nbytes())
     return _stored(_TensorRef(storage, t.storage_offset(), tuple(t.shape), tuple(t.stride())), path)
 
 
@@ -340,8 +343,8 @@ def plain_global(module: str, name: str):
     ordered dicts), as harmless values or constructors; None for anything else."""
     if module == "collections" and name == "OrderedDict":
         return collections.OrderedDict
-    if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
-        return getattr(torch, name)
+    if module == "torch" and named(name) is not None:
+        return named(name)
     if module == "torch" and name == "Size":
         return tuple
     if module == "torch.serialization" and name == "_get_layout":
@@ -351,16 +354,12 @@ def plain_global(module: str, name: str):
 
 _DIST_CLASSES = {"DTensor", "DTensorSpec", "TensorMeta", "ShardOrderEntry", "DeviceMesh", "_MeshLayout",
                  "_FlatLayout", "Shard", "_StridedShard", "Replicate", "Partial", "_Partial"}
-_STORAGE_DTYPES = {"DoubleStorage": torch.float64, "FloatStorage": torch.float32, "HalfStorage": torch.float16,
-                   "BFloat16Storage": torch.bfloat16, "LongStorage": torch.int64, "IntStorage": torch.int32,
-                   "ShortStorage": torch.int16, "CharStorage": torch.int8, "ByteStorage": torch.uint8,
-                   "BoolStorage": torch.bool}
 
 
 class _StorageRef:
     __slots__ = ("dtype", "offset", "nbytes")  # one per tensor: slots keep 100-shard metadata fast
 
-    def __init__(self, dtype: torch.dtype, offset: int, nbytes: int):
+    def __init__(self, dtype: DType, offset: int, nbytes: int):
         self.dtype, self.offset, self.nbytes = dtype, offset, nbytes
 
 
@@ -419,8 +418,8 @@ class _FastUnpickler(pickle.Unpickler):
             return _rebuild_wrapper_subclass
         if module == "torch._tensor" and name == "_rebuild_from_type_v2":
             return _rebuild_from_type_v2
-        if module == "torch" and name in _STORAGE_DTYPES:
-            return _STORAGE_DTYPES[name]
+        if module == "torch" and name in STORAGE_NAMES:
+            return STORAGE_NAMES[name]
         if module == "torch" and name == "device":
             return str
         if module == "torch" and name == "Tensor":
@@ -434,7 +433,7 @@ class _FastUnpickler(pickle.Unpickler):
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
             raise _Unsupported(f"persistent id {str(pid)[:80]}")
         _, dtype, key, _location, numel = pid
-        if not isinstance(dtype, torch.dtype):
+        if not isinstance(dtype, DType):
             raise _Unsupported("untyped storage")
         if not isinstance(key, str) or not _is_count(numel):
             raise _BadRecord(f"a storage record names {str(key)[:40]!r} with {str(numel)[:40]} elements")
@@ -604,6 +603,7 @@ def _load_with_torch(path: str, chunks=None):
 
 def _storages(value, depth: int = 0):
     """Every non-empty tensor storage in a loaded state (dicts, lists, DTensors), as (data_ptr, nbytes)."""
+    import torch
     from torch.distributed.tensor import DTensor
 
     if depth > 64:
@@ -646,13 +646,14 @@ def _storage_locator(state, offsets: dict, prefix: str, path: str):
 
 
 def _convert_torch(state, path: str, locate) -> dict:
+    import torch
     from torch.distributed.tensor import DTensor, Replicate, Shard
     from torch.distributed.tensor.placement_types import _StridedShard
 
     if not isinstance(state, dict):
         raise MergeError(f"{path} does not hold a state dict (found {type(state).__name__})")
 
-    def stored(t: torch.Tensor) -> StoredTensor:
+    def stored(t) -> StoredTensor:
         return _stored_torch(t, locate(t.untyped_storage()), path)
 
     def placement(p) -> Placement:
