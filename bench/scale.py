@@ -4,6 +4,7 @@
     python bench/scale.py make    --world 64 --dims small --out /tmp/ds_small  # same layout, ~370 MB of data
     python bench/scale.py inspect --source /tmp/ds_w64 --nproc 64              # catalogue + plan: wall, peak RSS
     python bench/scale.py merge   --source /tmp/ds_small --local-ranks 2       # the whole merge: stages, RSS
+    python bench/scale.py unpickle --source /tmp/ds_small                      # C and lean unpickler: CPU, RSS
 
 The tensor list is DeepSeek-V3's (61 layers, the first 3 dense, 256 routed experts + 1 shared,
 MLA with q LoRA: 45,395 tensors); `--dims small` keeps every name and every row chunk but
@@ -164,14 +165,40 @@ def timed(cmd: list[str]) -> dict:
             "stdout": proc.stdout[-4000:], "stderr": proc.stderr[-4000:]}
 
 
+UNPICKLE = """
+import resource, sys, time
+from distmerge.sources.chunks import gc_paused
+from distmerge.sources.dcp_pickle import load_metadata
+start = time.process_time()
+with gc_paused():
+    tables = load_metadata(sys.argv[1], lean=sys.argv[2] == "lean")
+print(round(time.process_time() - start, 2), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024,
+      sum(len(row) for row in tables.storage.rows.values()))
+"""
+
+
+def unpickle(source: str) -> dict:
+    """`.metadata` read by each unpickler in a fresh process: CPU seconds, peak RSS MB (the
+    tables made included; the same tables either way, tests/test_dcp_pickle.py)."""
+    result = {}
+    for how in ("c", "lean"):
+        proc = subprocess.run([sys.executable, "-c", UNPICKLE, os.path.join(source, ".metadata"), how],
+                              capture_output=True, text=True, cwd=ROOT)
+        if proc.returncode:
+            raise SystemExit(proc.stderr[-2000:])
+        cpu, rss, ints = proc.stdout.split()
+        result[how] = {"cpu_s": float(cpu), "peak_rss_mb": int(rss), "storage_ints": int(ints)}
+    return result
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=["make", "inspect", "merge"])
+    ap.add_argument("what", choices=["make", "inspect", "merge", "unpickle"])
     ap.add_argument("--world", type=int, default=8, help="training ranks that saved the checkpoint")
     ap.add_argument("--dims", choices=["full", "small"], default="full")
     ap.add_argument("--layers", type=int, default=LAYERS)
     ap.add_argument("--out", help="make: the checkpoint directory")
-    ap.add_argument("--source", help="inspect/merge: the checkpoint directory")
+    ap.add_argument("--source", help="inspect/merge/unpickle: the checkpoint directory")
     ap.add_argument("--target", default="/tmp/distmerge_scale_out")
     ap.add_argument("--nproc", type=int, default=64)
     ap.add_argument("--local-ranks", type=int, default=2)
@@ -182,6 +209,8 @@ def main() -> None:
         make(a.out, a.world, FULL if a.dims == "full" else SMALL, a.layers, sparse=a.dims == "full")
         print(json.dumps({"made": a.out, "seconds": round(time.perf_counter() - start, 1),
                           "metadata_mb": round(os.path.getsize(os.path.join(a.out, ".metadata")) / 1e6, 1)}))
+    elif a.what == "unpickle":
+        print(json.dumps(unpickle(a.source), indent=1))
     elif a.what == "inspect":
         result = timed(py + ["inspect", a.source, "--nproc", str(a.nproc), "--json"])
         print(json.dumps({k: v for k, v in result.items() if k != "stdout"}, indent=1))

@@ -21,7 +21,7 @@ from .errors import MergeAbortedError, MergeError, MergeIOError, MergeVerifyErro
 log = logging.getLogger("distmerge")
 
 DTYPES = ["auto", "bf16", "fp16", "fp32"]
-TRANSPORTS = ("collective", "direct")  # as merge.py's (tests/test_cli.py checks): importing it imports torch
+TRANSPORTS = ("collective", "direct")  # as merge.py's (tests/test_cli.py checks); --help imports no merge code
 DEFAULT_TRANSPORT = "direct"
 ZERO_WEIGHTS = ("master", "module")      # as sources/deepspeed.py's WEIGHTS (checked by tests/test_cli.py)
 DEBUG_ENV = "DISTMERGE_DEBUG"           # =1: tracebacks as with --debug (for jobs whose flags are hard to change)
@@ -126,9 +126,10 @@ def add_output_options(m) -> None:
                    help="LoRA checkpoints: merge = fold W + (alpha/r) B @ A into the base weights (in fp32, then the "
                         "output dtype); adapter = the base weights plus a PEFT adapter in TARGET/lora_adapter/; both")
     m.add_argument("--base", metavar="HF_DIR",
-                   help="a LoRA-only checkpoint (verl's checkpoint.save_lora_only): the HF model (safetensors, one "
-                        "file or sharded with an index) whose weights the adapters are folded into, or written "
-                        "beside (--lora adapter); read in bands like the checkpoint, never whole")
+                   help="a LoRA-only checkpoint (verl's checkpoint.save_lora_only, or a Megatron-Bridge PEFT save "
+                        "holding only the adapters): the HF model (safetensors, one file or sharded with an index) "
+                        "whose weights the adapters are folded into, or written beside (--lora adapter); read in "
+                        "bands like the checkpoint, never whole")
     m.add_argument("--lora-alpha", metavar="ALPHA", type=float,
                    help="the lora_alpha the training used (default: from lora_train_meta.json or peft's "
                         "adapter_config.json; without it a LoRA merge is refused, never done with 0)")
@@ -170,8 +171,9 @@ def add_run_options(m) -> None:
                    help="verl's flag, accepted and checked: value models are detected from config.json "
                         "(*ForTokenClassification); a warning when they disagree")
     m.add_argument("--local-ranks", metavar="N", type=int, default=1,
-                   help="run N ranks on this machine without torchrun: this process forks them after importing "
-                        "torch once (about 2 s faster to start than torchrun); not inside torchrun or srun")
+                   help="run N ranks on this machine without torchrun: this process forks them (1-2 s faster to "
+                        "start than torchrun; with the direct transport they need no torch process group); not "
+                        "inside torchrun or srun")
     m.add_argument("--timeout", metavar="SECONDS", type=float, default=1800.0,
                    help="how long any collective may wait")
     m.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -452,13 +454,13 @@ def load_merge_machinery() -> int:
 
 def fork_ranks(args: argparse.Namespace, clock: Clock) -> int:
     """--local-ranks: the ranks are forked here; each runs the command as under torchrun."""
-    from .local_ranks import run_local_ranks
+    from .local_ranks import run_local_ranks, wants_links
 
     def run_rank() -> int:
         setup_logging()  # this rank's prefix
         return guarded(args, lambda: run_command(args, clock), unwind=True)
 
-    return run_local_ranks(args.local_ranks, run_rank)
+    return run_local_ranks(args.local_ranks, run_rank, wants_links(args.transport, args.backend))
 
 
 def guarded(args: argparse.Namespace, fn, unwind: bool = False) -> int:

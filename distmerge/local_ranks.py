@@ -6,6 +6,11 @@ already imported torch forks its N ranks, which set the same environment torchru
 WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT) and run the ordinary code path. Nothing is started
 before the fork (no threads, no process group), which is what makes fork safe here.
 
+With `links` (the direct transport, which passes only objects between ranks) the ranks need no
+torch process group: each is joined to rank 0 by a socket pair made before the fork
+(group.LocalGroup), and nobody imports torch unless the merge computes. Otherwise the parent
+imports torch.distributed once, before the fork, and the ranks form a gloo or NCCL group.
+
 The parent does what torchrun does when a rank fails: it stops the others with SIGTERM (each
 unwinds, releases the lock and leaves its partial output marked incomplete) and exits with the
 first failing rank's code. A SIGTERM or SIGINT to the parent is passed on to every rank.
@@ -28,25 +33,59 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_local_ranks(n: int, run_rank: Callable[[], int]) -> int:
-    """Fork n ranks that each call run_rank(); the first non-zero exit code, else 0."""
+_links: dict[int, socket.socket] | None = None  # in a forked rank: its sockets (see links())
+
+
+def links() -> dict[int, socket.socket] | None:
+    """In a rank forked with links: rank 0's sockets to ranks 1..N-1, or another rank's one socket
+    to rank 0 (keyed by the peer's rank); None anywhere else."""
+    return _links
+
+
+def wants_links(transport: str, backend: str) -> bool:
+    """Whether forked ranks can do without a torch process group: the direct transport passes
+    only objects between ranks; an explicit --backend asks for torch's."""
+    return transport == "direct" and backend in ("auto", "fsdp", "megatron")
+
+
+def run_local_ranks(n: int, run_rank: Callable[[], int], with_links: bool = False) -> int:
+    """Fork n ranks that each call run_rank(); the first non-zero exit code, else 0. With
+    `with_links` the ranks talk through socket pairs (links()), else through a torch group."""
     if "RANK" in os.environ:
         raise MergeError("--local-ranks starts its own ranks; inside torchrun, srun or another launcher "
                          "leave it out (the launcher's ranks are used)")
     if n < 1:
         raise MergeError(f"--local-ranks must be at least 1, not {n}")
     port = os.environ.get("MASTER_PORT") or str(free_port())
-    if n > 1:  # the ranks form a process group: torch is imported once here, not in each forked rank
+    if n > 1 and not with_links:  # a torch group: torch is imported once here, not in each forked rank
         import torch.distributed  # noqa: F401
+    pairs = {peer: socket.socketpair() for peer in range(1, n)} if with_links else {}
     sys.stdout.flush()
     sys.stderr.flush()
     ranks: dict[int, int] = {}  # pid -> rank
     for rank in range(n):
         pid = os.fork()
         if pid == 0:
+            _keep_links(rank, pairs, with_links)
             _run_child(rank, n, port, run_rank)
         ranks[pid] = rank
+    for a, b in pairs.values():  # the ranks hold them now: a rank that exits closes its ends for good
+        a.close()
+        b.close()
     return _wait_for(ranks)
+
+
+def _keep_links(rank: int, pairs: dict[int, tuple[socket.socket, socket.socket]], with_links: bool) -> None:
+    """In a forked rank: keep its own ends of the socket pairs, close every other end it inherited."""
+    global _links
+    if not with_links:
+        return
+    mine = {peer: pair[0] for peer, pair in pairs.items()} if rank == 0 else {0: pairs[rank][1]}
+    for pair in pairs.values():
+        for s in pair:
+            if all(s is not kept for kept in mine.values()):
+                s.close()
+    _links = mine
 
 
 def _run_child(rank: int, n: int, port: str, run_rank: Callable[[], int]) -> None:

@@ -152,6 +152,9 @@ class MergeJob:
         self.plan_: Plan = make_plan(p.catalogue, p.outputs, self.rt.world_size, parse_size(o.max_shard_size),
                                      o.transport, config_dtype=None if o.dtype == "auto" else CAST_NAMES[o.dtype],
                                      extra_files=p.extra or None, segment_bytes=parse_size(o.segment_size))
+        if o.hf_upload_path and not self.plan_.model_files:
+            raise MergeError(f"{o.source} holds LoRA adapters only: without --base the target gets the PEFT "
+                             "adapter alone, which --hf-upload-path does not publish as a model; pass --base HF_DIR")
         check_target(o.target, o.source, o.overwrite)
         hf_files(p.hf_dir, **self._hf_file_rules())  # refused now, before any data is written, not at finish
         lora_opts = {"lora": o.lora, "lora_scale": p.adapters.scale} if p.adapters else {}
@@ -198,12 +201,17 @@ class MergeJob:
         """After every rank's files are closed: index, config, tokenizer, manifest, self-check, rename."""
         o, p, plan, staging = self.opts, self.p, self.plan_, self.staging
         check_sizes(plan, staging)
-        write_index(plan, staging)
-        copy_hf_files(p.hf_dir, staging, p.config, plan, **self._hf_file_rules())
+        if plan.model_files:  # none: an adapter-only checkpoint without --base writes lora_adapter/ alone
+            write_index(plan, staging)
+            copy_hf_files(p.hf_dir, staging, p.config, plan, **self._hf_file_rules())
+        elif o.verify:
+            self.warnings.append(f"--verify: {o.target} holds the PEFT adapter alone, not a model to self-check "
+                                 "(pass --base HF_DIR to write the model as well)")
+            log.warning("%s", self.warnings[-1])
         if p.extra:
             write_adapter_config(staging, lora.ADAPTER_DIR, lora.adapter_config(p.adapters))
         write_manifest(staging, self.manifest)
-        if o.verify or o.hf_upload_path:  # an upload only ever follows a passed self-check
+        if (o.verify or o.hf_upload_path) and plan.model_files:  # an upload only ever follows a passed self-check
             self.stages.done("finish")
             self.verified = self_check(staging, o.target, o.trust_remote_code)
             self.stages.done("self-check")

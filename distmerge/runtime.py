@@ -1,8 +1,9 @@
 """Process-group setup: rank and world from torchrun's environment, world size 1 without it.
 
 NCCL with CUDA tensors where GPUs are visible, gloo otherwise. An existing process group (when
-distmerge runs inside a live torchrun job) is used as is and left alive. torch is imported only
-when there is a process group: a one-process merge that copies bytes never needs it (values.py).
+distmerge runs inside a live torchrun job) is used as is and left alive. Ranks forked by
+`--local-ranks` for the direct transport talk through socket pairs instead (group.LocalGroup):
+torch is imported only for a torch process group, so a merge that copies bytes never needs it.
 """
 from __future__ import annotations
 
@@ -12,13 +13,9 @@ import os
 import sys
 from dataclasses import dataclass
 
-from . import values
+from . import local_ranks, values
 from .errors import MergeAbortedError, MergeError
-
-
-def _dist():
-    import torch.distributed as dist
-    return dist
+from .group import LocalGroup, TorchGroup
 
 
 @dataclass
@@ -26,8 +23,9 @@ class Runtime:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
-    backend: str | None = None
+    backend: str | None = None       # the torch process group's; None without one
     owns_group: bool = False
+    group: TorchGroup | LocalGroup | None = None   # None for one rank
 
     @property
     def device(self):
@@ -48,12 +46,10 @@ class Runtime:
                 error = e
             except BaseException:
                 if self.world_size > 1:
-                    _dist().broadcast_object_list([MergeAbortedError("rank 0 failed; its message says why")], src=0)
+                    self.group.broadcast(MergeAbortedError("rank 0 failed; its message says why"))
                 raise
         if self.world_size > 1:
-            box = [error]
-            _dist().broadcast_object_list(box, src=0)
-            error = box[0]
+            error = self.group.broadcast(error)
         if error is not None:
             raise error
 
@@ -61,9 +57,7 @@ class Runtime:
         """Every rank's obj, in rank order, on every rank."""
         if self.world_size == 1:
             return [obj]
-        out = [None] * self.world_size
-        _dist().all_gather_object(out, obj)
-        return out
+        return self.group.all_gather(obj)
 
     def gather_dicts(self, d: dict) -> dict:
         merged = {}
@@ -72,18 +66,37 @@ class Runtime:
         return merged
 
     def close(self) -> None:
-        if self.owns_group and _dist().is_initialized():
-            _dist().destroy_process_group()
+        if self.group is not None:
+            self.group.close()
+        if self.owns_group:
+            import torch.distributed as dist
+            if dist.is_initialized():
+                dist.destroy_process_group()
 
 
 def start(backend: str = "auto", timeout_s: float = 1800) -> Runtime:
     live = sys.modules.get("torch.distributed")  # a live group means torch.distributed is imported
     if live is not None and live.is_available() and live.is_initialized():
-        return Runtime(live.get_rank(), live.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)),
-                       live.get_backend(), owns_group=False)
+        backend = live.get_backend()
+        return Runtime(live.get_rank(), live.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)), backend,
+                       group=TorchGroup(_nccl_device() if backend == "nccl" else None))
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return Runtime()
+    links = local_ranks.links()
+    if links is not None:  # forked by --local-ranks, for the direct transport
+        rank = int(os.environ["RANK"])
+        return Runtime(rank, world, rank, group=LocalGroup(rank, links, timeout_s))
+    return _torch_group(backend, world, timeout_s)
+
+
+def _nccl_device():
+    import torch
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def _torch_group(backend: str, world: int, timeout_s: float) -> Runtime:
+    """A torch process group of its own (torchrun, srun, --local-ranks with torch)."""
     import torch
     import torch.distributed as dist
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -100,7 +113,9 @@ def start(backend: str = "auto", timeout_s: float = 1800) -> Runtime:
         torch.cuda.set_device(local_rank)
         kwargs["device_id"] = torch.device("cuda", local_rank)
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
-    return Runtime(dist.get_rank(), dist.get_world_size(), local_rank, backend, owns_group=True)
+    device = torch.device("cuda", local_rank) if backend == "nccl" else None
+    return Runtime(dist.get_rank(), dist.get_world_size(), local_rank, backend, owns_group=True,
+                   group=TorchGroup(device))
 
 
 @contextlib.contextmanager

@@ -16,7 +16,6 @@ its share is the whole catalogue and the whole plan.
 """
 from __future__ import annotations
 
-import pickle
 from dataclasses import dataclass, replace
 
 from .model import Catalogue, OutputFile, Plan, Segment
@@ -72,53 +71,20 @@ def scatter_shares(rt, prepared: Prepared | None, plan: Plan | None) -> Share:
     each rank's tensors go to it alone, one rank at a time."""
     if rt.world_size == 1:
         return share_of(prepared, plan, 0)
-    import torch.distributed as dist
-
     collective = rt.rank == 0 and plan.transport == "collective"
-    common = [None, None]
+    common = None
     if rt.rank == 0:
         bare = prepared if collective else replace(prepared, catalogue=replace(prepared.catalogue, tensors={}))
-        common = [replace(bare, outputs=[]), plan]
-    dist.broadcast_object_list(common, src=0, device=_device(rt))
-    bare, plan_ = common
+        common = (replace(bare, outputs=[]), plan)
+    bare, plan_ = rt.group.broadcast(common)
     if plan_.transport == "collective":
         return Share(replace(prepared, outputs=[]) if rt.rank == 0 else bare, plan_)
     if rt.rank == 0:
         for rank in range(1, rt.world_size):
-            _send_pickled(share_of(prepared, plan, rank).prepared.catalogue.tensors, rank, rt.device)
+            rt.group.send(share_of(prepared, plan, rank).prepared.catalogue.tensors, rank)
         return share_of(prepared, plan, 0)
-    bare.catalogue.tensors = _recv_pickled(0, rt.device)
+    bare.catalogue.tensors = rt.group.recv(0)
     return Share(bare, RankPlan(plan_, rt.rank))
-
-
-def _send_pickled(obj, dst: int, device) -> None:
-    """Send a pickled object to one rank: its size, then its bytes (see _recv_pickled)."""
-    import torch
-    import torch.distributed as dist
-
-    data = bytearray(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL))
-    dist.send(torch.tensor([len(data)], dtype=torch.int64, device=device), dst=dst)
-    dist.send(torch.frombuffer(data, dtype=torch.uint8).to(device), dst=dst)
-
-
-def _recv_pickled(src: int, device):
-    """What _send_pickled sent, unpickled from the received buffer in place. torch's
-    recv_object_list copies the buffer to bytes first: a third copy of a share that is, for a
-    checkpoint of millions of chunks, the largest thing the rank ever holds. The bytes come from
-    rank 0 of this job, the same trust as torch's own object collectives."""
-    import torch
-    import torch.distributed as dist
-
-    size = torch.empty(1, dtype=torch.int64, device=device)
-    dist.recv(size, src=src)
-    buf = torch.empty(int(size.item()), dtype=torch.uint8, device=device)
-    dist.recv(buf, src=src)
-    with memoryview(buf.cpu().numpy()) as view:
-        return pickle.loads(view)
-
-
-def _device(rt):
-    return rt.device if rt.backend == "nccl" else None
 
 
 def catalogue_size(catalogue: Catalogue) -> tuple[int, int]:

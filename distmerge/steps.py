@@ -214,11 +214,7 @@ def shared(rt, decide_on_rank0):
         except MergeError as e:
             answer = e
     if rt.world_size > 1:
-        import torch.distributed as dist
-
-        box = [answer]
-        dist.broadcast_object_list(box, src=0)
-        answer = box[0]
+        answer = rt.group.broadcast(answer)
     if isinstance(answer, MergeError):
         raise answer
     return answer

@@ -15,6 +15,17 @@ nothing). The save is what verl's Megatron worker writes with LoRA:
 - huggingface/: config.json and the tokenizer.
 With --legacy it writes Megatron-LM's legacy rank files instead, whose model state dicts hold the
 adapters (AdapterWrapper.state_dict puts them under `<linear>.adapter.`).
+With --bridge the layout is Megatron-Bridge's (iter_0000001/ with run_config.yaml, whose `peft:` section
+is the LoRA transform's settings, tokenizer/, latest_train_state.pt) and no adapter_checkpoint/. With
+--adapter-only the dist checkpoint holds the adapters alone, as Bridge's PEFT save keeps them: the LoRA
+is applied for training, Bridge's `set_params_to_save` records the trainable parameters, and the model
+section of the state dict is filtered by Bridge's own `adapter_key_filter`, as
+`apply_peft_adapter_filter_to_state_dict` does in Bridge's save_checkpoint. save_checkpoint itself does
+not run here: megatron.bridge.training.checkpointing imports nvidia-modelopt at module level and its
+training config imports the `datasets` package (neither is installed, nor needed to save), and it
+reads torch.cuda.get_rng_state(), which a CPU-only torch refuses ("Torch not compiled with CUDA
+enabled"); the filtered state dict is saved by megatron-core's dist_checkpointing.save, which
+save_checkpoint calls with it.
 Without --from (one process) it also records Megatron's forward with the adapters applied by Bridge's
 LoRALinear on FIXED_INPUT: DIR/reference/logits.pt, and DIR/reference/lora.json (r, alpha).
 
@@ -33,8 +44,8 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(__file__))
-from make_megatron_checkpoint import (FIXED_INPUT, build, exit_now, patch_for_cpu, save_layout_files,  # noqa: E402
-                                      save_legacy)
+from make_megatron_checkpoint import (DIST_DIRS, FIXED_INPUT, build, exit_now, patch_for_cpu,  # noqa: E402
+                                      save_layout_files, save_legacy)
 
 TARGETS = ["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"]
 
@@ -61,10 +72,14 @@ def parse_args():
                    help="save Megatron-LM's legacy format (iter_0000001/mp_rank_TT[_PPP]/model_optim_rng.pt)")
     p.add_argument("--adapters-apart", action="store_true",
                    help="leave the adapters out of dist_ckpt/: only adapter_checkpoint/ holds them")
+    p.add_argument("--bridge", action="store_true", help="Megatron-Bridge's layout (iter_0000001/, run_config.yaml)")
+    p.add_argument("--adapter-only", action="store_true",
+                   help="save the adapters alone, filtered by Bridge's PEFT adapter_key_filter (no base weights)")
     args = p.parse_args()
     # make_megatron_checkpoint.build reads these too
     args.vpp, args.ep, args.experts, args.value_head, args.dense_first = None, 1, 4, False, False
-    args.expert_bias, args.layout, args.singleton, args.fully_parallel = False, "verl", False, False
+    args.expert_bias, args.singleton, args.fully_parallel = False, False, False
+    args.layout = "bridge" if args.bridge else "verl"
     return args
 
 
@@ -98,16 +113,49 @@ def import_bridge_lora():
 
 
 def with_lora(args, model):
-    """The model with Bridge's LoRA on every linear; a reference run fills A and B with seeded values."""
+    """The model with Bridge's LoRA on every linear, and that LoRA transform; a reference run fills A and
+    B with seeded values. An adapter-only save applies it for training, as a Bridge PEFT run does (the
+    adapters trainable, the rest frozen) and records the parameters to save."""
     lora = import_bridge_lora()(target_modules=TARGETS, dim=args.rank, alpha=args.alpha)
-    model = lora(model, training=False)
+    model = lora(model, training=args.adapter_only)
+    if args.adapter_only:
+        lora.set_params_to_save(model)
     if not args.ref:
         with torch.no_grad():
             gen = torch.Generator().manual_seed(2)
             for name, p in model.named_parameters():
                 if ".adapter." in name:
                     p.copy_((torch.randn(p.shape, generator=gen) * 0.05).to(p.dtype))
-    return model
+    return model, lora
+
+
+def bridge_adapter_filter(lora, sharded: dict) -> dict:
+    """The model section as Bridge's PEFT save keeps it (apply_peft_adapter_filter_to_state_dict):
+    the keys its adapter_key_filter passes."""
+    kept = {key: value for key, value in sharded.items() if lora.adapter_key_filter(key)}
+    assert kept and all(".adapter." in key for key in kept), sorted(kept)[:4]
+    return kept
+
+
+def save_bridge_peft_settings(args, lora) -> None:
+    """run_config.yaml's `peft:` section, as Bridge's ConfigContainer.to_yaml writes the LoRA transform:
+    its target and its dataclass fields of plain values."""
+    import dataclasses
+
+    import yaml
+
+    path = os.path.join(args.out, DIST_DIRS[args.layout], "run_config.yaml")
+    with open(path) as f:
+        run_config = yaml.safe_load(f)
+    peft = {"_target_": f"{type(lora).__module__}.{type(lora).__qualname__}"}
+    for field in dataclasses.fields(lora):
+        value = getattr(lora, field.name)
+        if isinstance(value, (bool, int, float, str)) or (isinstance(value, list)
+                                                         and all(isinstance(v, str) for v in value)):
+            peft[field.name] = value
+    run_config["peft"] = peft
+    with open(path, "w") as f:
+        yaml.safe_dump(run_config, f)
 
 
 def save_verl_adapter_files(args, model) -> None:
@@ -146,22 +194,27 @@ def main():
     from megatron.core import parallel_state as ps
 
     ps.initialize_model_parallel(tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp)
-    model = with_lora(args, build(args))
+    model, lora = with_lora(args, build(args))
     if args.ref:
         state = dist_checkpointing.load(model.sharded_state_dict(), args.ref)
         model.load_state_dict(state, strict=False)
     if args.legacy:  # the adapters are in the model's state dict (AdapterWrapper.state_dict)
         save_legacy(args, ["model"], [model])
     else:
-        ckpt = os.path.join(args.out, "dist_ckpt")
+        ckpt = os.path.join(args.out, DIST_DIRS[args.layout])
         os.makedirs(ckpt, exist_ok=True)
         sharded = model.sharded_state_dict()
         if args.adapters_apart:
             sharded = {k: v for k, v in sharded.items() if ".adapter." not in k}
+        if args.adapter_only:
+            sharded = bridge_adapter_filter(lora, sharded)
         dist_checkpointing.save(sharded, ckpt)
-        save_verl_adapter_files(args, model)
+        if not args.bridge:  # verl's worker writes these; Bridge does not
+            save_verl_adapter_files(args, model)
     if dist.get_rank() == 0:
         save_layout_files(args, model.config)
+        if args.bridge:
+            save_bridge_peft_settings(args, lora)
     if not args.ref and dist.get_world_size() == 1:
         save_reference(args, model)
     dist.barrier()

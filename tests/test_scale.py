@@ -107,6 +107,28 @@ def test_dcp_reader_builds_tables(deepseek):
     validate_catalogue(c)
 
 
+def test_lean_unpickler_gives_the_c_catalogue(deepseek, monkeypatch):
+    """A large `.metadata` is read by the lean unpickler (sources/dcp_pickle.py), a small one by the
+    C unpickler: both give the same catalogue, piece for piece."""
+    from distmerge.sources import dcp, dcp_pickle
+
+    used = []
+    real = dcp_pickle.LeanUnpickler.load
+    monkeypatch.setattr(dcp_pickle.LeanUnpickler, "load", lambda self: used.append(1) or real(self))
+    monkeypatch.setattr(dcp_pickle, "LEAN_FROM", 1 << 62)
+    c_tensors, *c_rest = dcp.tensors_from_metadata(deepseek)
+    assert not used
+    monkeypatch.setattr(dcp_pickle, "LEAN_FROM", 0)
+    lean_tensors, *lean_rest = dcp.tensors_from_metadata(deepseek)
+    assert used == [1]
+    assert lean_rest == c_rest and list(lean_tensors) == list(c_tensors)
+    assert len(c_tensors) == len(scale.tensors(scale.SMALL, LAYERS))
+    for name, t in c_tensors.items():
+        lean = lean_tensors[name]
+        assert (lean.shape, lean.dtype) == (t.shape, t.dtype)
+        assert (lean.pieces.ndim, lean.pieces.data, lean.pieces.files) == (t.pieces.ndim, t.pieces.data, t.pieces.files)
+
+
 def broken(c, name: str, change) -> None:
     """Rewrite one row of a tensor's table in place."""
     table = c.tensors[name].pieces

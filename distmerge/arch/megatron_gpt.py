@@ -16,13 +16,14 @@ find_adapters, per HF weight, by the same rules (see the LoRA section at the end
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from ..errors import MergeError
 from ..model import Catalogue, LoraDelta, OutputTensor, Piece, SourceRows, SourceTensor, dtype_size
-from . import lora
+from . import hf, lora
 from .config import architecture, text_config
 
 LAYER = "model.layers.{i}."
@@ -369,25 +370,39 @@ def _family(config: dict) -> tuple[str, bool]:
 
 
 def map_outputs(catalogue: Catalogue, config: dict, cast) -> list[OutputTensor]:
-    """The HF tensors of the base model. LoRA factors must have been taken up by find_adapters
-    first (it re-presents them under PEFT's names): a stored adapter left here would be dropped
-    without a word, so it is refused."""
+    """The HF tensors of the base model: mapped from the Megatron weights; for an adapter-only
+    checkpoint the --base model's tensors as they are, or none without --base (only the adapter can
+    then be written: attach_folds refuses a fold). LoRA factors must have been taken up by
+    find_adapters first (it re-presents them under PEFT's names): a stored adapter left here would
+    be dropped without a word, so it is refused."""
     stored = [name for name in catalogue.tensors if ".adapter." in name]
     if stored:
         raise MergeError(f"{catalogue.source} holds LoRA adapters ({stored[0]}, ...) that this merge did not "
                          "read; distmerge must look for them (arch.find_adapters) before mapping")
+    names = list(catalogue.tensors)
+    if any(name.startswith(HF_BASE) for name in names):
+        sources = {name[len(HF_BASE):]: name for name in names if name.startswith(HF_BASE)}
+        return hf.map_outputs(catalogue, config, cast, sources)
+    if names and all(name.startswith(lora.PREFIX) for name in names):
+        return []
     return _map_base(catalogue, config, cast)
 
 
-def _map_base(catalogue: Catalogue, config: dict, cast) -> list[OutputTensor]:
-    """map_outputs without the adapter check: every tensor but the LoRA factors."""
-    arch, value_model = _family(config)
+def _text_dims(config: dict) -> dict:
+    """The text config, which must state the dimensions a Megatron checkpoint is mapped by."""
     cfg = text_config(config)
     missing = [k for k in ("num_hidden_layers", "num_attention_heads", "hidden_size", "vocab_size")
                if not isinstance(cfg.get(k), int) or cfg[k] < 1]
     if missing:
         raise MergeError(f"config.json has no {', '.join(missing)} (a positive integer), by which a Megatron "
                          "checkpoint is mapped; pass --hf-config DIR with the model's config.json")
+    return cfg
+
+
+def _map_base(catalogue: Catalogue, config: dict, cast) -> list[OutputTensor]:
+    """map_outputs of a checkpoint that holds its base weights: every tensor but the LoRA factors."""
+    arch, value_model = _family(config)
+    cfg = _text_dims(config)
     tensors = {name: t for name, t in catalogue.tensors.items() if not is_adapter_tensor(name)}
     rules = {**LAYER_RULES, **FAMILY_RULES.get(arch, {})}
     slots, unmapped = find_slots(tensors, cfg["num_hidden_layers"], rules)
@@ -446,9 +461,16 @@ def _head(m: Mapping, config: dict, value_model: bool) -> list[OutputTensor]:
 # so the rows an HF weight takes of W are the rows its B takes of B; A is shared by q/k/v (and by
 # gate/up). find_adapters re-presents each adapted HF weight's A and B as 2-d catalogue tensors
 # under PEFT's names, so the fold (LoraDelta) and the PEFT adapter writer take them unchanged.
+#
+# Megatron-Bridge's PEFT saves keep only the adapters (its adapter_key_filter): the frozen base is the
+# pretrained checkpoint the fine-tuning started from. The rows each HF weight takes of B then come
+# from a stand-in base weight of the shape B @ A has ([.., out, in], no pieces: never read). The
+# adapter alone can be written from the config; a fold needs the base as an HF model (--base), whose
+# tensors sources/hf_base.py adds to the catalogue under HF_BASE + its HF name.
 
 ADAPTER_KEY = re.compile(r"^(?P<base>.+)\.adapter\.linear_(?P<io>in|out)\.weight$")
 ADAPTER_NAME = "default"  # the adapter name in the PEFT-style names of the re-presented factors
+HF_BASE = "base:"  # catalogue names of the --base model's tensors beside adapter-only factors
 
 
 def is_adapter_tensor(name: str) -> bool:
@@ -457,7 +479,8 @@ def is_adapter_tensor(name: str) -> bool:
 
 
 def _adapter_pairs(catalogue: Catalogue) -> dict[str, tuple[str, str]]:
-    """Base weight's catalogue name -> (linear_in (A), linear_out (B)) catalogue names."""
+    """Base weight's catalogue name -> (linear_in (A), linear_out (B)) catalogue names. A checkpoint
+    that holds base weights must hold each adapted one; an adapter-only one holds none of them."""
     found: dict[str, dict[str, str]] = {}
     for name in catalogue.tensors:
         m = ADAPTER_KEY.match(name)
@@ -467,18 +490,15 @@ def _adapter_pairs(catalogue: Catalogue) -> dict[str, tuple[str, str]]:
             raise MergeError(f"{catalogue.source} holds {name}: an adapter other than Megatron-Bridge's LoRA "
                              "(linear_in / linear_out), e.g. canonical LoRA or DoRA, which distmerge does not "
                              "read yet")
-    if found and EMBEDDING not in catalogue.tensors and not any(b in catalogue.tensors for b in found):
-        raise MergeError(f"{catalogue.source} holds LoRA adapter weights only: Megatron-Bridge's PEFT saves "
-                         "(and verl's without the model in dist_ckpt/) leave out the base model, which is the "
-                         "model the training started from (Bridge: checkpoint.pretrained_checkpoint); distmerge "
-                         "needs the base weights in the same checkpoint")
+    holds_base = any(not is_adapter_tensor(n) and not n.startswith(HF_BASE) for n in catalogue.tensors)
     pairs = {}
     for base, io in found.items():
         if set(io) != {"in", "out"}:
             raise MergeError(f"{catalogue.source}: the LoRA adapter of {base} has linear_{''.join(io)} but not "
                              "the other factor; the checkpoint is incomplete")
-        if base not in catalogue.tensors:
-            raise MergeError(f"{catalogue.source}: a LoRA adapter {io['in']} has no base weight {base}")
+        if holds_base and base not in catalogue.tensors:
+            raise MergeError(f"{catalogue.source}: a LoRA adapter {io['in']} has no base weight {base} (the "
+                             "checkpoint holds other base weights: it is neither a full save nor an adapter-only one)")
         if ".experts." in base or ".router." in base:
             raise MergeError(f"{catalogue.source} holds a LoRA adapter on {base}: adapters on MoE experts and "
                              "routers are not read yet (only attention and dense MLP linears)")
@@ -488,8 +508,10 @@ def _adapter_pairs(catalogue: Catalogue) -> dict[str, tuple[str, str]]:
 
 
 def _check_factors(catalogue: Catalogue, base: str, a: str, b: str) -> None:
-    """A is [.., r, in] and B [.., out, r] for a base weight [.., out, in], stacked alike."""
-    w, sa, sb = (tuple(catalogue.tensors[n].shape) for n in (base, a, b))
+    """A is [.., r, in] and B [.., out, r] for a base weight [.., out, in], stacked alike (without a
+    stored base weight, A and B must agree with each other)."""
+    sa, sb = (tuple(catalogue.tensors[n].shape) for n in (a, b))
+    w = tuple(catalogue.tensors[base].shape) if base in catalogue.tensors else sb[:-1] + sa[-1:]
     lead = w[:-2]
     if len(w) < 2 or len(sa) != len(w) or len(sb) != len(w) or sa[:-2] != lead or sb[:-2] != lead \
             or sa[-1] != w[-1] or sb[-2] != w[-2] or sb[-1] != sa[-2] or sa[-2] < 1:
@@ -498,18 +520,36 @@ def _check_factors(catalogue: Catalogue, base: str, a: str, b: str) -> None:
                          "incomplete (a TP rank's file missing?) or not this model's")
 
 
-def find_adapters(catalogue: Catalogue, config: dict, lora_alpha: float | None) -> lora.Adapters | None:
-    """The checkpoint's LoRA adapters as PEFT's per-module factors, or None when it has none.
+def _adapted_bases(catalogue: Catalogue, pairs: dict[str, tuple[str, str]]) -> dict[str, SourceTensor]:
+    """Each adapted linear's base weight: the stored one, or (adapter-only checkpoint) a stand-in of
+    the shape B @ A has and no pieces, of which only the row arithmetic of the rules is used."""
+    bases = {}
+    for base, (a, b) in pairs.items():
+        if base in catalogue.tensors:
+            bases[base] = catalogue.tensors[base]
+            continue
+        sa, sb = catalogue.tensors[a].shape, catalogue.tensors[b].shape
+        bases[base] = SourceTensor(base, tuple(sb[:-1]) + tuple(sa[-1:]), catalogue.tensors[a].dtype, [])
+    return bases
 
-    Every HF weight that an adapted linear maps to gets its A (the layer's linear_in) and its B (the
-    rows of linear_out the weight takes of the base) as 2-d catalogue tensors named like PEFT's
-    (`base_model.model.<module>.lora_A.default.weight`); they replace the stacked factors in
-    `catalogue.tensors`. Their pieces are blocks of the stored (already validated) pieces."""
-    pairs = _adapter_pairs(catalogue)
-    if not pairs:
-        return None
+
+def _adapted_outputs(catalogue: Catalogue, config: dict, bases: dict[str, SourceTensor]) -> Iterator[OutputTensor]:
+    """The HF weights that the rules make of the adapted linears' base weights (their rows only)."""
+    arch, _ = _family(config)
+    cfg = _text_dims(config)
+    rules = {**LAYER_RULES, **FAMILY_RULES.get(arch, {})}
+    slots, _ = find_slots(bases, cfg["num_hidden_layers"], rules)  # an unknown base: find_adapters refuses it
+    m = Mapping(dataclasses.replace(catalogue, tensors=bases), lambda dtype: dtype, arch, cfg, slots)
+    for i in range(cfg["num_hidden_layers"]):
+        for key, rule in rules.items():
+            yield from rule.outputs(m, key, i)
+
+
+def _derive_factors(catalogue: Catalogue, config: dict, pairs: dict[str, tuple[str, str]]):
+    """Per adapted HF weight: its module -> (A, B) names, its name -> base name, and the derived 2-d
+    factor tensors (A: the linear's linear_in; B: the rows of linear_out the weight takes of the base)."""
     factors, base_names, derived, used = {}, {}, {}, set()
-    for out in _map_base(catalogue, config, lambda dtype: dtype):
+    for out in _adapted_outputs(catalogue, config, _adapted_bases(catalogue, pairs)):
         base = out.parts[0].source if out.parts else None
         if base not in pairs or out.sources != {base}:
             continue
@@ -525,16 +565,52 @@ def find_adapters(catalogue: Catalogue, config: dict, lora_alpha: float | None) 
         unused = sorted(set(pairs) - used)
         raise MergeError(f"{catalogue.source}: the LoRA adapter of {unused[0]} adapts a weight that no rule of "
                          f"distmerge/arch/megatron_gpt.py maps ({len(unused)} such adapters)")
+    return factors, base_names, derived
+
+
+def find_adapters(catalogue: Catalogue, config: dict, lora_alpha: float | None) -> lora.Adapters | None:
+    """The checkpoint's LoRA adapters as PEFT's per-module factors, or None when it has none.
+
+    Every HF weight that an adapted linear maps to gets its A (the layer's linear_in) and its B (the
+    rows of linear_out the weight takes of the base) as 2-d catalogue tensors named like PEFT's
+    (`base_model.model.<module>.lora_A.default.weight`); they replace the stacked factors in
+    `catalogue.tensors`. Their pieces are blocks of the stored (already validated) pieces. With
+    --base, each adapted weight must be in it, of the shape B @ A has."""
+    pairs = _adapter_pairs(catalogue)
+    if not pairs:
+        return None
+    hf_base = any(name.startswith(HF_BASE) for name in catalogue.tensors)
+    try:
+        factors, base_names, derived = _derive_factors(catalogue, config, pairs)
+    except MergeError as e:
+        if not hf_base:
+            raise
+        raise MergeError(f"the LoRA adapters of {catalogue.source} do not fit the config.json used with --base "
+                         f"(--base's own, unless --hf-config or the checkpoint gives one): {e}") from None
     ranks = {catalogue.tensors[a].shape[-2] for a, _ in pairs.values()}
     if len(ranks) != 1:
         raise MergeError(f"{catalogue.source}: LoRA factors of different ranks {sorted(ranks)}; per-module ranks "
                          "are not supported")
     r = ranks.pop()
     alpha = _lora_alpha(catalogue, lora_alpha, r)
+    if hf_base:
+        _check_hf_base(catalogue, factors, derived)
     for a_src, b_src in pairs.values():
         del catalogue.tensors[a_src], catalogue.tensors[b_src]
     catalogue.tensors.update(derived)
     return lora.Adapters(r=r, alpha=alpha, task_type="CAUSAL_LM", factors=factors, base_names=base_names)
+
+
+def _check_hf_base(catalogue: Catalogue, factors: dict[str, tuple[str, str]], derived: dict) -> None:
+    """Each adapted weight must be in the --base model, [out, in] as B @ A is: refused by name."""
+    for module, (a, b) in factors.items():
+        name, want = f"{module}.weight", (derived[b].shape[0], derived[a].shape[1])
+        found = catalogue.tensors.get(HF_BASE + name)
+        if found is None or tuple(found.shape) != want:
+            has = "no such tensor" if found is None else f"shape {list(found.shape)}"
+            raise MergeError(f"the --base model has {has} for {name}, but the LoRA adapter of {catalogue.source} "
+                             f"adapts a {list(want)} weight there: --base is not the model these adapters were "
+                             "trained on")
 
 
 def sub_tensor(catalogue: Catalogue, name: str, parts: list[SourceRows]) -> SourceTensor:
@@ -583,8 +659,14 @@ def _lora_alpha(catalogue: Catalogue, option: float | None, r: int) -> float:
 
 
 def attach_folds(outputs: list[OutputTensor], adapters: lora.Adapters) -> None:
-    """--lora merge/both: each adapted HF weight is written as W + (alpha / r) * B @ A."""
-    for out in outputs:
-        factors = adapters.factors.get(out.name.removesuffix(".weight"))
-        if factors is not None and out.name.endswith(".weight"):
-            out.lora = LoraDelta(a=factors[0], b=factors[1], scale=adapters.scale)
+    """--lora merge/both: each adapted HF weight is written as W + (alpha / r) * B @ A. An adapter-only
+    checkpoint without --base has no weight to fold into: refused, never written without the fold."""
+    by_name = {out.name: out for out in outputs}
+    missing = sorted(module for module in adapters.factors if f"{module}.weight" not in by_name)
+    if missing:
+        raise MergeError(f"the checkpoint holds LoRA adapters only ({missing[0]} and {len(missing) - 1} more "
+                         "adapted weights, no base weights: Megatron-Bridge's PEFT saves leave out the frozen base "
+                         "model), so there is nothing to fold them into; pass --base HF_DIR, the HF model the "
+                         "fine-tuning started from (or --lora adapter to write the PEFT adapter alone)")
+    for module, (a, b) in adapters.factors.items():
+        by_name[f"{module}.weight"].lora = LoraDelta(a=a, b=b, scale=adapters.scale)

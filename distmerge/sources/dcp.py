@@ -25,9 +25,10 @@ from ..model import Catalogue, SourceTensor, dtype_size, dtype_str
 from ..paths import check_file
 from .chunks import PieceTable, gc_paused
 from .dcp_layouts import Located, locate, strip_wrapper
+from .dcp_pickle import MetadataTables, chunk_of, entry_kind, load_metadata, tensor_entry
 from .layout import find_hf_dir
 from .registry import ReadOptions, SourceFormat
-from .torch_archive import FAST_PATH_MISSES, StoredTensor, load_tensor_blob, plain_global
+from .torch_archive import FAST_PATH_MISSES, StoredTensor, load_tensor_blob
 
 NAME = "dcp"
 SAVER_RANK = re.compile(r"^__(\d+)_\d+\.distcp$")  # only to report the world size, never to find a shard
@@ -41,91 +42,19 @@ def detect(source: str, opts: ReadOptions = ReadOptions()) -> bool:
     return locate(source) is not None
 
 
-class _Inert:
-    """A DCP metadata record as pickled: `fields` is its pickled state dict itself (kept, not
-    copied: a record costs one small slotted object beside it, which matters at millions of
-    chunks), `args` its constructor arguments (older pickles); none of the real class's code runs."""
-
-    __slots__ = ("args", "fields")
-
-    def __init__(self, *args):  # REDUCE: cls(*args)
-        self.args = args
-
-    def __setstate__(self, state):
-        if type(state) is dict:
-            self.fields = state
-        elif isinstance(state, tuple) and len(state) == 2 and all(isinstance(x, (dict, type(None))) for x in state):
-            self.fields = {**(state[0] or {}), **(state[1] or {})}  # (dict, slots)
-        elif isinstance(state, tuple):
-            self.args = state  # TensorProperties: (dtype, layout, requires_grad, ...)
-        else:
-            self.fields = {"value": state}
-
-
-_NO_FIELDS: dict = {}
-
-
-def _fields(record) -> dict:
-    """A record's pickled fields ({} for a record built from arguments alone)."""
-    fields = getattr(record, "fields", _NO_FIELDS)
-    if type(fields) is not dict:
-        raise TypeError(f"{type(record).__name__} is not a DCP metadata record")
-    return fields
-
-
-class _MetadataUnpickler(pickle.Unpickler):
-    """DCP's metadata classes become inert records; torch dtypes and sizes become values; nothing else loads."""
-
-    def __init__(self, file):
-        super().__init__(file)
-        self.classes: dict[str, type] = {}
-
-    def find_class(self, module, name):
-        # any DCP (or Megatron) metadata class becomes an inert record: none of their code runs
-        if module.startswith(("torch.distributed.checkpoint", "megatron.core.dist_checkpointing")):
-            if name not in self.classes:
-                self.classes[name] = type(name, (_Inert,), {"__slots__": ()})
-            return self.classes[name]
-        plain = plain_global(module, name)
-        if plain is not None:
-            return plain
-        if module == "pathlib" and name in ("PosixPath", "PurePosixPath", "Path", "WindowsPath", "PureWindowsPath"):
-            return lambda *parts: "/".join(map(str, parts))
-        raise pickle.UnpicklingError(f"{module}.{name} is not part of DCP metadata")
-
-
-_MISSING = object()
-
-
-def _field(record, name, position=None):
-    """A record's pickled field, or its constructor argument at `position` (older pickles)."""
-    fields = _fields(record)
-    value = fields.get(name, _MISSING)
-    if value is not _MISSING:
-        return value
-    args = getattr(record, "args", ())
-    if position is not None and len(args) > position:
-        return args[position]
-    raise KeyError(f"{type(record).__name__}.{name}")
-
-
-def _kind(record) -> str:
-    return type(record).__name__
-
-
 def _unreadable(path: str, e: Exception) -> MergeError:
     return MergeError(f"{path} is not a readable DCP metadata file ({type(e).__name__}: {e}); it is corrupt or "
                       "not from torch.distributed.checkpoint. Copy it again from the training job")
 
 
-_read: dict[tuple, tuple[dict, dict]] = {}  # the last .metadata read, until its reader takes it
+_read: dict[tuple, MetadataTables] = {}  # the last .metadata read, until its reader takes it
 
 
-def read_metadata(path: str) -> tuple[dict, dict]:
-    """The records of a `.metadata`: fqn -> tensor or bytes entry, and fqn -> {chunk offsets:
-    (relative file, byte offset, length)}. Unpickled as the file streams in (never all its bytes
-    at once). The result is kept until tensors_from_metadata takes it, so a format's detect that
-    looks at the names (torchtitan) does not make the reader unpickle the file a second time."""
+def read_metadata(path: str) -> MetadataTables:
+    """The tables of a `.metadata` (dcp_pickle.MetadataTables): fqn -> tensor entry (or bytes
+    entry), and the storage table of every chunk. Unpickled as the file streams in (never all its
+    bytes at once). The result is kept until tensors_from_metadata takes it, so a format's detect
+    that looks at the names (torchtitan) does not make the reader unpickle the file a second time."""
     try:
         st = os.stat(path)
         key = (os.path.realpath(path), st.st_mtime_ns, st.st_size)
@@ -137,47 +66,21 @@ def read_metadata(path: str) -> tuple[dict, dict]:
         raise MergeIOError(f"cannot read {path}: {e.strerror}") from None
 
 
-def _take_metadata(path: str) -> tuple[dict, dict]:
+def _take_metadata(path: str) -> MetadataTables:
     """read_metadata's result, no longer kept: the caller consumes it."""
     result = read_metadata(path)
     _read.clear()
     return result
 
 
-def _load_metadata(path: str) -> tuple[dict, dict]:
-    """One pause of the cycle collector over the unpickling and the index: between the two, its
-    first pass would walk every record just made."""
+def _load_metadata(path: str) -> MetadataTables:
+    """One pause of the cycle collector over the unpickling: its passes would walk every record
+    just made. A large `.metadata` goes through the lean unpickler (dcp_pickle.py)."""
     with gc_paused():
         try:
-            with open(path, "rb") as f:
-                meta = _MetadataUnpickler(f).load()
+            return load_metadata(path)
         except (pickle.UnpicklingError, MemoryError, *FAST_PATH_MISSES) as e:
             raise _unreadable(path, e) from None
-        try:
-            return dict(_field(meta, "state_dict_metadata", 0)), _storage_index(_field(meta, "storage_data", 2), path)
-        except (pickle.UnpicklingError, *FAST_PATH_MISSES) as e:
-            raise _unreadable(path, e) from None
-
-
-def _storage_index(storage_data: dict, path: str) -> dict[str, dict]:
-    """fqn -> {chunk offsets: (relative file, byte offset, length)}; `storage_data` is emptied as it is
-    read, so its records are freed while the index grows."""
-    storage: dict[str, dict] = {}
-    while storage_data:
-        index, info = storage_data.popitem()
-        i, s = _fields(index), _fields(info)
-        if "fqn" in i and "relative_path" in s and "offset" in s and "length" in s:  # the pickled dataclasses
-            fqn, where = i["fqn"], (str(s["relative_path"]), int(s["offset"]), int(s["length"]))
-        else:
-            fqn = _field(index, "fqn", 0)
-            where = (str(_field(info, "relative_path", 0)), int(_field(info, "offset", 1)),
-                     int(_field(info, "length", 2)))
-        if s.get("transform_descriptors"):
-            raise MergeError(f"{path}: {fqn} is stored with transforms {s['transform_descriptors']} (e.g. "
-                             "compression), which distmerge does not read yet")
-        offsets = i.get("offset") or ()  # None for bytes entries
-        storage.setdefault(fqn, {})[tuple(offsets)] = where
-    return storage
 
 
 def strip_dcp_prefix(names: list[str]) -> dict[str, str]:
@@ -258,8 +161,8 @@ def tensors_from_metadata(ckpt_dir: str, rename=lambda names: {n: n for n in nam
     check_file(meta_path, root)  # before it is opened
     entries, storage = _take_metadata(meta_path)
     try:
-        bytes_entries = [n for n, e in entries.items() if _kind(e) == "BytesStorageMetadata"]
-        kinds = {_kind(e) for e in entries.values()} - {"BytesStorageMetadata", "TensorStorageMetadata"}
+        bytes_entries = [n for n, e in entries.items() if entry_kind(e) == "BytesStorageMetadata"]
+        kinds = {entry_kind(e) for e in entries.values()} - {"BytesStorageMetadata", "TensorStorageMetadata"}
         if kinds:
             raise KeyError(kinds.pop())
     except FAST_PATH_MISSES as e:
@@ -275,7 +178,7 @@ def tensors_from_metadata(ckpt_dir: str, rename=lambda names: {n: n for n in nam
     try:
         with gc_paused():
             for fqn in list(entries):
-                tensors[renamed[fqn]] = _tensor(renamed[fqn], fqn, entries.pop(fqn), storage.pop(fqn, {}), files,
+                tensors[renamed[fqn]] = _tensor(renamed[fqn], fqn, entries.pop(fqn), storage.take(fqn), files,
                                                 blobs, meta_path)
     except FAST_PATH_MISSES as e:
         raise _unreadable(meta_path, e) from None
@@ -294,17 +197,13 @@ def tensors_from_metadata(ckpt_dir: str, rename=lambda names: {n: n for n in nam
 def _tensor(name: str, fqn: str, entry, stored: dict, files: _DataFiles, blobs: _BlobFrames,
             meta_path: str) -> SourceTensor:
     """One tensor entry of `.metadata` and the storage of its chunks, as a SourceTensor."""
-    dtype = _field(_field(entry, "properties", 0), "dtype", 0)
+    entry = tensor_entry(entry)
+    dtype = entry.dtype
     if not isinstance(dtype, DType):
         raise TypeError(f"dtype {dtype!r}")
-    size = tuple(_field(entry, "size", 1))
+    size = entry.size
     table = PieceTable(files.paths, dtype, len(size))
-    for chunk in _field(entry, "chunks", 2):
-        c = _fields(chunk)
-        if "offsets" in c and "sizes" in c:  # the pickled dataclass
-            offsets, sizes = tuple(c["offsets"]), tuple(c["sizes"])
-        else:
-            offsets, sizes = tuple(_field(chunk, "offsets", 0)), tuple(_field(chunk, "sizes", 1))
+    for offsets, sizes in map(chunk_of, entry.chunks):
         if math.prod(sizes) == 0:
             continue
         where = stored.get(offsets)

@@ -1,10 +1,11 @@
 """The base model a LoRA-only checkpoint is folded into (`--base HF_DIR`): HF safetensors, one file or
 sharded with model.safetensors.index.json, described from the file headers alone.
 
-verl's `checkpoint.save_lora_only` keeps only the keys with "lora_" in them. The base weights are then
-the user's HF model. Each safetensors header (8-byte little-endian length, then JSON: dtype, shape,
-data_offsets per tensor) says where every tensor's bytes lie; no tensor data is read here, and each
-tensor becomes one contiguous piece that the run stage streams like any other.
+verl's `checkpoint.save_lora_only` keeps only the keys with "lora_" in them, and Megatron-Bridge's PEFT
+saves only the `.adapter.` weights. The base weights are then the user's HF model. Each safetensors
+header (8-byte little-endian length, then JSON: dtype, shape, data_offsets per tensor) says where
+every tensor's bytes lie; no tensor data is read here, and each tensor becomes one contiguous piece
+that the run stage streams like any other.
 """
 from __future__ import annotations
 
@@ -114,8 +115,12 @@ def _piece(path: str, name: str, entry, data_start: int, size: int) -> tuple[Pie
 def with_base(lora_only: Catalogue, base: Catalogue) -> Catalogue:
     """A LoRA-only catalogue completed by the base's tensors, under the names a full PEFT save gives
     them (`base_model.model.<name>`, `<module>.base_layer.weight` for an adapted module), so that the
-    LoRA stage folds or writes it like any PEFT checkpoint. Both were validated, each against its own
-    directory; the pieces keep their files."""
+    LoRA stage folds or writes it like any PEFT checkpoint; an adapter-only Megatron checkpoint
+    (Megatron-Bridge's PEFT save) keeps its factors, and the base's tensors join them under
+    megatron_gpt.HF_BASE + their HF names. Both were validated, each against its own directory; the
+    pieces keep their files."""
+    if lora_only.family == "megatron":
+        return _megatron_with_base(lora_only, base)
     from ..arch.lora import LORA_NAME, PREFIX
 
     others = [name for name in lora_only.tensors if not LORA_NAME.match(name)]
@@ -130,6 +135,27 @@ def with_base(lora_only: Catalogue, base: Catalogue) -> Catalogue:
         adapted_weight = module in adapted and name.endswith(".weight")
         peft = f"{PREFIX}{module}.base_layer.weight" if adapted_weight else PREFIX + name
         tensors[peft] = SourceTensor(peft, t.shape, t.dtype, t.pieces)
+    return _joined(lora_only, base, tensors)
+
+
+def _megatron_with_base(adapters_only: Catalogue, base: Catalogue) -> Catalogue:
+    """An adapter-only Megatron checkpoint plus the HF base model: every tensor of the checkpoint must
+    be a LoRA factor (a checkpoint with base weights of its own takes no --base)."""
+    from ..arch.megatron_gpt import HF_BASE
+
+    others = [name for name in adapters_only.tensors if ".adapter." not in name]
+    if others or not adapters_only.tensors:
+        what = f"tensor {others[0]}, which is not a LoRA adapter" if others else "no tensors"
+        raise MergeError(f"--base completes an adapter-only Megatron checkpoint (Megatron-Bridge's PEFT save), but "
+                         f"{adapters_only.source} holds {what}; drop --base")
+    tensors = dict(adapters_only.tensors)
+    for name, t in base.tensors.items():
+        tensors[HF_BASE + name] = SourceTensor(HF_BASE + name, t.shape, t.dtype, t.pieces)
+    return _joined(adapters_only, base, tensors)
+
+
+def _joined(lora_only: Catalogue, base: Catalogue, tensors: dict[str, SourceTensor]) -> Catalogue:
+    """The LoRA-only catalogue with `tensors`, the base's files and a note that says where they came from."""
     note = f"base weights: {len(base.tensors)} tensors of {base.source} (--base)"
     return dataclasses.replace(lora_only, tensors=tensors, files=lora_only.files + base.files,
                                hf_dir=lora_only.hf_dir or base.hf_dir, notes=lora_only.notes + [note])
