@@ -82,13 +82,15 @@ def source_files(ckpt: Path) -> list[str]:
             or sorted(str(p) for p in ckpt.rglob("*_states.pt")))
 
 
-def floor(ckpt: Path, out_bytes: int, work: Path, ranks: int, launcher: str) -> float:
+def floor(ckpt: Path, out_bytes: int, work: Path, ranks: int, launcher: str, computes: bool) -> float:
     """The floor starts from the page-cache state distmerge's run starts from: the previous output
     deleted (its pages freed), the sources warm. On this VM, writing into pages that must first be
-    reclaimed from an earlier output was measured up to 10x slower (dd of 1.4 GB: 3.3 s, then 0.3 s)."""
+    reclaimed from an earlier output was measured up to 10x slower (dd of 1.4 GB: 3.3 s, then 0.3 s).
+    Its start is Python with numpy, and torch too where the merge `computes` (a cast, the
+    collective transport): a merge that copies bytes needs no torch."""
     shutil.rmtree(work / "out", ignore_errors=True)
     if ranks == 1 or launcher == "fork":
-        launch = [PY, "-c", "import torch"]
+        launch = [PY, "-c", "import torch" if computes else "import numpy"]
     else:
         launch = torchrun(ranks) + [str(ROOT / "bench" / "pg_only.py")]
     quiet = dict(stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -181,7 +183,8 @@ def measure(label: str, ckpt: Path, work: Path, runs: int, configs, dtypes, extr
                 t, summary = distmerge(ckpt, work / "out", ranks, transport, dtype, launcher, extra)
                 times.append(t)
                 summaries.append(summary)
-                floors.append(floor(ckpt, summary["bytes"], work, ranks, launcher))
+                computes = dtype != "auto" or (transport == "collective" and ranks > 1)
+                floors.append(floor(ckpt, summary["bytes"], work, ranks, launcher, computes))
                 ratios.append(t / floors[-1])  # each run against the floor measured right after it
             best = summaries[times.index(statistics.median(times))] if runs % 2 else summaries[-1]
             row = {"source": label, "ranks": ranks, "launcher": launcher, "transport": transport, "dtype": dtype,
