@@ -5,13 +5,13 @@ rank before anything is written; the other ranks receive their share of the resu
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from .arch import find_adapters, load_config, lora, map_outputs
 from .arch.lora import Adapters
 from .arch.megatron_config import synthesize_config
-from .errors import MergeError
 from .dtypes import CAST_NAMES
+from .errors import MergeError
 from .model import Catalogue, OutputTensor
 from .sources import read_source
 from .sources.hf_base import is_lora_only, read_base, with_base
@@ -94,6 +94,9 @@ def prepare(source: str, opts: PrepareOptions = PrepareOptions()) -> Prepared:
     if opts.untie_word_embeddings:
         config = untie(config)
     adapters = find_adapters(catalogue, opts.lora_alpha, config)
+    if adapters is not None:  # Megatron's factors are re-described as blocks of the stored pieces: checked too
+        validate_catalogue(replace(catalogue, files=[], tensors={
+            name: catalogue.tensors[name] for pair in adapters.factors.values() for name in pair}))
     outputs = map_outputs(catalogue, config, cast, adapters, opts.lora)
     check_outputs(catalogue, outputs, config)
     check_tied_head(catalogue, outputs)

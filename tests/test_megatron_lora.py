@@ -4,6 +4,7 @@ them (the adapters alone, the base from --base), folded, written as a PEFT adapt
 is Megatron's own forward with Bridge's LoRALinear applying the adapters (tests/make_megatron_lora.py)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import warnings
@@ -328,6 +329,24 @@ def test_an_adapter_alone_does_not_look_like_a_model(lora_ckpt, tmp_path):
     assert "not a model to self-check" in proc.stderr
     proc = merge(lora_ckpt("bridge_peft_tp2"), tmp_path / "up", "--lora", "adapter", "--hf-upload-path", "org/x")
     assert proc.returncode == 2 and "--hf-upload-path" in proc.stderr and not (tmp_path / "up").exists()
+
+
+def test_the_re_described_factors_are_validated_like_the_stored_pieces(lora_ckpt, monkeypatch):
+    """The factors find_adapters describes as blocks of stored pieces pass the same checks as the
+    stored pieces: a derivation that pointed past a file's end would be refused, not read."""
+    from distmerge.prepare import PrepareOptions, prepare
+
+    real = megatron_gpt.sub_tensor
+
+    def past_the_end(catalogue, name, parts):
+        t = real(catalogue, name, parts)
+        t.pieces = [dataclasses.replace(p, offset=p.offset + 10**9) for p in t.pieces]
+        return t
+
+    assert prepare(str(lora_ckpt("tp2")), PrepareOptions(lora="merge", lora_alpha=8)).adapters is not None
+    monkeypatch.setattr(megatron_gpt, "sub_tensor", past_the_end)
+    with pytest.raises(MergeError, match="lora_[AB].* needs bytes up to"):
+        prepare(str(lora_ckpt("tp2")), PrepareOptions(lora="merge", lora_alpha=8))
 
 
 # ---------------------------------------------------------------- fast: the catalogue-level rules

@@ -574,7 +574,7 @@ def find_adapters(catalogue: Catalogue, config: dict, lora_alpha: float | None) 
     Every HF weight that an adapted linear maps to gets its A (the layer's linear_in) and its B (the
     rows of linear_out the weight takes of the base) as 2-d catalogue tensors named like PEFT's
     (`base_model.model.<module>.lora_A.default.weight`); they replace the stacked factors in
-    `catalogue.tensors`. Their pieces are blocks of the stored (already validated) pieces. With
+    `catalogue.tensors`. Their pieces are blocks of the stored pieces (prepare validates them too). With
     --base, each adapted weight must be in it, of the shape B @ A has."""
     pairs = _adapter_pairs(catalogue)
     if not pairs:
