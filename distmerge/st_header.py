@@ -13,6 +13,21 @@ from .dtypes import BY_SAFETENSORS as DTYPES  # safetensors' dtype name -> DType
 MAX_HEADER_BYTES = 100 * 2**20
 
 
+def read_json_object(f, limit: int) -> dict:
+    """A JSON object from an open binary file of at most `limit` bytes (no more is read); ValueError
+    says what is wrong. An index names files: the size limit and the type are checked before any use."""
+    text = f.read(limit + 1)
+    if len(text) > limit:
+        raise ValueError(f"it is larger than {limit} bytes")
+    try:
+        value = json.loads(text)
+    except (ValueError, RecursionError) as e:
+        raise ValueError(f"it is not valid JSON ({type(e).__name__})") from None
+    if not isinstance(value, dict):
+        raise ValueError("it is not a JSON object")
+    return value
+
+
 def read_header(path: str) -> tuple[dict, int]:
     """The header of a safetensors file and where its data starts; ValueError says what is wrong."""
     try:

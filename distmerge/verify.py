@@ -18,7 +18,7 @@ from .errors import MergeError, MergeVerifyError
 from .finish import INCOMPLETE
 from .integrity import MANIFEST, hash_range
 from .model import dtype_size
-from .st_header import DTYPES, MAX_HEADER_BYTES, count, entry_problem, read_header
+from .st_header import DTYPES, MAX_HEADER_BYTES, count, entry_problem, read_header, read_json_object
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -112,17 +112,13 @@ def read_index(index_path: str) -> dict:
     """model.safetensors.index.json with its types checked: weight_map an object of tensor -> file
     name inside the directory, metadata an object whose total_size (if any) is a count."""
     try:
-        if os.path.getsize(index_path) > MAX_HEADER_BYTES:
-            raise ValueError("it is larger than any index")
         with open(index_path, "rb") as f:
-            index = json.load(f)
+            index = read_json_object(f, MAX_HEADER_BYTES)
     except OSError as e:
         raise MergeVerifyError(f"{index_path} cannot be read ({e.strerror})") from None
-    except (ValueError, RecursionError) as e:
-        raise MergeVerifyError(f"{index_path} is not valid JSON ({type(e).__name__}); "
-                               "it is not a valid index") from None
-    weight_map = index.get("weight_map") if isinstance(index, dict) else None
-    metadata = index.get("metadata", {}) if isinstance(index, dict) else None
+    except ValueError as e:
+        raise MergeVerifyError(f"{index_path}: {e}; it is not a valid index") from None
+    weight_map, metadata = index.get("weight_map"), index.get("metadata", {})
     problem = None
     if not isinstance(weight_map, dict):
         problem = f"weight_map is {json.dumps(weight_map)[:60]}, not an object"

@@ -10,14 +10,13 @@ that the run stage streams like any other.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 
 from ..errors import MergeError
 from ..model import Catalogue, Piece, SourceTensor
 from ..paths import check_file
-from ..st_header import DTYPES, entry_problem, read_header
+from ..st_header import DTYPES, entry_problem, read_header, read_json_object
 from .torch_archive import open_regular
 
 INDEX = "model.safetensors.index.json"
@@ -73,16 +72,10 @@ def _weight_files(base_dir: str) -> tuple[list[str], dict | None]:
 def _read_json(path: str, limit: int) -> dict:
     """A JSON object from a regular file of at most `limit` bytes."""
     with open_regular(path) as f:
-        text = f.read(limit + 1)
-    if len(text) > limit:
-        raise MergeError(f"{path} is larger than {limit} bytes; it is not an HF index")
-    try:
-        value = json.loads(text)
-    except (ValueError, RecursionError) as e:
-        raise MergeError(f"{path} is not valid JSON ({str(e)[:120]})") from None
-    if not isinstance(value, dict):
-        raise MergeError(f"{path} is not a JSON object")
-    return value
+        try:
+            return read_json_object(f, limit)
+        except ValueError as e:
+            raise MergeError(f"{path}: {e}; it is not an HF index") from None
 
 
 def _header_pieces(path: str):
