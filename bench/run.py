@@ -25,8 +25,9 @@ Floors, measured in the same run, per launch mode:
 Each distmerge configuration is run --runs times, each run followed by its floor; recorded in
 bench/results.json and bench/results.md: the median wall time, the median floor, the ratio (the
 median of each run's time over the floor measured right after it, which cancels the VM's slow
-drifts), and the per-rank peak RSS (ru_maxrss, the figure `/usr/bin/time -v` prints, taken from
-distmerge's own summary).
+drifts), and the per-rank peak RSS (VmHWM, each rank's own high-water mark, taken from
+distmerge's own summary; for a process started from a small shell it equals the figure
+`/usr/bin/time -v` prints).
 """
 from __future__ import annotations
 
@@ -49,7 +50,7 @@ MODEL = ["--model", "llama", "--hidden", "2048", "--heads", "16", "--kv-heads", 
          "--intermediate", "2816", "--vocab", "32000", "--meta-init", "--no-reference"]
 LAYERS = {"1.4": 8, "5": 40, "11": 94}   # checkpoint GB -> layers (111 MB per layer + 524 MB of embeddings)
 # peak RSS per rank at any size (issue 15; issue 19's bound for every rank but the metadata reader): 0.6 GB, in the
-# unit of the summary's peak_rss_mb (ru_maxrss / 1024: MiB), so 572
+# unit of the summary's peak_rss_mb (VmHWM in MiB), so 572
 RSS_BOUND_MB = 0.6e9 / 2**20
 TORCHTITAN = {"qwen3_moe": "torchtitan Qwen3-MoE W=2 2.2 GB (stacked experts)",
               "llama3": "torchtitan Llama 3 W=2 1.6 GB (permuted q/k)"}   # variant -> row label

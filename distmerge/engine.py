@@ -51,6 +51,21 @@ class Timers:
 
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident set, MiB: VmHWM, the high-water mark of its own memory. Not
+    ru_maxrss: Linux keeps in it the RSS of the process that started this one (exec keeps the
+    larger), so a merge launched by a large process (a test runner that loaded a model) reported
+    that process's size."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except (OSError, ValueError, IndexError):
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # elsewhere: KiB on Linux, the best there is
+
+
 def schedule(plan: Plan) -> list[tuple[OutputFile, Segment, FileEntry]]:
     """All ranks' work in one global order, interleaved so that every rank's k-th tensor comes
     around the same point: ranks write in parallel and sends never wait on a rank far behind."""
@@ -120,9 +135,8 @@ class RankRunner:
         finally:
             self.write_pool.shutdown(wait=True)  # before the reader closes the files it copies from
             self.reader.close()
-        peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
         return {"bytes": self.written, "files": self.closed, "hashes": self.hashes,
-                "seconds": dict(self.timers.seconds), "peak_rss_mb": round(peak_rss_mb, 1)}
+                "seconds": dict(self.timers.seconds), "peak_rss_mb": round(peak_rss_mb(), 1)}
 
     # ---- the owner's side
     def _writer(self, out_file: OutputFile, seg: Segment, unit: str) -> SafetensorsWriter:

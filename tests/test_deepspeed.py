@@ -139,6 +139,19 @@ def test_a_merge_that_copies_bytes_never_imports_torch(zero, tmp_path):
     assert imports_torch(src / "checkpoint-2", tmp_path / "cast", "--dtype", "bf16")
 
 
+def test_peak_rss_is_the_merges_own_not_its_launchers(zero, tmp_path):
+    """Linux carries a launcher's RSS into ru_maxrss across exec: a merge started by a process of
+    800 MB must still report its own peak (VmHWM)."""
+    summary = tmp_path / "summary.json"
+    args = ["merge", "--source", str(zero("z3_odd") / "checkpoint-2"), "--target", str(tmp_path / "hf"),
+            "--no-progress", "--summary-json", str(summary)]
+    launcher = ("import subprocess, sys; big = b'x' * (800 << 20); "
+                f"sys.exit(subprocess.run([sys.executable, '-m', 'distmerge', *{args!r}]).returncode)")
+    proc = run([sys.executable, "-c", launcher], timeout=MERGE_TIMEOUT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert max(json.loads(summary.read_text())["peak_rss_mb"]) < 300
+
+
 def test_bf16_output_casts_the_fp32_master_weights(zero, tmp_path):
     src = zero("z3_odd_tied")
     merge(src / "checkpoint-2", tmp_path / "hf", "--dtype", "bf16")
