@@ -1,8 +1,8 @@
 """`merge --local-ranks N`: N ranks on this machine without torchrun.
 
 torchrun starts a launcher and N fresh interpreters, and each imports torch: about 2 s more than
-one process on a small machine, more than the whole merge of a few GB. Here the process that has
-already imported torch forks its N ranks, which set the same environment torchrun would (RANK,
+one process on a small machine, more than the whole merge of a few GB. Here one process forks
+its N ranks, which set the same environment torchrun would (RANK,
 WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT) and run the ordinary code path. Nothing is started
 before the fork (no threads, no process group), which is what makes fork safe here.
 
