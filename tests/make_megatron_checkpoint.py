@@ -28,7 +28,8 @@ DIST_DIRS = {"verl": "dist_ckpt", "verl-model": os.path.join("model", "dist_ckpt
              "bridge": "iter_0000001", "nemo2": "weights"}
 
 
-def parse_args():
+def parser() -> argparse.ArgumentParser:
+    """The model and layout options; make_megatron_lora.py adds its own to the same parser."""
     p = argparse.ArgumentParser()
     p.add_argument("--out", required=True)
     p.add_argument("--from", dest="ref", help="reference checkpoint (dist_ckpt dir) to load and re-save")
@@ -62,7 +63,11 @@ def parse_args():
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--layout", choices=LAYOUTS, default="verl",
                    help="where the torch_dist checkpoint and the files a trainer adds go (see save_layout_files)")
-    return p.parse_args()
+    return p
+
+
+def parse_args():
+    return parser().parse_args()
 
 
 def patch_for_cpu():

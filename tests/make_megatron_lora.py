@@ -15,7 +15,7 @@ nothing). The save is what verl's Megatron worker writes with LoRA:
 - huggingface/: config.json and the tokenizer.
 With --legacy it writes Megatron-LM's legacy rank files instead, whose model state dicts hold the
 adapters (AdapterWrapper.state_dict puts them under `<linear>.adapter.`).
-With --bridge the layout is Megatron-Bridge's (iter_0000001/ with run_config.yaml, whose `peft:` section
+With --layout bridge the layout is Megatron-Bridge's (iter_0000001/ with run_config.yaml, whose `peft:` section
 is the LoRA transform's settings, tokenizer/, latest_train_state.pt) and no adapter_checkpoint/. With
 --adapter-only the dist checkpoint holds the adapters alone, as Bridge's PEFT save keeps them: the LoRA
 is applied for training, Bridge's `set_params_to_save` records the trainable parameters, and the model
@@ -34,7 +34,6 @@ package __init__ pulls in its whole training stack; import_bridge_lora imports o
 with a stand-in Transformer Engine module whose classes are never built (the local spec has none),
 and tells them Transformer Engine is absent (megatron-core's MagicMock stand-ins fool their check).
 """
-import argparse
 import json
 import os
 import sys
@@ -44,42 +43,29 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(__file__))
-from make_megatron_checkpoint import (DIST_DIRS, FIXED_INPUT, build, exit_now, patch_for_cpu,  # noqa: E402
+from make_megatron_checkpoint import (DIST_DIRS, FIXED_INPUT, build, exit_now, parser, patch_for_cpu,  # noqa: E402
                                       save_layout_files, save_legacy)
 
 TARGETS = ["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"]
 
 
+LORA_MODELS = ("llama", "qwen2", "qwen3")  # dense models: the LoRA targets above
+LORA_LAYOUTS = ("verl", "bridge")
+
+
 def parse_args():
-    p = argparse.ArgumentParser()
-    p.add_argument("--out", required=True)
-    p.add_argument("--from", dest="ref", help="reference checkpoint (dist_ckpt dir) to load and re-save")
-    p.add_argument("--tp", type=int, default=1)
-    p.add_argument("--pp", type=int, default=1)
-    p.add_argument("--model", default="llama", choices=["llama", "qwen2", "qwen3"])
+    """make_megatron_checkpoint's options (its build() reads them all) and the LoRA ones."""
+    p = parser()
+    p.set_defaults(layers=2)
     p.add_argument("--rank", type=int, default=4, help="LoRA dim (r)")
     p.add_argument("--alpha", type=int, default=8, help="LoRA alpha")
-    p.add_argument("--tie", action="store_true")
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--hidden", type=int, default=64)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--groups", type=int, default=2)
-    p.add_argument("--ffn", type=int, default=96)
-    p.add_argument("--vocab", type=int, default=128)
-    p.add_argument("--padded-vocab", type=int, default=None)
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
-    p.add_argument("--legacy", action="store_true",
-                   help="save Megatron-LM's legacy format (iter_0000001/mp_rank_TT[_PPP]/model_optim_rng.pt)")
     p.add_argument("--adapters-apart", action="store_true",
                    help="leave the adapters out of dist_ckpt/: only adapter_checkpoint/ holds them")
-    p.add_argument("--bridge", action="store_true", help="Megatron-Bridge's layout (iter_0000001/, run_config.yaml)")
     p.add_argument("--adapter-only", action="store_true",
                    help="save the adapters alone, filtered by Bridge's PEFT adapter_key_filter (no base weights)")
     args = p.parse_args()
-    # make_megatron_checkpoint.build reads these too
-    args.vpp, args.ep, args.experts, args.value_head, args.dense_first = None, 1, 4, False, False
-    args.expert_bias, args.singleton, args.fully_parallel = False, False, False
-    args.layout = "bridge" if args.bridge else "verl"
+    if args.model not in LORA_MODELS or args.layout not in LORA_LAYOUTS:
+        p.error(f"LoRA fixtures are {', '.join(LORA_MODELS)} models in the {' or '.join(LORA_LAYOUTS)} layout")
     return args
 
 
@@ -209,11 +195,11 @@ def main():
         if args.adapter_only:
             sharded = bridge_adapter_filter(lora, sharded)
         dist_checkpointing.save(sharded, ckpt)
-        if not args.bridge:  # verl's worker writes these; Bridge does not
+        if args.layout != "bridge":  # verl's worker writes these; Bridge does not
             save_verl_adapter_files(args, model)
     if dist.get_rank() == 0:
         save_layout_files(args, model.config)
-        if args.bridge:
+        if args.layout == "bridge":
             save_bridge_peft_settings(args, lora)
     if not args.ref and dist.get_world_size() == 1:
         save_reference(args, model)

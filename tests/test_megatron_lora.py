@@ -31,8 +31,9 @@ FIXTURES = {
     "legacy_tp2": (2, ["--tp", "2", "--legacy"], "ref"),           # Megatron-LM's mp_rank_*/model_optim_rng.pt
     "qwen2_ref": (1, ["--model", "qwen2", "--tie"], None),         # QKV bias (not adapted), tied embeddings
     # Megatron-Bridge's PEFT save: iter_N/ with the adapters alone (Bridge's adapter_key_filter)
-    "bridge_peft_tp2": (2, ["--tp", "2", "--bridge", "--adapter-only"], "ref"),
-    "qwen2_bridge_peft_tp2": (2, ["--model", "qwen2", "--tie", "--tp", "2", "--bridge", "--adapter-only"], "qwen2_ref"),
+    "bridge_peft_tp2": (2, ["--tp", "2", "--layout", "bridge", "--adapter-only"], "ref"),
+    "qwen2_bridge_peft_tp2": (2, ["--model", "qwen2", "--tie", "--tp", "2", "--layout", "bridge", "--adapter-only"],
+                              "qwen2_ref"),
 }
 ADAPTER_ONLY = ["bridge_peft_tp2", "qwen2_bridge_peft_tp2"]
 FULL = [name for name in FIXTURES if name not in ADAPTER_ONLY]   # the base weights saved with the adapters
