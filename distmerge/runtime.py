@@ -25,7 +25,11 @@ class Runtime:
     local_rank: int = 0
     backend: str | None = None       # the torch process group's; None without one
     owns_group: bool = False
-    group: TorchGroup | LocalGroup | None = None   # None for one rank
+    group: TorchGroup | LocalGroup | None = None   # None for one rank; a torch backend's by default
+
+    def __post_init__(self):
+        if self.group is None and self.backend is not None:
+            self.group = TorchGroup(self.device if self.backend == "nccl" else None)
 
     @property
     def device(self):
@@ -77,9 +81,8 @@ class Runtime:
 def start(backend: str = "auto", timeout_s: float = 1800) -> Runtime:
     live = sys.modules.get("torch.distributed")  # a live group means torch.distributed is imported
     if live is not None and live.is_available() and live.is_initialized():
-        backend = live.get_backend()
-        return Runtime(live.get_rank(), live.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)), backend,
-                       group=TorchGroup(_nccl_device() if backend == "nccl" else None))
+        return Runtime(live.get_rank(), live.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)),
+                       live.get_backend())
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return Runtime()
@@ -88,11 +91,6 @@ def start(backend: str = "auto", timeout_s: float = 1800) -> Runtime:
         rank = int(os.environ["RANK"])
         return Runtime(rank, world, rank, group=LocalGroup(rank, links, timeout_s))
     return _torch_group(backend, world, timeout_s)
-
-
-def _nccl_device():
-    import torch
-    return torch.device("cuda", torch.cuda.current_device())
 
 
 def _torch_group(backend: str, world: int, timeout_s: float) -> Runtime:
@@ -113,9 +111,7 @@ def _torch_group(backend: str, world: int, timeout_s: float) -> Runtime:
         torch.cuda.set_device(local_rank)
         kwargs["device_id"] = torch.device("cuda", local_rank)
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
-    device = torch.device("cuda", local_rank) if backend == "nccl" else None
-    return Runtime(dist.get_rank(), dist.get_world_size(), local_rank, backend, owns_group=True,
-                   group=TorchGroup(device))
+    return Runtime(dist.get_rank(), dist.get_world_size(), local_rank, backend, owns_group=True)
 
 
 @contextlib.contextmanager
