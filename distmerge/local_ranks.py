@@ -21,6 +21,7 @@ import os
 import signal
 import socket
 import sys
+import time
 import traceback
 from typing import Callable
 
@@ -135,8 +136,21 @@ def _wait_for(ranks: dict[int, int]) -> int:
             if code != 0 and first_failure == 0:
                 # a rank killed by a signal reads as an abort, as under torchrun
                 first_failure = code if code > 0 else MergeAbortedError.exit_code
+                _let_others_end(ranks)  # a refusal all ranks share: rank 0 is still printing it
                 stop_all()
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
     return first_failure
+
+
+def _let_others_end(ranks: dict[int, int], seconds: float = 2.0) -> None:
+    """Wait up to `seconds` for the other ranks to exit by themselves (reaping them), before the
+    SIGTERM that would cut short rank 0's message of a refusal every rank received."""
+    deadline = time.monotonic() + seconds
+    while ranks and time.monotonic() < deadline:
+        pid, _ = os.waitpid(-1, os.WNOHANG)
+        if pid == 0:
+            time.sleep(0.02)
+        else:
+            ranks.pop(pid, None)
