@@ -130,5 +130,6 @@ def _recv_exactly(link: socket.socket, n: int) -> bytearray:
 
 
 def _lost(peer: int, e: OSError) -> MergeAbortedError:
-    why = "did not answer within --timeout" if isinstance(e, TimeoutError) else "stopped"
-    return MergeAbortedError(f"rank {peer} {why}; its own message says why")
+    why = "it did not answer within --timeout" if isinstance(e, TimeoutError) else "it stopped"
+    return MergeAbortedError(f"lost contact with another rank (rank {peer}: {why}); that rank's own message, if it "
+                             "printed one, says why. The partial output stays marked incomplete: rerun with --resume")
