@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import functools
 import os
 import socket
 import subprocess
@@ -152,27 +153,30 @@ def run_distmerge(args: list[str], nproc: int = 1, timeout: int = PROCESS_TIMEOU
     return run(cmd, timeout)
 
 
+def write_fixture(cmd: list[str], out: Path, timeout: int = PROCESS_TIMEOUT, env: dict | None = None) -> Path:
+    """Run a fixture maker that writes `out`; its own output is the failure message. Callers wrap their
+    maker in functools.cache, so each fixture is written once per session, on first use."""
+    proc = run(cmd + ["--out", str(out)], timeout, env)
+    assert proc.returncode == 0, f"fixture {out.name} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+    return out
+
+
 @pytest.fixture(scope="session")
 def checkpoint(tmp_path_factory):
     """checkpoint(name) -> directory of that layout, written on first use, once per session."""
-    made: dict[str, Path] = {}
     base = tmp_path_factory.mktemp("checkpoints")
 
+    @functools.cache
     def make(name: str) -> Path:
-        if name not in made:
-            out = base / name
-            if name in MEGATRON_LAYOUTS:  # megatron-core needs torchrun even for one process
-                nproc, extra, ref = MEGATRON_LAYOUTS[name]
-                if ref:
-                    extra = extra + ["--from", str(make(ref) / "dist_ckpt")]
-                cmd = torchrun_cmd(nproc) + [str(MEGATRON_MAKER)]
-            else:
-                nproc, extra = {**LAYOUTS, **REFUSED_LAYOUTS}[name]
-                cmd = [sys.executable, str(MAKER)] if nproc == 1 else torchrun_cmd(nproc) + [str(MAKER)]
-            proc = run(cmd + ["--out", str(out)] + extra)
-            assert proc.returncode == 0, f"fixture {name} failed:\n{proc.stdout}\n{proc.stderr[-4000:]}"
-            made[name] = out
-        return made[name]
+        if name in MEGATRON_LAYOUTS:  # megatron-core needs torchrun even for one process
+            nproc, extra, ref = MEGATRON_LAYOUTS[name]
+            if ref:
+                extra = extra + ["--from", str(make(ref) / "dist_ckpt")]
+            cmd = torchrun_cmd(nproc) + [str(MEGATRON_MAKER)]
+        else:
+            nproc, extra = {**LAYOUTS, **REFUSED_LAYOUTS}[name]
+            cmd = [sys.executable, str(MAKER)] if nproc == 1 else torchrun_cmd(nproc) + [str(MAKER)]
+        return write_fixture(cmd + extra, base / name)
 
     return make
 

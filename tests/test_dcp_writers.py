@@ -22,7 +22,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, run, run_distmerge, torchrun_cmd
+from conftest import ROOT, run, run_distmerge, torchrun_cmd, write_fixture
 from test_fsdp_merge import assert_bit_exact, merged_tensors
 
 pytestmark = pytest.mark.slow
@@ -65,8 +65,7 @@ def writers(tmp_path_factory) -> Path:
         cmd = torchrun_cmd(2)
         if variant.startswith("torchtune"):
             cmd = [tune] + cmd[1:]
-        proc = run(cmd + [str(MAKER), "--out", str(out / variant), "--variant", variant], timeout=400)
-        assert proc.returncode == 0, f"{variant} fixture failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+        write_fixture(cmd + [str(MAKER), "--variant", variant], out / variant, timeout=400)
     return out
 
 

@@ -11,12 +11,13 @@ import re
 import shutil
 import sys
 from functools import cache
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, CodeRunningPickle, opened_under, run, run_distmerge, torchrun_cmd
+from conftest import ROOT, CodeRunningPickle, opened_under, run, run_distmerge, torchrun_cmd, write_fixture
 from test_fsdp_merge import assert_bit_exact, merged_tensors
 from distmerge.cli import main
 
@@ -36,17 +37,15 @@ LORA_SCALE = 8 / 4   # lora_alpha / r of the maker's LoraConfig
 def zero(tmp_path_factory):
     """zero(variant) -> DIR with DIR/checkpoint-2 (the save, HF files beside `latest`) and DIR/reference."""
     base = tmp_path_factory.mktemp("deepspeed")
-    made = {}
 
-    def get(variant: str):
-        world = next(w for w, names in RUNS.items() if variant in names)
-        if world not in made:
-            out = base / f"w{world}"
-            proc = run(torchrun_cmd(world) + [str(MAKER), "--out", str(out), "--variants", ",".join(RUNS[world])],
-                       timeout=MAKER_TIMEOUT, env={"DS_ACCELERATOR": "cpu"})
-            assert proc.returncode == 0, f"DeepSpeed fixtures failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
-            made[world] = out
-        return made[world] / variant
+    @cache
+    def run_of(world: int) -> Path:
+        """One torchrun of the maker writes every variant saved at this world size."""
+        cmd = torchrun_cmd(world) + [str(MAKER), "--variants", ",".join(RUNS[world])]
+        return write_fixture(cmd, base / f"w{world}", MAKER_TIMEOUT, {"DS_ACCELERATOR": "cpu"})
+
+    def get(variant: str) -> Path:
+        return run_of(next(w for w, names in RUNS.items() if variant in names)) / variant
 
     return get
 

@@ -5,6 +5,7 @@ is Megatron's own forward with Bridge's LoRALinear applying the adapters (tests/
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import shutil
 import warnings
@@ -13,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import ROOT, CodeRunningPickle, run, run_distmerge, torchrun_cmd
+from conftest import ROOT, CodeRunningPickle, run_distmerge, torchrun_cmd, write_fixture
 from distmerge.arch import megatron_gpt
 from distmerge.dtypes import FLOAT32
 from distmerge.errors import MergeError
@@ -51,17 +52,14 @@ ADAPTED = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_att
 @pytest.fixture(scope="module")
 def lora_ckpt(tmp_path_factory):
     """lora_ckpt(name) -> the directory of that fixture, written by megatron-core + Megatron-Bridge on first use."""
-    base, made = tmp_path_factory.mktemp("megatron_lora"), {}
+    base = tmp_path_factory.mktemp("megatron_lora")
 
+    @functools.cache
     def make(name):
-        if name not in made:
-            nproc, extra, ref = FIXTURES[name]
-            if ref:
-                extra = extra + ["--from", str(make(ref) / "dist_ckpt")]
-            proc = run(torchrun_cmd(nproc) + [str(MAKER), "--out", str(base / name)] + extra)
-            assert proc.returncode == 0, f"fixture {name} failed:\n{proc.stdout}\n{proc.stderr[-4000:]}"
-            made[name] = base / name
-        return made[name]
+        nproc, extra, ref = FIXTURES[name]
+        if ref:
+            extra = extra + ["--from", str(make(ref) / "dist_ckpt")]
+        return write_fixture(torchrun_cmd(nproc) + [str(MAKER)] + extra, base / name)
 
     return make
 
@@ -218,17 +216,16 @@ def hf_of(lora_ckpt, tmp_path_factory):
     """hf_of(ref) -> (the fold, the `--lora adapter` output, the base as an HF directory) of a fixture
     that holds its base, merged once. The base is the adapter output without lora_adapter/: the
     Megatron base weights (their merge is proved against Megatron's logits by test_megatron)."""
-    root, made = tmp_path_factory.mktemp("megatron_lora_hf"), {}
+    root = tmp_path_factory.mktemp("megatron_lora_hf")
 
+    @functools.cache
     def make(ref):
-        if ref not in made:
-            fold, adapter, base = (root / ref / d for d in ("fold", "adapter", "base"))
-            for out, extra in ((fold, []), (adapter, ["--lora", "adapter"])):
-                proc = merge(lora_ckpt(ref), out, "--lora-alpha", "8", *extra)
-                assert proc.returncode == 0, proc.stderr[-3000:]
-            shutil.copytree(adapter, base, ignore=shutil.ignore_patterns("lora_adapter", "distmerge-manifest.json"))
-            made[ref] = fold, adapter, base
-        return made[ref]
+        fold, adapter, base = (root / ref / d for d in ("fold", "adapter", "base"))
+        for out, extra in ((fold, []), (adapter, ["--lora", "adapter"])):
+            proc = merge(lora_ckpt(ref), out, "--lora-alpha", "8", *extra)
+            assert proc.returncode == 0, proc.stderr[-3000:]
+        shutil.copytree(adapter, base, ignore=shutil.ignore_patterns("lora_adapter", "distmerge-manifest.json"))
+        return fold, adapter, base
 
     return make
 

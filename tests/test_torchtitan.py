@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, run, run_distmerge, torchrun_cmd
+from conftest import ROOT, run, run_distmerge, torchrun_cmd, write_fixture
 from test_fsdp_merge import assert_bit_exact, merged_tensors
 
 pytestmark = pytest.mark.slow
@@ -34,9 +34,7 @@ LOGITS_TOLERANCE = 2e-4
 def titan(tmp_path_factory) -> Path:
     """Every variant, written once per session by one 2-rank torchrun of the maker."""
     out = tmp_path_factory.mktemp("torchtitan")
-    proc = run(torchrun_cmd(2) + [str(MAKER), "--out", str(out), "--variants", ",".join(VARIANTS)], timeout=400)
-    assert proc.returncode == 0, f"torchtitan fixture failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
-    return out
+    return write_fixture(torchrun_cmd(2) + [str(MAKER), "--variants", ",".join(VARIANTS)], out, timeout=400)
 
 
 def expected(variant_dir: Path) -> dict:

@@ -3,6 +3,7 @@ FSDP under torchrun (tests/make_verl_layouts.py), merged by distmerge and judged
 for bit) and transformers (logits of the original model)."""
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 from pathlib import Path
@@ -11,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, run, run_distmerge, torchrun_cmd
+from conftest import ROOT, run_distmerge, torchrun_cmd, write_fixture
 from test_fsdp_merge import assert_loads_with_equal_logits, merged_tensors
 
 slow = pytest.mark.slow  # the tests that start torchrun (fixtures) or distmerge processes
@@ -42,16 +43,12 @@ PLAIN_TENSOR_LAYOUTS = ["fsdp1_single", "hsdp1_2x1"]
 @pytest.fixture(scope="session")
 def verl_layout(tmp_path_factory):
     """verl_layout(name) -> the directory the maker wrote, once per session."""
-    made: dict[str, Path] = {}
     base = tmp_path_factory.mktemp("verl_layouts")
 
+    @functools.cache
     def make(name: str) -> Path:
-        if name not in made:
-            nproc, extra = VERL_LAYOUTS[name]
-            proc = run(torchrun_cmd(nproc) + [str(MAKER), "--out", str(base / name)] + extra)
-            assert proc.returncode == 0, f"fixture {name} failed:\n{proc.stdout}\n{proc.stderr[-4000:]}"
-            made[name] = base / name
-        return made[name]
+        nproc, extra = VERL_LAYOUTS[name]
+        return write_fixture(torchrun_cmd(nproc) + [str(MAKER)] + extra, base / name)
 
     return make
 
