@@ -196,6 +196,7 @@ def add_inspect_parser(sub) -> None:
     i.add_argument("--vocab-size", metavar="N", type=int, help="as for merge")
     i.add_argument("--lora-alpha", metavar="ALPHA", type=float, help="as for merge")
     i.add_argument("--base", metavar="HF_DIR", help="as for merge")
+    i.add_argument("--zero-weights", default="master", choices=ZERO_WEIGHTS, help="as for merge")
     i.add_argument("--check-all", action="store_true",
                    help="read every rank file's metadata and check that the shards cover every tensor, as a merge "
                         "does (verl FSDP; by default rank 0's metadata describes the model)")
@@ -530,7 +531,8 @@ def run_command(args: argparse.Namespace, clock: Clock | None = None) -> int:
         print(inspect_source(args.source, nproc=args.nproc, max_shard_size=args.max_shard_size,
                              segment_size=args.segment_size, dtype=args.dtype, hf_config=args.hf_config,
                              iteration=args.iteration, as_json=args.json, check_all=args.check_all,
-                             vocab_size=args.vocab_size, lora_alpha=args.lora_alpha, base=args.base))
+                             vocab_size=args.vocab_size, lora_alpha=args.lora_alpha, base=args.base,
+                             zero_weights=args.zero_weights))
         return 0
     return run_verify(args)
 

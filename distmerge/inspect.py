@@ -105,9 +105,10 @@ def render(info: dict, plan) -> str:
 def inspect_source(source: str, nproc: int = 1, max_shard_size: str = "5GB", dtype: str = "auto",
                    hf_config: str | None = None, iteration: int | None = None, as_json: bool = False,
                    lora_alpha: float | None = None, check_all: bool = False, segment_size: str = "256MiB",
-                   vocab_size: int | None = None, base: str | None = None) -> str:
+                   vocab_size: int | None = None, base: str | None = None, zero_weights: str = "master") -> str:
     p = prepare(source, PrepareOptions(hf_config=hf_config, iteration=iteration, quick=not check_all, dtype=dtype,
-                                       lora_alpha=lora_alpha, vocab_size=vocab_size, base=base))
+                                       lora_alpha=lora_alpha, vocab_size=vocab_size, base=base,
+                                       zero_weights=zero_weights))
     plan = make_plan(p.catalogue, p.outputs, nproc, parse_size(max_shard_size), DEFAULT_TRANSPORT,
                      segment_bytes=parse_size(segment_size))
     info = inspect_info(source, p, plan, nproc, segment_size)

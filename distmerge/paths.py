@@ -47,3 +47,23 @@ def check_file(path: str, root: str) -> SourceFile:
     if not stat.S_ISREG(st.st_mode):
         raise MergeError(f"{path} is not a regular file; a checkpoint's data files must be plain files")
     return SourceFile(path, st.st_size)
+
+
+TRACKER_LIMIT = 128  # bytes: a tracker names a tag or an iteration, never more
+
+
+def read_tracker(path: str, root: str, fix: str) -> str:
+    """The text of a tracker file (DeepSpeed's `latest`, Megatron-LM's
+    latest_checkpointed_iteration.txt): checked inside the source and regular first, then one short
+    line of printable ASCII. Anything else is refused without echoing its bytes, which may be
+    another file's. `fix` ends each message: what to pass instead."""
+    check_file(path, root)
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(TRACKER_LIMIT + 1)
+    except OSError as e:
+        raise MergeError(f"{path} cannot be read ({e.strerror}); {fix}") from None
+    text = raw.strip()
+    if len(raw) > TRACKER_LIMIT or not text.isascii() or not text.decode("ascii").isprintable():
+        raise MergeError(f"{path} is not one short line of text, as a tracker file is; {fix}")
+    return text.decode("ascii")

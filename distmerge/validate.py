@@ -185,8 +185,13 @@ def _rows_overlap(tid: np.ndarray, region: np.ndarray, shape: np.ndarray, bounds
     return flagged
 
 
+FINAL_NORM = "norm.weight"  # model.norm.weight, model.language_model.norm.weight
+
+
 def _expected_shapes(config: dict) -> dict[str, tuple[int, ...]]:
-    """The shapes a llama-like decoder's config implies for the name suffixes every such model has."""
+    """The shapes a llama-like decoder's config implies for the name suffixes every such model has
+    (a suffix matches whole name parts; FINAL_NORM only outside the layers, whose own `norm`s may
+    have other sizes)."""
     c = text_config(config)
     ints = {k: c.get(k) for k in ("hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim",
                                   "intermediate_size", "vocab_size")}
@@ -194,7 +199,8 @@ def _expected_shapes(config: dict) -> dict[str, tuple[int, ...]]:
         return {}
     hidden, vocab = ints["hidden_size"], ints["vocab_size"]
     shapes = {"embed_tokens.weight": (vocab, hidden), "lm_head.weight": (vocab, hidden),
-              "input_layernorm.weight": (hidden,), "post_attention_layernorm.weight": (hidden,)}
+              "input_layernorm.weight": (hidden,), "post_attention_layernorm.weight": (hidden,),
+              FINAL_NORM: (hidden,)}
     heads, kv = ints["num_attention_heads"], ints["num_key_value_heads"] or ints["num_attention_heads"]
     head_dim = ints["head_dim"] or (hidden // heads if isinstance(heads, int) and heads else None)
     if isinstance(heads, int) and isinstance(kv, int) and isinstance(head_dim, int) and "kv_lora_rank" not in c:
@@ -216,7 +222,7 @@ def check_outputs(catalogue: Catalogue, outputs: list[OutputTensor], config: dic
     c = text_config(config)
     layers = c.get("num_hidden_layers")
     found = {int(m) for m in (_layer_index(o.name) for o in outputs) if m is not None}
-    if isinstance(layers, int) and found and found != set(range(layers)):
+    if isinstance(layers, int) and found and (len(found), min(found), max(found)) != (layers, 0, layers - 1):
         raise MergeError(f"config.json says num_hidden_layers={layers} but {catalogue.source} holds layers "
                          f"{min(found)}..{max(found)} ({len(found)} of them); the config is not this checkpoint's: "
                          "pass --hf-config with the trained model's config")
@@ -224,7 +230,10 @@ def check_outputs(catalogue: Catalogue, outputs: list[OutputTensor], config: dic
     for out in outputs:
         if not _is_text_decoder_tensor(out.name):
             continue
+        in_layer = _layer_index(out.name) is not None
         for suffix, shape in expected.items():
+            if suffix == FINAL_NORM and in_layer:
+                continue
             if out.name.endswith("." + suffix) or out.name == suffix:
                 if tuple(out.shape) != shape:
                     raise MergeError(f"tensor {out.name} has shape {list(out.shape)} but config.json implies "

@@ -385,6 +385,134 @@ def test_pickle_code_never_runs(z3_copy, tmp_path, capsys):
     assert not marker.exists()
 
 
+@pytest.fixture
+def z1_copy(zero, tmp_path):
+    """A private copy of a ZeRO-1 save (2 ranks, bf16) that a test may damage."""
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(zero("z1") / "checkpoint-2", ckpt)
+    return ckpt
+
+
+def edit(path, change) -> None:
+    """Load a state file with torch, let `change` alter it, and save it back as DeepSpeed did."""
+    state = torch.load(path, weights_only=False)
+    change(state)
+    torch.save(state, path)
+
+
+def optim_file(ckpt, rank: int):
+    return ckpt / "global_step2" / f"bf16_zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"
+
+
+def model_file(ckpt):
+    return ckpt / "global_step2" / "mp_rank_00_model_states.pt"
+
+
+def test_partitions_that_sum_right_but_split_otherwise_are_refused(z1_copy, tmp_path, capsys):
+    """One element moved from rank 0's partition to rank 1's: the total still fits param_shapes, but
+    every parameter after the boundary would be shifted by one element."""
+    def trim(state):
+        groups = state["optimizer_state_dict"]["single_partition_of_fp32_groups"]
+        groups[0] = groups[0][:-1].clone()
+
+    def grow(state):
+        groups = state["optimizer_state_dict"]["single_partition_of_fp32_groups"]
+        groups[0] = torch.cat([groups[0], torch.zeros(1)])
+
+    edit(optim_file(z1_copy, 0), trim)
+    edit(optim_file(z1_copy, 1), grow)
+    refused(capsys, z1_copy, tmp_path, 2, "param group 0", "partitions are equal")
+
+
+def test_slice_mappings_that_disagree_with_param_shapes_are_refused(z1_copy, tmp_path, capsys):
+    def move(state):
+        mapping = state["optimizer_state_dict"]["param_slice_mappings"][0]
+        name = next(iter(mapping))
+        mapping[name] = type(mapping[name])(numel=mapping[name].numel, start=mapping[name].start + 1)
+
+    edit(optim_file(z1_copy, 0), move)
+    refused(capsys, z1_copy, tmp_path, 2, "param_slice_mappings puts 'model.embed_tokens.weight'")
+
+
+def test_a_final_norm_of_the_wrong_size_is_refused(z1_copy, tmp_path, capsys):
+    """A 16-bit module whose norm, and param_shapes with it, are one short of the config's hidden size."""
+    def shrink(state):
+        state["module"]["model.norm.weight"] = state["module"]["model.norm.weight"][:-1].clone()
+        for group in state["param_shapes"]:
+            if "model.norm.weight" in group:
+                group["model.norm.weight"] = torch.Size([group["model.norm.weight"][0] - 1])
+
+    edit(model_file(z1_copy), shrink)
+    got = main(["merge", "--source", str(z1_copy), "--target", str(tmp_path / "hf"), "--no-progress",
+                "--zero-weights", "module"])
+    err = capsys.readouterr().err
+    assert got == 2 and "model.norm.weight" in err and "config.json implies" in err, err
+    assert not (tmp_path / "hf").exists()
+
+
+@pytest.mark.parametrize("value", [5, "model.norm.weight"])
+def test_module_weights_must_hold_every_listed_parameter(value, z1_copy, tmp_path, capsys):
+    def replace(state):
+        state["module"]["model.norm.weight"] = value
+
+    edit(model_file(z1_copy), replace)
+    got = main(["merge", "--source", str(z1_copy), "--target", str(tmp_path / "hf"), "--no-progress",
+                "--zero-weights", "module"])
+    err = capsys.readouterr().err
+    assert got == 2 and "'model.norm.weight' in `module` is not a tensor" in err and "Traceback" not in err, err
+
+
+def test_a_latest_linked_out_of_the_source_is_neither_read_nor_echoed(z1_copy, tmp_path, capsys, monkeypatch):
+    secret = tmp_path / "secret"
+    secret.write_text("global_step2 SECRET=hunter2\n")
+    (z1_copy / "latest").unlink()
+    (z1_copy / "latest").symlink_to(secret)
+    with opened_under(secret, monkeypatch) as opened:
+        refused(capsys, z1_copy, tmp_path, 2, "latest", "outside the source")
+    assert not opened, f"files outside the source were opened: {opened}"
+    (z1_copy / "latest").unlink()
+    (z1_copy / "latest").write_bytes(b"global_step2\x00" + os.urandom(64))
+    refused(capsys, z1_copy, tmp_path, 2, "not one short line of text")
+
+
+@pytest.mark.timeout(60)
+def test_a_pickle_of_shared_containers_is_read_once_per_object(z1_copy, tmp_path, capsys):
+    """`x = [x, x]` 40 deep is 40 lists in the pickle; copied once per path it would be 2**40."""
+    def bomb(state):
+        x = []
+        for _ in range(40):
+            x = [x, x]
+        state["lr_scheduler"] = x
+
+    edit(model_file(z1_copy), bomb)
+    assert main(["merge", "--source", str(z1_copy), "--target", str(tmp_path / "hf"), "--no-progress"]) == 0
+
+
+@pytest.mark.timeout(60)
+def test_a_huge_partition_count_is_refused_without_building_it(z1_copy, tmp_path, capsys):
+    for rank in (0, 1):
+        edit(optim_file(z1_copy, rank), lambda s: s["optimizer_state_dict"].update(partition_count=[10 ** 12]))
+    refused(capsys, z1_copy, tmp_path, 2, "partition_count is 1000000000000", "rank 2's optimizer file is missing")
+
+
+@pytest.mark.timeout(60)
+def test_a_config_with_a_huge_layer_count_is_refused_without_building_it(z1_copy, tmp_path, capsys):
+    config = json.loads((z1_copy / "config.json").read_text())
+    (z1_copy / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 10 ** 12}))
+    refused(capsys, z1_copy, tmp_path, 2, "num_hidden_layers=1000000000000")
+
+
+def test_shared_params_that_name_no_tensor_are_ignored(zero, z1_copy, tmp_path, capsys):
+    edit(model_file(z1_copy), lambda s: s.update(shared_params={"lm_head.weight": ["x"], 3: "model.norm.weight"}))
+    assert main(["merge", "--source", str(z1_copy), "--target", str(tmp_path / "hf"), "--no-progress"]) == 0
+    assert_bit_exact(expected_plain(zero("z1")), merged_tensors(tmp_path / "hf"))
+
+
+def test_inspect_takes_the_merges_read_options(zero, capsys):
+    assert main(["inspect", str(zero("z1") / "checkpoint-2"), "--zero-weights", "module"]) == 0
+    assert "16-bit module weights" in capsys.readouterr().out
+
+
 # ---------------------------------------------------------------- flat runs as rectangles
 
 @pytest.mark.parametrize("shape", [(), (7,), (5, 3), (4, 3, 5), (2, 3, 2, 3), (3, 0, 2)])

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from ..dtypes import FLOAT32, DType
 from ..errors import MergeError
 from ..model import Catalogue, Piece, SourceTensor
-from ..paths import check_file
+from ..paths import check_file, read_tracker
 from .layout import find_hf_dir
 from .registry import ReadOptions, SourceFormat
 from .torch_archive import StoredTensor, load_inert
@@ -91,14 +91,9 @@ def detect(source: str, opts: ReadOptions = ReadOptions()) -> bool:
 def tag_directory(source: str) -> str:
     """The tag directory: the one `latest` names, or the source itself when it holds the state files."""
     latest = os.path.join(source, LATEST)
-    if not os.path.isfile(latest):
+    if not os.path.lexists(latest):
         return source
-    try:
-        with open(latest, "rb") as f:
-            tag = f.read(256).decode().strip()
-    except (OSError, UnicodeDecodeError) as e:
-        raise MergeError(f"{latest} cannot be read ({e}); pass the tag directory (e.g. {source}/global_step100) "
-                         "as --source") from None
+    tag = read_tracker(latest, source, f"pass the tag directory (e.g. {source}/global_step100) as --source")
     if not tag or tag in (".", "..") or "/" in tag or "\\" in tag or "\0" in tag:
         raise MergeError(f"{latest} says {tag!r}, which is not a tag directory name; pass the tag directory "
                          "itself as --source")
@@ -274,6 +269,19 @@ class OptimState:
     world: int
     groups: list[list[Run]]          # per rank, per group
     alignment_paddings: list | None  # ZeRO-1/2: per group, per parameter (newer DeepSpeed)
+    saved_paddings: list             # per rank: its `group_paddings` (ZeRO-1/2: per group), or None
+    slice_mappings: list             # per rank: its `param_slice_mappings` (ZeRO-1/2, newer DeepSpeed), or None
+
+    def group_paddings(self, g: int) -> list[int]:
+        """Each rank's padding of group g left out of its partition (0 where the file does not say)."""
+        pads = []
+        for rank, saved in enumerate(self.saved_paddings):
+            pad = saved[g] if isinstance(saved, list) and g < len(saved) else 0
+            if not isinstance(pad, int) or isinstance(pad, bool) or pad < 0:
+                raise MergeError(f"{self.groups[rank][0].file}: group_paddings[{g}] is {pad!r}, not a count; the "
+                                 "file is corrupt")
+            pads.append(pad)
+        return pads
 
 
 def read_optim(files: TagFiles) -> OptimState:
@@ -303,9 +311,9 @@ def read_optim(files: TagFiles) -> OptimState:
 def _check_ranks(files: TagFiles, stage: int, world: int, states: dict[int, dict]) -> OptimState:
     if stage not in (1, 2, 3):
         raise MergeError(f"{files.optim[0]} says ZeRO stage {stage}; only stages 1, 2 and 3 are read")
-    missing = [r for r in range(world) if r not in files.optim]
+    missing = [r for r in range(min(world, len(files.optim) + 1)) if r not in files.optim]
     extra = sorted(r for r in files.optim if r >= world)
-    if missing or extra:
+    if missing or extra:  # world > the files means one is missing: the first missing is among the first len + 1
         what = f"rank {missing[0]}'s optimizer file is missing" if missing else f"{files.optim[extra[0]]} is extra"
         raise MergeError(f"{files.tag_dir}: partition_count is {world} but {len(files.optim)} *_optim_states.pt "
                          f"files are present ({what}); the save is incomplete or mixed with another")
@@ -319,7 +327,9 @@ def _check_ranks(files: TagFiles, stage: int, world: int, states: dict[int, dict
         if not isinstance(saved, (list, tuple)) or not saved:
             raise MergeError(f"{path} has no {key}; it is not a ZeRO-{stage} optimizer state")
         groups.append([flat_run(t, path, f"{key}[{i}]") for i, t in enumerate(saved)])
-    return OptimState(stage, world, groups, states[0].get("param_alignment_paddings"))
+    return OptimState(stage, world, groups, states[0].get("param_alignment_paddings"),
+                      [states[rank].get("group_paddings") for rank in range(world)],
+                      [states[rank].get("param_slice_mappings") for rank in range(world)])
 
 
 # ---------------------------------------------------------------- parameters as pieces
@@ -333,7 +343,8 @@ def zero12_params(opt: OptimState, param_shapes: list[dict], model_path: str) ->
     tensors = {}
     for g, shapes in enumerate(param_shapes):
         runs = [opt.groups[rank][g] for rank in range(opt.world)]
-        avail, offset = sum(r.numel for r in runs), 0
+        check_split(opt, g, runs)
+        avail, offset, placed = sum(r.numel for r in runs), 0, {}
         paddings = _group_paddings(opt, g, len(shapes))
         for (name, shape), pad in zip(shapes.items(), paddings):
             numel = math.prod(shape)
@@ -341,12 +352,56 @@ def zero12_params(opt: OptimState, param_shapes: list[dict], model_path: str) ->
                 raise MergeError(f"{model_path}: param group {g} needs more than the {avail} elements its partitions "
                                  f"hold (at {name}); the optimizer files are truncated or from another save")
             tensors[name] = SourceTensor(name, shape, runs[0].dtype, run_pieces(runs, offset, numel, shape, 0))
+            placed[name] = (offset, numel)
             offset += numel + pad
         align = 2 * opt.world
         if -(-offset // align) != -(-avail // align):
             raise MergeError(f"{model_path}: param group {g} holds {offset} elements but its partitions hold {avail}; "
                              "param_shapes and the optimizer files come from different saves")
+        check_slices(opt, g, placed, runs[0].numel)
     return tensors
+
+
+def check_split(opt: OptimState, g: int, runs: list[Run]) -> None:
+    """ZeRO-1/2 cut a group's padded flat form into equal partitions and save the last without its
+    padding (`group_paddings`): every rank but the last holds as many elements as rank 0, the last
+    at most that, and each rank's count plus its padding is the same. A count that sums right but
+    splits otherwise would shift every parameter after the boundary."""
+    sizes = [r.numel for r in runs]
+    padded = [s + p for s, p in zip(sizes, opt.group_paddings(g))]
+    if any(s != sizes[0] for s in sizes[:-1]) or sizes[-1] > sizes[0] or any(p != padded[0] for p in padded):
+        raise MergeError(f"{runs[0].file}: the fp32 partitions of param group {g} hold {sizes} elements per rank; "
+                         "ZeRO-1/2 partitions are equal but for the last rank's padding. The optimizer files are "
+                         "corrupt or come from different saves")
+
+
+def check_slices(opt: OptimState, g: int, placed: dict[str, tuple[int, int]], part: int) -> None:
+    """Newer DeepSpeed saves where each parameter's slice lies in each rank's partition
+    (`param_slice_mappings`). Where a rank has them, they must be where param_shapes put the
+    parameters: a shape that lies by less than the group's padding is caught here."""
+    for rank, mappings in enumerate(opt.slice_mappings):
+        if not isinstance(mappings, list) or g >= len(mappings) or not isinstance(mappings[g], dict):
+            continue
+        saved = {name: _fragment(a) for name, a in mappings[g].items()}
+        saved = {name: at for name, at in saved.items() if at is None or at[1]}
+        expected = {}
+        for name, (offset, numel) in placed.items():
+            lo, hi = max(offset, rank * part), min(offset + numel, (rank + 1) * part)
+            if lo < hi:
+                expected[name] = (lo - rank * part, hi - lo)
+        if saved != expected:
+            name = next(n for n in list(expected) + list(saved) if saved.get(n) != expected.get(n))
+            raise MergeError(f"{opt.groups[rank][g].file}: param_slice_mappings puts {name!r} at (start, numel) "
+                             f"{saved.get(name)} of rank {rank}'s partition, param_shapes at {expected.get(name)}; "
+                             "the files are corrupt or come from different saves")
+
+
+def _fragment(address) -> tuple[int, int] | None:
+    """A `fragment_address(numel, start)` as (start, numel); None unless both are counts."""
+    state, args = getattr(address, "state", None), tuple(getattr(address, "args", ()))
+    numel, start = (state.get("numel"), state.get("start")) if isinstance(state, dict) else (args + (None, None))[:2]
+    ok = all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (numel, start))
+    return (start, numel) if ok else None
 
 
 def _group_paddings(opt: OptimState, g: int, count: int) -> list[int]:
@@ -431,11 +486,28 @@ def module_tensors(model0: dict, path: str, names=None) -> dict[str, SourceTenso
     for name in module if names is None else names:
         t = module.get(name)
         if not isinstance(t, StoredTensor):
-            if names is None:
-                continue  # not a tensor (extra state): nothing to write
-            raise MergeError(f"{path}: buffer {name} is not in `module`; the file is corrupt")
+            if names is None and isinstance(name, str) and name.endswith("_extra_state"):
+                continue  # a module's extra state (Transformer Engine): nothing to write
+            raise MergeError(f"{path}: {name!r} in `module` is not a tensor; the file is corrupt")
         piece = whole_piece(t, path, name)
         tensors[name] = SourceTensor(name, piece.shape, piece.dtype, [piece] if piece.numel else [])
+    return tensors
+
+
+def module_weights(model0: dict, path: str) -> dict[str, SourceTensor]:
+    """--zero-weights module (ZeRO-1/2): every tensor of rank 0's `module`. Each parameter that
+    param_shapes and frozen_param_shapes list must be among them, with its listed shape."""
+    tensors = module_tensors(model0, path)
+    groups = model0.get("param_shapes")
+    listed = {}
+    for i, group in enumerate(groups if isinstance(groups, list) else []):
+        listed.update(_shapes(group, path, f"param_shapes[{i}]"))
+    listed.update(_shapes(model0.get("frozen_param_shapes"), path, "frozen_param_shapes"))
+    for name, shape in listed.items():
+        found = tensors[name].shape if name in tensors else None
+        if found != shape:
+            raise MergeError(f"{path}: param_shapes lists {name} as {list(shape)} but `module` holds "
+                             f"{'no such tensor' if found is None else list(found)}; the file is corrupt")
     return tensors
 
 
@@ -470,7 +542,7 @@ def add_shared(tensors: dict[str, SourceTensor], model0: dict, path: str) -> Non
     if not isinstance(shared, dict):
         raise MergeError(f"{path}: shared_params is not a dict; the file is corrupt")
     for alias, target in shared.items():
-        if isinstance(alias, str) and target in tensors and alias not in tensors:
+        if isinstance(alias, str) and isinstance(target, str) and target in tensors and alias not in tensors:
             t = tensors[target]
             tensors[alias] = SourceTensor(alias, t.shape, t.dtype, list(t.pieces))
 
@@ -490,7 +562,7 @@ def read_catalogue(source: str, opts: ReadOptions = ReadOptions()) -> Catalogue:
         zero = ds_config.get("zero_optimization")
         stage = zero.get("stage", "1/2") if isinstance(zero, dict) else "1/2"
         world = model0.get("dp_world_size") if isinstance(model0.get("dp_world_size"), int) else len(files.optim) or 1
-        tensors = module_tensors(model0, files.model[0])
+        tensors = module_weights(model0, files.model[0])
         used, weights = [files.model[0]], "16-bit module weights"
         skipped = "the fp32 master weights of the optimizer files (the default, --zero-weights master)"
     else:
