@@ -15,12 +15,14 @@ tokenizer inside the checkpoint (tokenizer.json or vocab.json + added_tokens.jso
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
 
 from ..errors import MergeError
 from ..model import Catalogue
-from ..paths import inside
+from ..paths import check_file, inside
+from ..sources.megatron import layer_count as stored_layers
 from ..sources.megatron_layouts import MAX_TEXT_BYTES
 from ..sources.torch_archive import _fast_load, _Record
 
@@ -30,6 +32,9 @@ FIX = "pass --hf-config DIR with the model's config.json (and tokenizer)"
 ARG_RENAMES = {"norm_epsilon": "layernorm_epsilon", "num_experts": "num_moe_experts", "swiglu": "gated_linear_unit",
                "use_rope_scaling": "rope_scaling"}
 EMBEDDING, HEAD = "embedding.word_embeddings.weight", "output_layer.weight"
+# DeepSeek-V3's multi-latent attention sizes: Megatron's name -> HF's
+MLA_DIMS = {"kv_lora_rank": "kv_lora_rank", "qk_head_dim": "qk_nope_head_dim",
+            "qk_pos_emb_head_dim": "qk_rope_head_dim", "v_head_dim": "v_head_dim"}
 TOKENIZER_DIRS = ("tokenizer", os.path.join("context", "nemo_tokenizer"), "context", "huggingface",
                   os.path.join("model", "huggingface"))
 
@@ -40,6 +45,11 @@ class Settings:
 
     values: dict = field(default_factory=dict)
     sources: list[str] = field(default_factory=list)
+    origins: dict = field(default_factory=dict)  # setting -> the file it was read from
+
+    def where(self, name: str) -> str:
+        """The file a setting came from, for messages (every settings file when it is not known)."""
+        return self.origins.get(name) or ", ".join(self.sources) or "no settings file"
 
     def get(self, name: str, default=None):
         value = self.values.get(name)
@@ -92,13 +102,13 @@ def _vocab(catalogue, settings: Settings, option: int | None, counted: int | Non
     elif counted is not None:
         vocab, origin = counted, os.path.relpath(tok_dir, catalogue.source)
     elif isinstance(settings.values.get("vocab_size"), int):
-        vocab, origin = settings.values["vocab_size"], "the stored vocab_size"
+        vocab, origin = settings.values["vocab_size"], f"the vocab_size in {settings.where('vocab_size')}"
     else:
         raise MergeError(f"cannot build an HF config: vocab_size is unknown (the embedding's {rows} rows are "
                          "Megatron's padded size, and no tokenizer was found in the checkpoint); pass "
                          "--vocab-size N (the tokenizer's size) or --hf-config DIR")
     if isinstance(vocab, bool) or not isinstance(vocab, int) or vocab < 1 or (rows is not None and vocab > rows):
-        raise MergeError(f"vocab_size {vocab} from {origin} does not fit the embedding's {rows} rows; "
+        raise MergeError(f"vocab_size {_shown(vocab)} from {origin} does not fit the embedding's {rows} rows; "
                          "pass --vocab-size N (the tokenizer's size) or --hf-config DIR")
     return vocab, origin
 
@@ -124,6 +134,7 @@ def read_settings(catalogue: Catalogue) -> Settings:
         values = reader(path, section)
         if values:
             settings.values = {**values, **settings.values}
+            settings.origins = {**dict.fromkeys(values, path), **settings.origins}
             settings.sources.append(path)
     return settings
 
@@ -149,7 +160,12 @@ def _read_text(path: str) -> str:
         with open(path, encoding="utf-8") as f:
             return f.read()
     except (OSError, UnicodeDecodeError) as e:
-        raise MergeError(f"{path} cannot be read ({e}); {FIX}") from None
+        raise MergeError(f"{path} cannot be read ({_one_line(e)}); {FIX}") from None
+
+
+def _one_line(e: Exception) -> str:
+    """A parser's message as one short line (PyYAML's carry newlines and a quoted excerpt)."""
+    return " ".join(str(e).split())[:200]
 
 
 def _plain(values: dict) -> dict:
@@ -169,7 +185,7 @@ def _json_section(path: str, section) -> dict:
     try:
         data = json.loads(_read_text(path))
     except (ValueError, RecursionError) as e:
-        raise MergeError(f"{path} is not valid JSON ({str(e)[:200]}); {FIX}") from None
+        raise MergeError(f"{path} is not valid JSON ({_one_line(e)}); {FIX}") from None
     return _plain(data) if isinstance(data, dict) else {}
 
 
@@ -178,8 +194,8 @@ def _yaml_section(path: str, section: str) -> dict:
 
     try:
         data = yaml.safe_load(_read_text(path))  # safe_load builds plain values only, never objects
-    except (yaml.YAMLError, RecursionError) as e:
-        raise MergeError(f"{path} is not YAML distmerge can read safely ({str(e)[:200]}); {FIX}") from None
+    except (yaml.YAMLError, RecursionError, ValueError) as e:  # ValueError: an int past 4300 digits
+        raise MergeError(f"{path} is not YAML distmerge can read safely ({_one_line(e)}); {FIX}") from None
     part = data.get(section) if isinstance(data, dict) else None
     return _plain(part) if isinstance(part, dict) else {}
 
@@ -207,36 +223,41 @@ def find_tokenizer(root: str, ckpt: str) -> tuple[str | None, int | None]:
         for sub in TOKENIZER_DIRS:
             d = os.path.join(base, sub)
             if os.path.isdir(d) and inside(d, root):
-                size = tokenizer_size(d)
+                size = tokenizer_size(d, root)
                 if size is not None:
                     return d, size
     return None, None
 
 
-def tokenizer_size(d: str) -> int | None:
-    """Highest id + 1 over the vocabulary and the added tokens; None without a readable tokenizer."""
+def tokenizer_size(d: str, root: str | None = None) -> int | None:
+    """Highest id + 1 over the vocabulary and the added tokens; None without a readable tokenizer.
+    Each file must resolve inside `root` (the source; d itself by default) and be a regular file."""
     ids: list[int] = []
-    data = _json_file(os.path.join(d, "tokenizer.json"))
+    root = d if root is None else root
+    data = _json_file(os.path.join(d, "tokenizer.json"), root)
     if isinstance(data, dict):
-        vocab = (data.get("model") or {}).get("vocab") if isinstance(data.get("model"), dict) else None
+        model = data.get("model")
+        vocab = model.get("vocab") if isinstance(model, dict) else None
         if isinstance(vocab, dict):
-            ids += [v for v in vocab.values() if isinstance(v, int)]
+            ids += list(vocab.values())
         elif isinstance(vocab, list):  # Unigram: a list of [piece, score], ids are positions
             ids.append(len(vocab) - 1)
-        ids += [t.get("id") for t in data.get("added_tokens") or [] if isinstance(t, dict)
-                and isinstance(t.get("id"), int)]
+        added = data.get("added_tokens")
+        ids += [t.get("id") for t in added if isinstance(t, dict)] if isinstance(added, list) else []
     else:
-        vocab = _json_file(os.path.join(d, "vocab.json"))
+        vocab = _json_file(os.path.join(d, "vocab.json"), root)
         if not isinstance(vocab, dict):
             return None
-        added = _json_file(os.path.join(d, "added_tokens.json"))
-        ids += [v for v in list(vocab.values()) + list((added or {}).values()) if isinstance(v, int)]
-    ids = [i for i in ids if not isinstance(i, bool) and i >= 0]
+        added = _json_file(os.path.join(d, "added_tokens.json"), root)
+        ids += list(vocab.values()) + (list(added.values()) if isinstance(added, dict) else [])
+    ids = [i for i in ids if isinstance(i, int) and not isinstance(i, bool) and i >= 0]
     return max(ids) + 1 if ids else None
 
 
-def _json_file(path: str):
-    if not os.path.isfile(path) or os.path.getsize(path) > MAX_TOKENIZER_BYTES:
+def _json_file(path: str, root: str):
+    """A tokenizer file's JSON; None when it is absent, too large or not JSON. One that resolves
+    outside the source or is not a regular file is refused before it is opened (check_file)."""
+    if not os.path.lexists(path) or check_file(path, root).size > MAX_TOKENIZER_BYTES:
         return None
     try:
         with open(path, encoding="utf-8") as f:
@@ -272,42 +293,94 @@ def _refuse(what: str, why: str):
     raise MergeError(f"cannot build an HF config: {what}: {why}; {FIX}")
 
 
+def _shown(value) -> str:
+    """A setting's value for a message: one short line, for integers of any size too (str() of an
+    integer past 4300 digits raises)."""
+    try:
+        return " ".join(repr(value).split())[:80]
+    except ValueError:
+        return f"({type(value).__name__} too large to print)"
+
+
+def _int(s: Settings, name: str, value, minimum: int = 1) -> int:
+    """A size setting: an integer (not a bool) of at least `minimum`, else a refusal naming it and its file."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise MergeError(f"cannot build an HF config: {name}={_shown(value)} in {s.where(name)} is not an integer "
+                         f">= {minimum}; {FIX}")
+    return value
+
+
+def _real(s: Settings, name: str, value) -> float:
+    """A real setting (an epsilon, a RoPE base, a scaling factor): a finite number, or text that reads as
+    one (hand-written YAML says 1e-5); a bool, NaN or infinity is refused by name with its file."""
+    number = math.nan
+    if not isinstance(value, bool) and isinstance(value, (int, float, str)):
+        try:
+            number = float(value)
+        except (ValueError, OverflowError):  # text that is no number; an integer past the float range
+            pass
+    if not math.isfinite(number):
+        raise MergeError(f"cannot build an HF config: {name}={_shown(value)} in {s.where(name)} is not a finite "
+                         f"number; {FIX}")
+    return number
+
+
 def _check_supported(s: Settings) -> None:
     """Settings no supported HF family can express are refused by name."""
     if s.get("normalization", "RMSNorm") != "RMSNorm":
-        _refuse(f"normalization={s.get('normalization')}", "the supported families use RMSNorm")
+        _refuse(f"normalization={_shown(s.get('normalization'))}", "the supported families use RMSNorm")
     if s.get("gated_linear_unit") is False:
         _refuse("gated_linear_unit=False", "the supported families use a SwiGLU MLP")
     act = s.get("activation_func")
     if isinstance(act, str) and "silu" not in act:
-        _refuse(f"activation_func={act}", "the supported families use SiLU")
+        _refuse(f"activation_func={_shown(act)}", "the supported families use SiLU")
     if s.get("add_bias_linear", False):
         _refuse("add_bias_linear=True", "the supported families have no linear biases")
     if s.get("position_embedding_type", "rope") != "rope":
-        _refuse(f"position_embedding_type={s.get('position_embedding_type')}", "the supported families use RoPE")
+        _refuse(f"position_embedding_type={_shown(s.get('position_embedding_type'))}",
+                "the supported families use RoPE")
     if s.get("rotary_percent", 1.0) != 1.0:
-        _refuse(f"rotary_percent={s.get('rotary_percent')}", "partial rotary is not in the supported families")
+        _refuse(f"rotary_percent={_shown(s.get('rotary_percent'))}",
+                "partial rotary is not in the supported families")
 
 
 def _common(catalogue: Catalogue, s: Settings, vocab: int) -> dict:
-    heads = s.need("num_attention_heads", "num_attention_heads")
-    hidden = s.need("hidden_size", "hidden_size")
-    positions = s.get("max_position_embeddings") or s.need("seq_length", "max_position_embeddings")
+    """The fields every family shares, each size a checked integer and each real a finite number."""
+    heads = _int(s, "num_attention_heads", s.need("num_attention_heads", "num_attention_heads"))
+    hidden = _int(s, "hidden_size", s.need("hidden_size", "hidden_size"))
+    positions = "max_position_embeddings" if s.get("max_position_embeddings") else "seq_length"
     dtype = catalogue.tensors[EMBEDDING].dtype if EMBEDDING in catalogue.tensors else None
-    config = dict(hidden_size=hidden, num_hidden_layers=s.need("num_layers", "num_hidden_layers"),
-                  num_attention_heads=heads, num_key_value_heads=s.get("num_query_groups") or heads,
-                  head_dim=s.get("kv_channels") or hidden // heads,
-                  intermediate_size=s.need("ffn_hidden_size", "intermediate_size"),
-                  rms_norm_eps=float(s.need("layernorm_epsilon", "rms_norm_eps")),
-                  rope_theta=float(s.need("rotary_base", "rope_theta")), max_position_embeddings=positions,
+    config = dict(hidden_size=hidden, num_hidden_layers=_layers(catalogue, s), num_attention_heads=heads,
+                  num_key_value_heads=_optional_int(s, "num_query_groups") or heads,
+                  head_dim=_optional_int(s, "kv_channels") or hidden // heads,
+                  intermediate_size=_int(s, "ffn_hidden_size", s.need("ffn_hidden_size", "intermediate_size")),
+                  rms_norm_eps=_real(s, "layernorm_epsilon", s.need("layernorm_epsilon", "rms_norm_eps")),
+                  rope_theta=_real(s, "rotary_base", s.need("rotary_base", "rope_theta")),
+                  max_position_embeddings=_int(s, positions, s.need(positions, "max_position_embeddings")),
                   vocab_size=vocab, hidden_act="silu", tie_word_embeddings=HEAD not in catalogue.tensors)
     if dtype is not None:
         config["torch_dtype"] = str(dtype).removeprefix("torch.")
     if s.get("rope_scaling", False) is True:  # megatron-core's Llama 3.1 scaling, fixed but the factor
-        config["rope_scaling"] = {"rope_type": "llama3", "factor": float(s.get("rope_scaling_factor", 8.0)),
+        factor = _real(s, "rope_scaling_factor", s.get("rope_scaling_factor", 8.0))
+        config["rope_scaling"] = {"rope_type": "llama3", "factor": factor,
                                   "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                                   "original_max_position_embeddings": 8192}
     return config
+
+
+def _optional_int(s: Settings, name: str) -> int | None:
+    """A size setting that may be absent (None), else checked like _int."""
+    return None if s.get(name) is None else _int(s, name, s.get(name))
+
+
+def _layers(catalogue: Catalogue, s: Settings) -> int:
+    """num_layers, checked against the layers the checkpoint stores before any list is sized by it."""
+    layers = _int(s, "num_layers", s.need("num_layers", "num_hidden_layers"))
+    stored = stored_layers(catalogue.tensors)
+    if stored is not None and layers != stored:
+        raise MergeError(f"cannot build an HF config: num_layers={_shown(layers)} in {s.where('num_layers')}, but "
+                         f"the checkpoint stores {stored} layers; the settings are not this model's; {FIX}")
+    return layers
 
 
 def moe_layers(s: Settings, layers: int) -> list[bool]:
@@ -317,24 +390,26 @@ def moe_layers(s: Settings, layers: int) -> list[bool]:
         return [i % freq == 0 for i in range(layers)]
     if isinstance(freq, list) and len(freq) == layers and set(freq) <= {0, 1}:
         return [bool(f) for f in freq]
-    _refuse(f"moe_layer_freq={str(freq)[:80]}", f"not a period or a 0/1 list of {layers} layers")
+    _refuse(f"moe_layer_freq={_shown(freq)}", f"not a period or a 0/1 list of {layers} layers")
 
 
 def _router(s: Settings, family: str, score: str) -> dict:
     """Top-k and renormalisation, refusing a router the family computes differently."""
     if s.get("moe_router_score_function", "softmax") != score:
-        _refuse(f"moe_router_score_function={s.get('moe_router_score_function')}", f"{family} routes with {score}")
+        _refuse(f"moe_router_score_function={_shown(s.get('moe_router_score_function'))}",
+                f"{family} routes with {score}")
     if score == "softmax" and s.get("moe_router_topk_scaling_factor") not in (None, 1, 1.0):
-        _refuse(f"moe_router_topk_scaling_factor={s.get('moe_router_topk_scaling_factor')}",
+        _refuse(f"moe_router_topk_scaling_factor={_shown(s.get('moe_router_topk_scaling_factor'))}",
                 f"{family} does not scale its routing weights")
-    return {"num_experts_per_tok": s.need("moe_router_topk", "num_experts_per_tok"),
+    return {"num_experts_per_tok": _int(s, "moe_router_topk", s.need("moe_router_topk", "num_experts_per_tok")),
             "norm_topk_prob": not s.get("moe_router_pre_softmax", False)}
 
 
 def _moe(s: Settings, config: dict) -> dict:
-    experts, layers = s.get("num_moe_experts"), config["num_hidden_layers"]
-    expert_ffn = s.get("moe_ffn_hidden_size") or config["intermediate_size"]
-    shared, qk_norm = s.get("moe_shared_expert_intermediate_size"), s.get("qk_layernorm", False)
+    experts, layers = _int(s, "num_moe_experts", s.get("num_moe_experts")), config["num_hidden_layers"]
+    expert_ffn = _optional_int(s, "moe_ffn_hidden_size") or config["intermediate_size"]
+    shared = _int(s, "moe_shared_expert_intermediate_size", s.get("moe_shared_expert_intermediate_size", 0), 0)
+    qk_norm = s.get("qk_layernorm", False)
     dense = [i for i, moe in enumerate(moe_layers(s, layers)) if not moe]
     if qk_norm and not shared:
         return dict(architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe", num_experts=experts,
@@ -352,42 +427,49 @@ def _moe(s: Settings, config: dict) -> dict:
         return dict(architectures=["MixtralForCausalLM"], model_type="mixtral", num_local_experts=experts,
                     intermediate_size=expert_ffn, **router)
     _refuse("this MoE (shared expert {}, gate {}, q/k norm {}, dense layers {})".format(
-        shared, s.get("moe_shared_expert_gate", False), qk_norm, dense),
+        _shown(shared), _shown(s.get("moe_shared_expert_gate", False)), _shown(qk_norm), _shown(dense)),
         "it matches none of Mixtral, Qwen2-MoE, Qwen3-MoE")
 
 
 def _deepseek_v3(s: Settings, config: dict) -> dict:
     """MLA + sigmoid routing with expert bias, shared experts, the first layers dense."""
-    experts, layers = s.need("num_moe_experts", "n_routed_experts"), config["num_hidden_layers"]
-    expert_ffn = s.need("moe_ffn_hidden_size", "moe_intermediate_size")
-    shared = s.get("moe_shared_expert_intermediate_size", 0)
+    experts = _int(s, "num_moe_experts", s.need("num_moe_experts", "n_routed_experts"))
+    expert_ffn = _int(s, "moe_ffn_hidden_size", s.need("moe_ffn_hidden_size", "moe_intermediate_size"))
+    shared = _int(s, "moe_shared_expert_intermediate_size", s.get("moe_shared_expert_intermediate_size", 0), 0)
+    layers = config["num_hidden_layers"]
     pattern = moe_layers(s, layers)
     first_dense = pattern.index(True) if True in pattern else layers
     if not all(pattern[first_dense:]) or shared % expert_ffn:
-        _refuse(f"moe_layer_freq={s.get('moe_layer_freq')} / shared expert size {shared}",
+        _refuse(f"moe_layer_freq={_shown(s.get('moe_layer_freq'))} / shared expert size {_shown(shared)}",
                 "DeepSeek-V3 has dense layers first, then MoE, and shared experts of the expert size")
     if not s.get("moe_router_enable_expert_bias", False):
         _refuse("moe_router_enable_expert_bias=False", "DeepSeek-V3 routes with e_score_correction_bias")
     router = _router(s, "DeepSeek-V3", "sigmoid")
     out = dict(architectures=["DeepseekV3ForCausalLM"], model_type="deepseek_v3", n_routed_experts=experts,
                moe_intermediate_size=expert_ffn, n_shared_experts=shared // expert_ffn,
-               routed_scaling_factor=float(s.get("moe_router_topk_scaling_factor", 1.0)),
-               n_group=s.get("moe_router_num_groups", 1), topk_group=s.get("moe_router_group_topk", 1),
+               routed_scaling_factor=_real(s, "moe_router_topk_scaling_factor",
+                                           s.get("moe_router_topk_scaling_factor", 1.0)),
+               n_group=_int(s, "moe_router_num_groups", s.get("moe_router_num_groups", 1)),
+               topk_group=_int(s, "moe_router_group_topk", s.get("moe_router_group_topk", 1)),
                first_k_dense_replace=first_dense, num_experts_per_tok=router["num_experts_per_tok"],
                norm_topk_prob=True, num_key_value_heads=config["num_attention_heads"],
-               q_lora_rank=s.get("q_lora_rank"), kv_lora_rank=s.need("kv_lora_rank", "kv_lora_rank"),
-               qk_nope_head_dim=s.need("qk_head_dim", "qk_nope_head_dim"),
-               qk_rope_head_dim=s.need("qk_pos_emb_head_dim", "qk_rope_head_dim"),
-               v_head_dim=s.need("v_head_dim", "v_head_dim"), rope_interleave=True, attention_bias=False)
+               q_lora_rank=_optional_int(s, "q_lora_rank"), attention_bias=False, rope_interleave=True,
+               **{hf: _int(s, name, s.need(name, hf)) for name, hf in MLA_DIMS.items()})
     config.pop("head_dim", None)
-    if s.get("rope_type", "rope") == "yarn" and float(s.get("rotary_scaling_factor", 1.0)) != 1.0:
-        out["rope_scaling"] = {"type": "yarn", "factor": float(s.get("rotary_scaling_factor")),
-                               "original_max_position_embeddings": s.need("original_max_position_embeddings",
-                                                                          "rope_scaling"),
-                               "beta_fast": float(s.need("beta_fast", "rope_scaling")),
-                               "beta_slow": float(s.need("beta_slow", "rope_scaling")),
-                               "mscale": float(s.need("mscale", "rope_scaling")),
-                               "mscale_all_dim": float(s.need("mscale_all_dim", "rope_scaling"))}
-    elif s.get("rope_type", "rope") not in ("rope", "yarn"):
-        _refuse(f"rope_type={s.get('rope_type')}", "DeepSeek-V3 takes plain or YaRN RoPE")
+    if s.get("rope_type", "rope") not in ("rope", "yarn"):
+        _refuse(f"rope_type={_shown(s.get('rope_type'))}", "DeepSeek-V3 takes plain or YaRN RoPE")
+    if s.get("rope_type") == "yarn":
+        out.update(_yarn(s))
     return out
+
+
+def _yarn(s: Settings) -> dict:
+    """DeepSeek-V3's YaRN rope_scaling, {} when its factor is 1 (plain RoPE)."""
+    factor = _real(s, "rotary_scaling_factor", s.get("rotary_scaling_factor", 1.0))
+    if factor == 1.0:
+        return {}
+    original = "original_max_position_embeddings"
+    scaling = {"type": "yarn", "factor": factor, original: _int(s, original, s.need(original, "rope_scaling"))}
+    scaling.update({name: _real(s, name, s.need(name, "rope_scaling"))
+                    for name in ("beta_fast", "beta_slow", "mscale", "mscale_all_dim")})
+    return {"rope_scaling": scaling}

@@ -4,6 +4,9 @@ from __future__ import annotations
 import os
 
 from ..errors import MergeError
+from ..paths import read_tracker
+
+FIX = "pass --iteration N"
 
 
 def find_hf_dir(source: str) -> str | None:
@@ -16,15 +19,13 @@ def find_hf_dir(source: str) -> str | None:
 
 
 def latest_iteration(source: str) -> int | None:
-    """The iteration Megatron-LM's latest_checkpointed_iteration.txt names, None without the file."""
+    """The iteration Megatron-LM's latest_checkpointed_iteration.txt names, None without the file.
+    The tracker is checked like a data file (inside the source, regular, short ASCII text) before it
+    is read, so a link to another file is refused without its bytes reaching the message."""
     tracker = os.path.join(source, "latest_checkpointed_iteration.txt")
-    if not os.path.isfile(tracker):
+    if not os.path.lexists(tracker):
         return None
-    try:
-        with open(tracker) as f:
-            text = f.read(64).strip()
-    except (OSError, UnicodeDecodeError) as e:
-        raise MergeError(f"{tracker} cannot be read ({e}); pass --iteration N") from None
-    if not text.isdigit():
-        raise MergeError(f"{tracker} says {text!r}, not an iteration number; pass --iteration N")
+    text = read_tracker(tracker, source, FIX)
+    if not text.isdigit():  # ASCII only (read_tracker): int() parses every digit isdigit() accepts
+        raise MergeError(f"{tracker} says {text[:64]!r}, not an iteration number; {FIX}")
     return int(text)

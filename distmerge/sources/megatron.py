@@ -17,6 +17,7 @@ import re
 
 from ..errors import MergeError
 from ..model import Catalogue
+from ..paths import check_dir
 from .dcp import tensors_from_metadata
 from .layout import find_hf_dir
 from .megatron_layouts import find_layout, strip_prefix
@@ -57,13 +58,14 @@ def _verl_adapters(root: str, source: str, tensors: dict, files: list[str]) -> l
         return []
     if any(".adapter." in name for name in tensors):
         return [f"LoRA adapters read from the dist checkpoint ({ADAPTER_DIR}/ holds the same)"]
-    adapters, read = read_adapter_files(folder, source, _layer_count(tensors))
+    check_dir(folder, source)  # a link out of the source is refused before it is listed
+    adapters, read = read_adapter_files(folder, source, layer_count(tensors))
     tensors.update(adapters)
     files += read
     return [f"LoRA adapters read from {ADAPTER_DIR}/ ({len(read)} rank files)"] if read else []
 
 
-def _layer_count(tensors: dict) -> int | None:
+def layer_count(tensors: dict) -> int | None:
     """The decoder's layer count: the leading dim of a stacked per-layer tensor, else the highest
     per-layer key's number + 1; None without layers."""
     counts = [t.shape[0] for name, t in tensors.items() if STACKED.match(name) and t.shape]
