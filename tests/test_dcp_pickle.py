@@ -17,7 +17,7 @@ import warnings
 import pytest
 import torch
 
-from conftest import ROOT, CodeRunningPickle
+from conftest import ROOT, CodeRunningPickle, run
 from distmerge.cli import main
 from distmerge.dtypes import DType
 from distmerge.errors import MergeError
@@ -88,17 +88,19 @@ def test_lean_gives_the_c_tables_for_real_writers(checkpoint, name):
 
 
 def test_size_picks_the_unpickler(saved, monkeypatch):
-    """At LEAN_FROM bytes and up the lean unpickler reads `.metadata`; below, the C one."""
+    """At LEAN_FROM bytes and up the lean unpickler alone reads `.metadata`; below, it checks the
+    file first and the C one reads it."""
     used = []
-    real = dcp_pickle.LeanUnpickler.load
-    monkeypatch.setattr(dcp_pickle.LeanUnpickler, "load", lambda self: used.append(1) or real(self))
+    for cls in (dcp_pickle.LeanUnpickler, dcp_pickle.MetadataUnpickler):
+        monkeypatch.setattr(cls, "load", lambda self, real=cls.load: used.append(type(self).__name__) or real(self))
     size = os.path.getsize(os.path.join(saved, ".metadata"))
     monkeypatch.setattr(dcp_pickle, "LEAN_FROM", size + 1)
     dcp_pickle.load_metadata(os.path.join(saved, ".metadata"))
-    assert not used
+    assert used == ["LeanUnpickler", "MetadataUnpickler"]
+    used.clear()
     monkeypatch.setattr(dcp_pickle, "LEAN_FROM", size)
     dcp_pickle.load_metadata(os.path.join(saved, ".metadata"))
-    assert used == [1]
+    assert used == ["LeanUnpickler"]
 
 
 def test_lean_memory_per_chunk(tmp_path):
@@ -152,7 +154,8 @@ def test_reference_to_what_was_let_go_is_refused(saved, tmp_path, capsys, lean_o
     """No DCP writer refers back to a record's state or a storage record; a file that does is
     refused (the C unpickler would read it), never read into a wrong catalogue."""
     source = with_metadata(saved, tmp_path, change)
-    dcp_pickle.load_metadata(os.path.join(source, ".metadata"), lean=False)  # valid for the C unpickler
+    with open(os.path.join(source, ".metadata"), "rb") as f:
+        dcp_pickle.MetadataUnpickler(f).load()  # valid for the C unpickler alone
     refused(capsys, source, tmp_path, "refers back")
 
 
@@ -278,3 +281,133 @@ def test_lean_reads_plain_pickles_as_c(tmp_path):
         assert results[0] == results[1]
         read += not results[0].startswith("refused")
     assert read > 100
+
+
+# Hostile `.metadata` files (the probe's D7, D8, D13, D17, D18): refused with exit 2, in bounded time and memory.
+
+def copied(saved: str, tmp_path, name: str = "ckpt") -> str:
+    """A copy of the saved directory (real files: a link out of the source is refused before what is tested)."""
+    out = tmp_path / name
+    out.mkdir()
+    for entry in os.listdir(saved):
+        (out / entry).write_bytes(open(os.path.join(saved, entry), "rb").read())
+    return str(out)
+
+
+def only_metadata(tmp_path, data: bytes) -> str:
+    """A directory holding just a `.metadata` of these bytes (a DCP directory to detect)."""
+    out = tmp_path / "ckpt"
+    out.mkdir()
+    (out / ".metadata").write_bytes(data)
+    return str(out)
+
+
+OPENED: list[str] | None = None  # the paths `open` is audited with while a test records them
+
+
+def _audit(event: str, args: tuple) -> None:
+    if OPENED is not None and event == "open" and isinstance(args[0], (str, bytes, os.PathLike)):
+        OPENED.append(os.fsdecode(args[0]))
+
+
+sys.addaudithook(_audit)  # audit hooks stay for the process; this one records only while OPENED is a list
+
+
+def test_metadata_linked_outside_is_never_opened(saved, tmp_path, capsys):
+    """D7: a `.metadata` that links out of the source is refused before anything opens it: format
+    detection (torchtitan's, torchtune's names) read it first, unpickling a file outside the source."""
+    global OPENED
+    source = copied(saved, tmp_path)
+    outside = tmp_path / "outside.metadata"
+    os.replace(os.path.join(source, ".metadata"), outside)
+    os.symlink(outside, os.path.join(source, ".metadata"))
+    OPENED = []
+    try:
+        refused(capsys, source, tmp_path, "outside the source")
+        opened = [p for p in OPENED if os.path.realpath(p) == str(outside)]
+    finally:
+        OPENED = None
+    assert not opened
+    with pytest.raises(MergeError, match="outside the source"):
+        dcp.read_metadata(os.path.join(source, ".metadata"))
+
+
+BOMB = b"K\x00K\x00\x86" + b"2\x86" * 60  # (0, 0), then 60 times t = (t, t): one object per level, 2^60 paths
+
+
+LEAN_CLI = "import sys, distmerge.sources.dcp_pickle as p; p.LEAN_FROM = 0; from distmerge.cli import main; " \
+           "sys.exit(main(sys.argv[1:]))"  # the CLI, every `.metadata` through the lean unpickler
+
+
+@pytest.mark.parametrize("data", [
+    b"\x80\x04" + BOMB + b".",                                                  # the probe's D8
+    b"\x80\x04K\x00K\x00\x86\x94" + b"2\x86\x94" * 60 + b".",                   # the same, memoized
+    b"\x80\x04K\x00K\x00K\x00\x87" + b"22\x87" * 40 + b".",                    # TUPLE3: 3^40
+    b"\x80\x04}(" + BOMB + b"Nu.",                                              # a dict key
+    b"\x80\x04}" + BOMB + b"Ns.",                                               # SETITEM
+    b"\x80\x04(" + BOMB + b"Nd.",                                               # DICT
+    b"\x80\x04(" + BOMB + b"\x91.",                                             # FROZENSET
+    b"\x80\x04\x8c\x13torch.serialization\x8c\x0b_get_layout\x93" + BOMB + b"\x85R.",  # str() of it
+], ids=["tuple2", "memoized", "tuple3", "dict_key", "setitem", "dict", "frozenset", "str"])
+def test_nested_shared_tuples_cost_no_time(tmp_path, data):
+    """D8: a tuple's hash (and str) is not cached and visits each value once per path, so 60 levels
+    of shared tuples would take 2^60 steps. Interning, dict keys, set members and the globals
+    called never hash or print such a tuple: the file is refused at once. In a process of its
+    own: a hash runs in C, where no timeout inside the process would stop it."""
+    source = only_metadata(tmp_path, data)
+    for cli in (["-c", LEAN_CLI], ["-m", "distmerge"]):  # the lean path alone, and the default (C) path
+        proc = run([sys.executable, *cli, "inspect", source], timeout=60)
+        assert proc.returncode == 2, proc.stderr
+        assert "not a readable DCP metadata file" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("opcode", [b"]", b"}", b"(", b")"], ids=["empty_list", "empty_dict", "mark", "empty_tuple"])
+def test_a_stack_of_empty_containers_is_refused_in_bounded_memory(tmp_path, capsys, lean_only, opcode):
+    """D13: 3 million one-byte EMPTY_LISTs (or dicts, marks, tuples) would hold some 60 bytes each;
+    no writer holds more than a batch of 1000 items on its stack. Refused when the stacks pass
+    STACK_LIMIT, so the memory used does not grow with the file."""
+    source = only_metadata(tmp_path, b"\x80\x04" + opcode * 3_000_000 + b".")
+    tracemalloc.start()
+    try:
+        with pytest.raises(pickle.UnpicklingError, match="on its stack"):
+            dcp_pickle.load_metadata(os.path.join(source, ".metadata"), lean=True)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 100 << 20, peak  # (STACK_LIMIT + one 1 MiB block) values at most; 190 MB read to the end
+    refused(capsys, source, tmp_path, "on its stack")
+
+
+def test_pickle_errors_are_one_short_line(tmp_path, capsys):
+    """D17: pickle's own messages (the C unpickler's on PERSID) and ours quoting the file (a global's
+    name with newlines, 5000 characters long) end up on one line of the refusal, cut at 200 characters."""
+    name = b"sys\ntem" + b"x" * 5000
+    data = b"\x80\x04\x8c\x02os\x8d" + len(name).to_bytes(8, "little") + name + b"\x93."
+    for i, bytes_ in enumerate([b"Pid\n.", data]):
+        (tmp_path / str(i)).mkdir()
+        source = only_metadata(tmp_path / str(i), bytes_)
+        refused(capsys, source, tmp_path / str(i), "not a readable DCP metadata file")
+        code = main(["inspect", source])
+        err = capsys.readouterr().err
+        line = next(x for x in err.splitlines() if "distmerge: error:" in x)
+        assert code == 2 and line.endswith("Copy it again from the training job") and len(line) < 600, err
+        assert "x" * 201 not in err
+
+
+@pytest.mark.parametrize("field_name", ["offset", "length"])
+def test_negative_storage_offset_or_length_is_corrupt_metadata(saved, tmp_path, capsys, field_name):
+    """D18: a `_StorageInfo` with a negative offset or length is corrupt metadata (exit 2, named),
+    not a truncated data file (exit 4, 'copy it again')."""
+    source = copied(saved, tmp_path, "src")
+
+    def negative(meta):
+        for info in meta.storage_data.values():
+            setattr(info, field_name, -100)
+        return meta
+    bad = with_metadata(source, tmp_path, negative)
+    for entry in os.listdir(bad):  # real files, inside the source
+        if entry != ".metadata":
+            os.remove(os.path.join(bad, entry))
+            os.link(os.path.join(source, entry), os.path.join(bad, entry))
+    refused(capsys, bad, tmp_path, f"has {field_name} -100, which is negative; the metadata is corrupt")

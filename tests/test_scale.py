@@ -109,15 +109,15 @@ def test_dcp_reader_builds_tables(deepseek):
 
 def test_lean_unpickler_gives_the_c_catalogue(deepseek, monkeypatch):
     """A large `.metadata` is read by the lean unpickler (sources/dcp_pickle.py), a small one by the
-    C unpickler: both give the same catalogue, piece for piece."""
+    C unpickler (after the lean one's bounded check): both give the same catalogue, piece for piece."""
     from distmerge.sources import dcp, dcp_pickle
 
     used = []
-    real = dcp_pickle.LeanUnpickler.load
-    monkeypatch.setattr(dcp_pickle.LeanUnpickler, "load", lambda self: used.append(1) or real(self))
+    real = dcp_pickle.MetadataUnpickler.load
+    monkeypatch.setattr(dcp_pickle.MetadataUnpickler, "load", lambda self: used.append(1) or real(self))
     monkeypatch.setattr(dcp_pickle, "LEAN_FROM", 1 << 62)
     c_tensors, *c_rest = dcp.tensors_from_metadata(deepseek)
-    assert not used
+    assert used == [1]
     monkeypatch.setattr(dcp_pickle, "LEAN_FROM", 0)
     lean_tensors, *lean_rest = dcp.tensors_from_metadata(deepseek)
     assert used == [1]

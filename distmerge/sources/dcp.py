@@ -43,18 +43,24 @@ def detect(source: str, opts: ReadOptions = ReadOptions()) -> bool:
 
 
 def _unreadable(path: str, e: Exception) -> MergeError:
-    return MergeError(f"{path} is not a readable DCP metadata file ({type(e).__name__}: {e}); it is corrupt or "
+    """The refusal of a `.metadata` that does not read: one line (pickle's own messages span several),
+    at most 200 characters of the error, which may quote the file."""
+    said = " ".join(str(e).split())[:200]
+    return MergeError(f"{path} is not a readable DCP metadata file ({type(e).__name__}: {said}); it is corrupt or "
                       "not from torch.distributed.checkpoint. Copy it again from the training job")
 
 
 _read: dict[tuple, MetadataTables] = {}  # the last .metadata read, until its reader takes it
 
 
-def read_metadata(path: str) -> MetadataTables:
+def read_metadata(path: str, root: str | None = None) -> MetadataTables:
     """The tables of a `.metadata` (dcp_pickle.MetadataTables): fqn -> tensor entry (or bytes
     entry), and the storage table of every chunk. Unpickled as the file streams in (never all its
     bytes at once). The result is kept until tensors_from_metadata takes it, so a format's detect
-    that looks at the names (torchtitan) does not make the reader unpickle the file a second time."""
+    that looks at the names (torchtitan) does not make the reader unpickle the file a second time.
+    The file must resolve inside `root` (the source; by default its own directory) and be a
+    regular file, checked before it is opened: a format's detect reads it too."""
+    check_file(path, root or os.path.dirname(os.path.abspath(path)))
     try:
         st = os.stat(path)
         key = (os.path.realpath(path), st.st_mtime_ns, st.st_size)
@@ -66,9 +72,9 @@ def read_metadata(path: str) -> MetadataTables:
         raise MergeIOError(f"cannot read {path}: {e.strerror}") from None
 
 
-def _take_metadata(path: str) -> MetadataTables:
+def _take_metadata(path: str, root: str) -> MetadataTables:
     """read_metadata's result, no longer kept: the caller consumes it."""
-    result = read_metadata(path)
+    result = read_metadata(path, root)
     _read.clear()
     return result
 
@@ -158,8 +164,7 @@ def tensors_from_metadata(ckpt_dir: str, rename=lambda names: {n: n for n in nam
     source the directory was found in; `.metadata` and every data file must resolve inside it."""
     root = root or ckpt_dir
     meta_path = os.path.join(ckpt_dir, METADATA)
-    check_file(meta_path, root)  # before it is opened
-    entries, storage = _take_metadata(meta_path)
+    entries, storage = _take_metadata(meta_path, root)  # checked inside `root` before it is opened
     try:
         bytes_entries = [n for n, e in entries.items() if entry_kind(e) == "BytesStorageMetadata"]
         kinds = {entry_kind(e) for e in entries.values()} - {"BytesStorageMetadata", "TensorStorageMetadata"}
@@ -200,7 +205,7 @@ def _tensor(name: str, fqn: str, entry, stored: dict, files: _DataFiles, blobs: 
     entry = tensor_entry(entry)
     dtype = entry.dtype
     if not isinstance(dtype, DType):
-        raise TypeError(f"dtype {dtype!r}")
+        raise TypeError(f"a dtype that is a {type(dtype).__name__}")
     size = entry.size
     table = PieceTable(files.paths, dtype, len(size))
     for offsets, sizes in map(chunk_of, entry.chunks):
@@ -211,6 +216,10 @@ def _tensor(name: str, fqn: str, entry, stored: dict, files: _DataFiles, blobs: 
             raise MergeError(f"{meta_path} lists a chunk of {fqn} at {list(offsets)} but no storage for it; "
                              "the metadata is corrupt")
         relative, start, length = where
+        if start < 0 or length < 0:
+            raise MergeError(f"{meta_path}: the storage of {fqn} at {list(offsets)} has "
+                             f"{'offset' if start < 0 else 'length'} {min(start, length)}, which is negative; the "
+                             "metadata is corrupt. Copy it again from the training job")
         index, file_size = files.get(relative, fqn)
         if file_size < start + length:
             path = files.paths[index]

@@ -6,14 +6,27 @@ Only DCP's (and Megatron's) metadata classes load, as inert records; no code of 
 any other global is refused.
 
 Two unpicklers give one result, `MetadataTables`:
-- a small file goes through the C unpickler, and its records are compacted afterwards;
-- a large one (`LEAN_FROM` bytes and up) goes through `LeanUnpickler`. The C unpickler keeps every
-  object it made in its memo until `load()` returns, about 1.4 KB per chunk (three state dicts,
-  the tuples behind each `torch.Size`, the records), so a `.metadata` of millions of chunks took
-  gigabytes. The lean unpickler compacts each record as its `BUILD` completes, routes the storage
-  records into arrays as they are set, and keeps in its memo only what a writer refers back to:
-  the state dicts and storage records it consumed are replaced by `DROPPED`. A later reference to
-  one (no DCP or Megatron writer makes one) stops the read; it never yields a wrong catalogue.
+- a large file (`LEAN_FROM` bytes and up) goes through `LeanUnpickler` alone;
+- a small one goes through `LeanUnpickler` first, as a bounded check whose result is let go, then
+  through the C unpickler, whose records are compacted afterwards. The C unpickler keeps every
+  object it made in its memo until `load()` returns: about 1.4 KB per chunk (three state dicts,
+  the tuples behind each `torch.Size`, the records), some 70 bytes per byte of a file of empty
+  lists. Nothing inside it can be bounded: it hashes every dict key it builds, and a tuple's hash
+  is not cached, so a key of nested tuples that share their members (a file of a few hundred
+  bytes) costs 2^depth steps. The lean pass refuses such a file first. The C pass stays because
+  the lean unpickler does not yet check FRAME lengths as the C one does (a string of another
+  length inside a frame reads); once it does, small files can take the lean path alone.
+
+The lean unpickler compacts each record as its `BUILD` completes, routes the storage records into
+arrays as they are set, and keeps in its memo only what a writer refers back to: the state dicts
+and storage records it consumed are replaced by `DROPPED`. A later reference to one (no DCP or
+Megatron writer makes one) stops the read; it never yields a wrong catalogue. Its bounds, which no
+writer comes near: at most STACK_LIMIT values on its stacks (picklers batch 1000 items); a dict
+key or set member hashes at most KEY_BUDGET values; only Sizes of at most MAX_DIMS ints (and
+tuples of them) are interned, and membership is by identity; the globals other than DCP's records
+are called with plain values only; no integer is wider than 255 bytes (LONG4). Compaction takes
+sizes and offsets of at most MAX_DIMS ints, names and paths that are strings, offsets and lengths
+that are ints.
 """
 from __future__ import annotations
 
@@ -25,7 +38,11 @@ from typing import NamedTuple
 from ..errors import MergeError
 from .torch_archive import plain_global
 
-LEAN_FROM = 32 << 20  # bytes of `.metadata` from which the lean unpickler reads it (about 200k chunks)
+LEAN_FROM = 4 << 20  # bytes of `.metadata` from which the lean unpickler reads it (about 25k chunks); below,
+#                     the C unpickler's memory (some 70 bytes per byte at worst) stays under 300 MB
+MAX_DIMS = 64  # values in a Size or offsets (a tensor's dimensions)
+STACK_LIMIT = 100_000  # values (and levels) on the lean unpickler's stacks; a writer batches 1000 items
+KEY_BUDGET = 1_000  # values a dict key or set member may hash (DCP's keys are strings and records)
 READ_BLOCK = 1 << 20  # bytes the lean unpickler reads from the file at a time
 LOOKAHEAD = 300       # bytes every inlined opcode fits in (opcode, arguments, a short string)
 
@@ -129,13 +146,35 @@ class Where(NamedTuple):
     transforms: object  # the record's transform_descriptors when it has any (refused), else None
 
 
+def dims_of(value) -> tuple:
+    """A Size or offsets as pickled (a tuple or list) as a tuple of at most MAX_DIMS ints; TypeError
+    for anything else. Checked before it is copied or hashed: a nested or shared value would cost
+    far more than its bytes each time."""
+    if type(value) not in (tuple, list) or len(value) > MAX_DIMS or not all(type(x) is int for x in value):
+        raise TypeError(f"a size or offsets that is not a list of at most {MAX_DIMS} integers "
+                        f"({type(value).__name__})")
+    return tuple(value)
+
+
+def _text(value) -> str:
+    if type(value) is not str:
+        raise TypeError(f"a name or path that is a {type(value).__name__}, not a string")
+    return value
+
+
+def _int(value) -> int:
+    if type(value) is not int:
+        raise TypeError(f"a byte offset or length that is a {type(value).__name__}, not an integer")
+    return value
+
+
 def chunk_of(record) -> Chunk:
     if type(record) is Chunk:
         return record
     f = fields_of(record)
     if "offsets" in f and "sizes" in f:  # the pickled dataclass
-        return Chunk(tuple(f["offsets"]), tuple(f["sizes"]))
-    return Chunk(tuple(field(record, "offsets", 0)), tuple(field(record, "sizes", 1)))
+        return Chunk(dims_of(f["offsets"]), dims_of(f["sizes"]))
+    return Chunk(dims_of(field(record, "offsets", 0)), dims_of(field(record, "sizes", 1)))
 
 
 def tensor_entry(record) -> TensorEntry:
@@ -143,7 +182,10 @@ def tensor_entry(record) -> TensorEntry:
     if type(record) is TensorEntry:
         return record
     dtype = field(field(record, "properties", 0), "dtype", 0)
-    return TensorEntry(dtype, tuple(field(record, "size", 1)), tuple(map(chunk_of, field(record, "chunks", 2))))
+    chunks = field(record, "chunks", 2)
+    if type(chunks) not in (tuple, list):
+        raise TypeError(f"chunks that are a {type(chunks).__name__}, not a list")
+    return TensorEntry(dtype, dims_of(field(record, "size", 1)), tuple(map(chunk_of, chunks)))
 
 
 def index_key(record) -> IndexKey:
@@ -153,7 +195,7 @@ def index_key(record) -> IndexKey:
     if offsets is _MISSING:
         args = getattr(record, "args", ())
         offsets = args[1] if len(args) > 1 else None
-    return IndexKey(field(record, "fqn", 0), tuple(offsets or ()))  # None for a bytes entry
+    return IndexKey(_text(field(record, "fqn", 0)), dims_of(offsets) if offsets is not None else ())  # None: bytes
 
 
 def where_of(record) -> Where:
@@ -164,7 +206,7 @@ def where_of(record) -> Where:
         rel, offset, length = s["relative_path"], s["offset"], s["length"]
     else:
         rel, offset, length = field(record, "relative_path", 0), field(record, "offset", 1), field(record, "length", 2)
-    return Where(str(rel), int(offset), int(length), s.get("transform_descriptors") or None)
+    return Where(_text(rel), _int(offset), _int(length), s.get("transform_descriptors") or None)
 
 
 def entry_kind(entry) -> str:
@@ -187,8 +229,8 @@ class StorageTable:
         if type(key) is not IndexKey or type(where) is not Where:
             raise pickle.UnpicklingError("storage_data mixes storage records with other values")
         if where.transforms:
-            raise MergeError(f"{self.path}: {key.fqn} is stored with transforms {where.transforms} (e.g. "
-                             "compression), which distmerge does not read yet")
+            raise MergeError(f"{self.path}: {key.fqn} is stored with transforms (e.g. compression), which "
+                             "distmerge does not read yet")
         number = self.numbers.get(where.relative_path)
         if number is None:
             number = self.numbers[where.relative_path] = len(self.files)
@@ -221,8 +263,10 @@ class StorageTable:
         """The table of a `storage_data` dict of records (the C unpickler's), in the file's order."""
         if type(storage_data) is cls:
             return storage_data
+        if not isinstance(storage_data, dict):  # its keys hashed once, as the unpickler set them
+            raise TypeError("storage_data is not a dict")
         table = cls(path)
-        for index, info in dict(storage_data).items():
+        for index, info in storage_data.items():
             table.add(index_key(index), where_of(info))
         return table
 
@@ -248,16 +292,25 @@ class MetadataTables(NamedTuple):
 
 def tables_of(meta, path: str) -> MetadataTables:
     """The result of either unpickler (the `Metadata` record) as tables."""
-    entries = dict(field(meta, "state_dict_metadata", 0))
-    return MetadataTables(entries, StorageTable.of_records(field(meta, "storage_data", 2), path))
+    entries = field(meta, "state_dict_metadata", 0)
+    if not isinstance(entries, dict) or not all(type(name) is str for name in entries):
+        raise TypeError("state_dict_metadata is not a dict of tensor names")
+    return MetadataTables(dict(entries), StorageTable.of_records(field(meta, "storage_data", 2), path))
 
 
 def load_metadata(path: str, lean: bool | None = None) -> MetadataTables:
-    """Unpickle a `.metadata` (streamed from the file) into tables; `lean` None: by its size."""
+    """Unpickle a `.metadata` (streamed from the file) into tables; `lean` None: by its size.
+    A small file goes through the lean unpickler first, its result let go: that pass is bounded
+    in time and memory and refuses what would make the C unpickler hash without end (nested shared
+    tuples as a dict key) or grow without bound. The C unpickler then reads it, with the frame
+    checks the lean one does not make yet."""
     with open(path, "rb") as f:
         if lean is None:
             lean = os.fstat(f.fileno()).st_size >= LEAN_FROM
-        meta = LeanUnpickler(f, path).load() if lean else MetadataUnpickler(f).load()
+        meta = LeanUnpickler(f, path).load()
+        if not lean:
+            f.seek(0)
+            meta = MetadataUnpickler(f).load()
     return tables_of(meta, path)
 
 
@@ -288,7 +341,7 @@ class _Policy(NamedTuple):
     """What the lean unpickler makes of a record class once its BUILD completes."""
     compact: object      # record -> compact value
     from_state: object   # its plain state dict -> the same value, or None where `compact` must decide
-    from_items: object   # (SETITEMS' items as DCP writes them, interned tuples) -> the same value, or None
+    from_items: object   # (SETITEMS' items as DCP writes them, ids of interned Sizes) -> the same value, or None
     keep: bool           # whether the memo keeps the value (a writer may refer back to it) or drops it
     containers: bool     # whether its state holds lists or dicts (they leave the memo with it)
 
@@ -300,14 +353,19 @@ def _unused(record) -> _Unused:
 _new = tuple.__new__  # a NamedTuple made without its Python-level __new__: these run once per chunk
 
 
+def _size(value) -> bool:
+    """Whether a value is a Size as compaction keeps it (dims_of's check, without the copy)."""
+    return type(value) is tuple and len(value) <= MAX_DIMS and all(type(x) is int for x in value)
+
+
 def _chunk_state(s: dict):
     offsets, sizes = s.get("offsets"), s.get("sizes")
-    return _new(Chunk, (offsets, sizes)) if type(offsets) is tuple and type(sizes) is tuple else None
+    return _new(Chunk, (offsets, sizes)) if _size(offsets) and _size(sizes) else None
 
 
 def _index_state(s: dict):
     fqn, offsets = s.get("fqn"), s.get("offset")
-    return _new(IndexKey, (fqn, offsets)) if type(fqn) is str and type(offsets) is tuple and offsets else None
+    return _new(IndexKey, (fqn, offsets)) if type(fqn) is str and offsets and _size(offsets) else None
 
 
 def _where_state(s: dict):
@@ -321,30 +379,29 @@ def _no_state(s: dict):
     return None
 
 
-def _no_items(items: list, tuples: dict):
+def _no_items(items: list, sizes: set):
     return None
 
 
-def _chunk_items(items: list, tuples: dict):
-    """['offsets', Size, 'sizes', Size], both Sizes of ints (interned)."""
+def _chunk_items(items: list, sizes: set, id=id):
+    """['offsets', Size, 'sizes', Size], both interned Sizes (`sizes`: their ids)."""
     if len(items) == 4 and items[0] == "offsets" and items[2] == "sizes":
-        offsets, sizes = items[1], items[3]
-        if type(offsets) is tuple and type(sizes) is tuple and tuples.get(offsets) is offsets \
-                and tuples.get(sizes) is sizes:
-            return _new(Chunk, (offsets, sizes))
+        offsets, size = items[1], items[3]
+        if id(offsets) in sizes and id(size) in sizes:
+            return _new(Chunk, (offsets, size))
     return None
 
 
-def _index_items(items: list, tuples: dict):
-    """['fqn', str, 'index', any, 'offset', Size of ints]."""
+def _index_items(items: list, sizes: set, id=id):
+    """['fqn', str, 'index', any, 'offset', interned Size]."""
     if len(items) == 6 and items[0] == "fqn" and items[2] == "index" and items[4] == "offset":
         fqn, offsets = items[1], items[5]
-        if type(fqn) is str and type(offsets) is tuple and offsets and tuples.get(offsets) is offsets:
+        if type(fqn) is str and offsets and id(offsets) in sizes:
             return _new(IndexKey, (fqn, offsets))
     return None
 
 
-def _where_items(items: list, tuples: dict):
+def _where_items(items: list, sizes: set):
     """['relative_path', str, 'offset', int, 'length', int] (no transform_descriptors)."""
     if len(items) == 6 and items[0] == "relative_path" and items[2] == "offset" and items[4] == "length":
         rel, offset, length = items[1], items[3], items[5]
@@ -372,7 +429,9 @@ class LeanUnpickler(pickle._Unpickler):
     out of that order is refused). The hot opcodes of a DCP pickle run inline in `_run`; the rest
     go through pickle._Unpickler's own handlers, which read through `read`/`readline` from the
     same buffer. Tuples of ints (every `torch.Size`), chunks and strings are interned: equal
-    values are one object, so the memo slots that keep them cost 8 bytes each and nothing more."""
+    values are one object, so the memo slots that keep them cost 8 bytes each and nothing more.
+    What it hashes is bounded (see the module's docstring): a tuple's hash is not cached and visits
+    every value under it, once per path, so nested tuples that share members cost 2^depth."""
 
     def __init__(self, file, path: str):
         super().__init__(file)
@@ -384,7 +443,9 @@ class LeanUnpickler(pickle._Unpickler):
         self.memo_list: list = []
         self.slots: dict[int, int] = {}     # id -> memo slot of the records, dicts and lists not yet consumed
         self.opened: list[int] = []         # memo slots of the records (and state dicts) _empty_tuple started
-        self.tuples: dict[tuple, tuple] = {}
+        self.tuples: dict[tuple, tuple] = {}  # interned: Sizes (ints) and tuples of Sizes, at most MAX_DIMS long
+        self.sizes: set[int] = set()           # ids of the interned Sizes (live: `tuples` keeps them)
+        self.calls: dict[object, object] = {}  # the plain globals that are called, checked (_plain_call)
         self.chunks: dict[Chunk, Chunk] = {}
         self.strings: dict[str, str] = {}
         self.buf, self.pos, self.exhausted = b"", 0, False
@@ -396,6 +457,10 @@ class LeanUnpickler(pickle._Unpickler):
             self.records.add(cls)
             if name in POLICIES:
                 self.policies[cls] = POLICIES[name]
+        elif callable(cls) and cls is not tuple:  # tuple (torch.Size) copies its argument; hashes nothing
+            if cls not in self.calls:
+                self.calls[cls] = _plain_call(cls)
+            return self.calls[cls]
         return cls
 
     # reading: one buffer, shared by the inline loop and pickle's own handlers
@@ -464,18 +529,58 @@ class LeanUnpickler(pickle._Unpickler):
         if slot is not None and self.memo_list[slot] is obj:
             self.memo_list[slot] = value
 
-    def _interned(self, t: tuple) -> bool:
-        try:
-            return self.tuples.get(t) is t
-        except TypeError:  # a tuple holding a list or dict
-            return False
-
     def intern(self, t: tuple) -> tuple:
-        """An equal tuple already made, for tuples of ints and of tuples made so (Sizes and their arguments)."""
+        """An equal tuple already made, for a Size (at most MAX_DIMS ints) and a tuple of at most
+        MAX_DIMS interned Sizes (a Size's arguments); any other tuple as it is, never hashed."""
+        if len(t) > MAX_DIMS:
+            return t
+        sizes = self.sizes
+        if not t or type(t[0]) is int:
+            for x in t:
+                if type(x) is not int:
+                    return t
+            u = self.tuples.setdefault(t, t)
+            if u is t:  # new
+                sizes.add(id(t))
+            return u
         for x in t:
-            if type(x) is not int and (type(x) is not tuple or not self._interned(x)):
+            if id(x) not in sizes:
                 return t
         return self.tuples.setdefault(t, t)
+
+    def check_key(self, key) -> None:
+        """Refuse a dict key or set member whose hash would visit more than KEY_BUDGET values (a
+        tuple's hash visits every value under it, shared ones once per path); other values hash
+        in bounded time (strings and bytes cache theirs, records hash by identity)."""
+        todo, count = [key], 0
+        while todo:
+            t = todo.pop()
+            if isinstance(t, tuple):
+                count += len(t) + 1
+                if count > KEY_BUDGET:
+                    raise pickle.UnpicklingError(f"a dict key or set member of more than {KEY_BUDGET} values")
+                todo.extend(t)
+
+    def fill(self, target, items: list):
+        """SETITEMS' flat [key, value, ...] into a dict (or what pickle would set them on), keys checked."""
+        if len(items) % 2:
+            raise pickle.UnpicklingError("odd number of items for SETITEMS")
+        for i in range(0, len(items), 2):
+            key = items[i]
+            if type(key) is not str:
+                self.check_key(key)
+            target[key] = items[i + 1]
+        return target
+
+    def check_stack(self, stack: list) -> None:
+        """Refuse a pickle whose stacks hold more than STACK_LIMIT values and levels: no writer
+        comes near (picklers batch SETITEMS and APPENDS by 1000, DCP's records nest a few levels),
+        and an empty list or dict costs some 60 bytes per byte of file. Checked as each block is
+        read: the stacks grow at most READ_BLOCK values past the limit."""
+        metastack = self.metastack
+        if len(stack) + len(metastack) + sum(map(len, metastack)) > STACK_LIMIT:
+            raise pickle.UnpicklingError(f"the pickle holds more than {STACK_LIMIT} values on its stack at once; "
+                                         "no DCP writer makes one")
 
     # records
 
@@ -493,7 +598,7 @@ class LeanUnpickler(pickle._Unpickler):
                 return inst  # the C path's record: refused where it is used, as from the C unpickler
         else:
             inst.fields = state  # as __setstate__ sets it
-        if type(value) is Chunk and self._interned(value[0]) and self._interned(value[1]):
+        if type(value) is Chunk and id(value[0]) in self.sizes and id(value[1]) in self.sizes:
             value = self.chunks.setdefault(value, value)  # ints only: an equal chunk is the same chunk
         memo, opened = self.memo_list, self.opened
         slot = opened[-1] if opened else -1
@@ -520,11 +625,7 @@ class LeanUnpickler(pickle._Unpickler):
             table.add_items(items)
             self._release(target, table)
             return table
-        if len(items) % 2:
-            raise pickle.UnpicklingError("odd number of items for SETITEMS")
-        for i in range(0, len(items), 2):
-            target[items[i]] = items[i + 1]
-        return target
+        return self.fill(target, items)
 
     def load(self):
         """The unpickled object; the memo and the rest are let go as soon as it is made (the reader
@@ -533,6 +634,7 @@ class LeanUnpickler(pickle._Unpickler):
             return self._run()
         finally:
             self.memo_list, self.slots, self.opened, self.tuples, self.chunks, self.strings = [], {}, [], {}, {}, {}
+            self.sizes, self.calls = set(), {}
             self.stack, self.metastack, self.buf = [], [], b""
             self.read = self.readline = self.readinto = None
 
@@ -548,6 +650,7 @@ class LeanUnpickler(pickle._Unpickler):
                 if pos > limit:
                     buf, pos = self._refill(buf, pos), 0
                     limit = len(buf) - LOOKAHEAD
+                    self.check_stack(stack)
                 op = buf[pos]
                 pos += 1
                 if op == 0x6A:  # LONG_BINGET
@@ -630,10 +733,16 @@ class LeanUnpickler(pickle._Unpickler):
         b = stack.pop()
         a = stack[-1]
         t = (a, b)
-        t = self.tuples.setdefault(t, t) if type(a) is int and type(b) is int else self.intern(t)
+        if type(a) is int and type(b) is int:
+            u = self.tuples.setdefault(t, t)
+            if u is t:  # new
+                self.sizes.add(id(t))
+            t = u
+        else:
+            t = self.intern(t)
         if buf[pos:pos + 5] == b"\x94\x85\x94R\x94" and len(stack) > 1 and stack[-2] is tuple:
             one = (t,)
-            self.memo_list.extend((t, self.tuples.setdefault(one, one) if self._interned(t) else one, t))
+            self.memo_list.extend((t, self.tuples.setdefault(one, one) if id(t) in self.sizes else one, t))
             stack.pop()
             stack[-1] = t
             return pos + 5
@@ -654,10 +763,7 @@ class LeanUnpickler(pickle._Unpickler):
                 stack[-1] = value
                 return pos + 1, stack
         if type(target) is dict and not (items and type(items[0]) is IndexKey):
-            if len(items) % 2:
-                raise pickle.UnpicklingError("odd number of items for SETITEMS")
-            for i in range(0, len(items), 2):
-                target[items[i]] = items[i + 1]
+            self.fill(target, items)
         else:
             stack[-1] = self.set_items(target, items)
         if buf[pos] == 0x62 and len(stack) > 1 and type(stack[-2]) in self.policies:  # BUILD of a record
@@ -675,7 +781,7 @@ class LeanUnpickler(pickle._Unpickler):
         slot = opened[-1] if opened else -1
         if policy is None or slot < 0 or memo[slot] is not record or memo[slot + 1] is not state:
             return None
-        value = policy.from_items(items, self.tuples)
+        value = policy.from_items(items, self.sizes)
         if value is None:
             return None
         if type(value) is Chunk:
@@ -736,6 +842,19 @@ class LeanUnpickler(pickle._Unpickler):
 
 
 _CONSTANTS = {0x4E: None, 0x88: True, 0x89: False}
+_PLAIN = (str, int, float, bool, bytes, type(None))
+
+
+def _plain_call(func):
+    """A global other than a record class (OrderedDict, torch's _get_layout as str, pathlib's
+    paths), called with plain values only: str() of shared nested tuples, or an OrderedDict of
+    their pairs, would cost 2^depth. Pickle calls them with () or strings."""
+    def call(*args):
+        if not all(type(a) in _PLAIN for a in args):
+            raise pickle.UnpicklingError(f"{getattr(func, '__name__', 'a global')} called with other than plain "
+                                         "values")
+        return func(*args)
+    return call
 
 
 def _binput(u: LeanUnpickler) -> None:
@@ -779,6 +898,27 @@ def _tuple3(u: LeanUnpickler) -> None:
     u.stack[-1] = u.intern((u.stack[-1], b, c))
 
 
+def _long4(u: LeanUnpickler) -> None:
+    raise pickle.UnpicklingError("an integer wider than 255 bytes (LONG4), which no DCP writer makes")
+
+
+def _dict(u: LeanUnpickler) -> None:
+    items = u.pop_mark()
+    u.append(u.fill({}, items))
+
+
+def _additems(u: LeanUnpickler) -> None:
+    for item in u.stack:  # the items after the MARK
+        u.check_key(item)
+    pickle._Unpickler.load_additems(u)
+
+
+def _frozenset(u: LeanUnpickler) -> None:
+    for item in u.stack:
+        u.check_key(item)
+    pickle._Unpickler.load_frozenset(u)
+
+
 def _proto(u: LeanUnpickler) -> None:
     proto = u.read(1)[0]
     if proto > pickle.HIGHEST_PROTOCOL:
@@ -790,7 +930,8 @@ def _memo_ops() -> dict:
     """The handlers that replace pickle._Unpickler's where the memo or interning is concerned."""
     ops = {pickle.BINPUT: _binput, pickle.LONG_BINPUT: _long_binput, pickle.PUT: _text_put, pickle.GET: _text_get,
            pickle.BINGET: _binget, pickle.BUILD: _build, pickle.SETITEM: _setitem, pickle.TUPLE: _tuple,
-           pickle.TUPLE3: _tuple3, pickle.PROTO: _proto}
+           pickle.TUPLE3: _tuple3, pickle.PROTO: _proto, pickle.LONG4: _long4, pickle.DICT: _dict,
+           pickle.ADDITEMS: _additems, pickle.FROZENSET: _frozenset}
     return {code[0]: handler for code, handler in ops.items()}
 
 
