@@ -34,3 +34,21 @@ class MergeVerifyError(MergeError):
 class MergeAbortedError(MergeIOError):
     """The run was interrupted: another rank died, or this one got SIGTERM/SIGINT. The staging
     directory stays, marked incomplete, for `--resume`."""
+
+
+_SCALARS = (str, int, float, bool, type(None))
+
+
+def brief(value, limit: int = 80) -> str:
+    """An untrusted value (read from a checkpoint) for a message, on one short line: the repr of a
+    scalar or of a flat list or tuple of at most 64 scalars; any other value by its type. A nested
+    container is never printed: a pickle can share its members so that printing it takes 2^depth
+    steps, and an integer past 4300 digits cannot be printed at all."""
+    flat = type(value) in (list, tuple) and len(value) <= 64 and all(type(v) in _SCALARS for v in value)
+    if type(value) in _SCALARS or flat:
+        try:
+            return " ".join(repr(value).split())[:limit]
+        except ValueError:
+            return "an integer too large to print"
+    size = f" of {len(value)}" if type(value) in (list, tuple, dict) else ""
+    return f"a {type(value).__name__}{size}"

@@ -402,3 +402,19 @@ def test_rank_engine_writes_copied_gathered_folded_and_zero_tensors(tmp_path, mo
     assert torch.equal(written["q"], permute_like_hf(t["q"], 2))
     assert torch.equal(written["base"], t["base"] + (t["lora_b"] @ t["lora_a"]) * 0.5)
     assert torch.equal(written["bias"], torch.zeros(3))
+
+
+@pytest.mark.timeout(10)
+def test_brief_never_prints_a_nested_container():
+    """A pickle can share members so that printing a value takes 2^depth steps: messages print
+    scalars and flat lists of scalars only."""
+    from distmerge.errors import brief
+
+    bomb = (0, 0)
+    for _ in range(60):
+        bomb = (bomb, bomb)
+    assert brief(bomb) == "a tuple of 2"
+    assert brief([bomb]) == "a list of 1"
+    assert brief([1, 2, "x"]) == "[1, 2, 'x']"
+    assert brief("a\nb" * 100, 10) == "'a\\nba\\nba"
+    assert brief(10 ** 5000) == "an integer too large to print"

@@ -208,8 +208,8 @@ def test_megatron_lm_args_with_numbers_too_large_to_print_are_refused_by_name(tm
     args = dict(num_layers=4, hidden_size=64, num_attention_heads=4, ffn_hidden_size=128, norm_epsilon=1e-6,
                 rotary_base=10000, seq_length=256, vocab_size=128)
     catalogue = megatron_catalogue(src)
-    for name, value, needle in (("num_layers", 10 ** 5000, "num_layers=(int too large to print)"),
-                                ("vocab_size", 10 ** 5000, "vocab_size (int too large to print)"),
+    for name, value, needle in (("num_layers", 10 ** 5000, "num_layers=an integer too large to print"),
+                                ("vocab_size", 10 ** 5000, "vocab_size an integer too large to print"),
                                 ("norm_epsilon", 10 ** 400, "layernorm_epsilon=1000")):
         torch.save({"args": argparse.Namespace(**{**args, name: value})}, src / "common.pt")
         with pytest.raises(MergeError) as refusal:

@@ -19,7 +19,7 @@ import math
 import os
 from dataclasses import dataclass, field
 
-from ..errors import MergeError
+from ..errors import MergeError, brief
 from ..model import Catalogue
 from ..paths import check_file, inside
 from ..sources.megatron import layer_count as stored_layers
@@ -294,12 +294,8 @@ def _refuse(what: str, why: str):
 
 
 def _shown(value) -> str:
-    """A setting's value for a message: one short line, for integers of any size too (str() of an
-    integer past 4300 digits raises)."""
-    try:
-        return " ".join(repr(value).split())[:80]
-    except ValueError:
-        return f"({type(value).__name__} too large to print)"
+    """A setting's value for a message (errors.brief: one short line, never a nested container)."""
+    return brief(value)
 
 
 def _int(s: Settings, name: str, value, minimum: int = 1) -> int:

@@ -29,7 +29,7 @@ import re
 from dataclasses import dataclass
 
 from ..dtypes import FLOAT32, DType
-from ..errors import MergeError
+from ..errors import MergeError, brief
 from ..model import Catalogue, Piece, SourceTensor
 from ..paths import check_file, read_tracker
 from .layout import find_hf_dir
@@ -278,7 +278,7 @@ class OptimState:
         for rank, saved in enumerate(self.saved_paddings):
             pad = saved[g] if isinstance(saved, list) and g < len(saved) else 0
             if not isinstance(pad, int) or isinstance(pad, bool) or pad < 0:
-                raise MergeError(f"{self.groups[rank][0].file}: group_paddings[{g}] is {pad!r}, not a count; the "
+                raise MergeError(f"{self.groups[rank][0].file}: group_paddings[{g}] is {brief(pad)}, not a count; the "
                                  "file is corrupt")
             pads.append(pad)
         return pads

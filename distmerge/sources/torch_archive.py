@@ -20,7 +20,7 @@ import zlib
 from dataclasses import dataclass
 
 from ..dtypes import STORAGE_NAMES, DType, named, of_torch
-from ..errors import MergeError, MergeIOError
+from ..errors import MergeError, MergeIOError, brief
 
 # A placement as plain data: ("shard", dim), ("strided", dim, split_factor) or ("replicate",)
 Placement = tuple
@@ -431,12 +431,12 @@ class _FastUnpickler(pickle.Unpickler):
 
     def persistent_load(self, pid):
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
-            raise _Unsupported(f"persistent id {str(pid)[:80]}")
+            raise _Unsupported(f"persistent id {brief(pid)}")
         _, dtype, key, _location, numel = pid
         if not isinstance(dtype, DType):
             raise _Unsupported("untyped storage")
         if not isinstance(key, str) or not _is_count(numel):
-            raise _BadRecord(f"a storage record names {str(key)[:40]!r} with {str(numel)[:40]} elements")
+            raise _BadRecord(f"a storage record names {brief(key, 40)} with {brief(numel, 40)} elements")
         member = self.offsets.get(f"{self.prefix}data/{key}")
         if member is None:
             raise _BadRecord(f"a storage record names the archive member data/{key[:40]}, which is not there")
@@ -465,8 +465,8 @@ def _stored(ref: _TensorRef, path: str = "the archive") -> StoredTensor:
     or oversized storage offset would read the bytes of another record or of the zip itself."""
     if not (_is_count(ref.storage_offset) and _is_dims(ref.shape) and _is_dims(ref.strides)
             and len(ref.shape) == len(ref.strides)):
-        raise MergeError(f"{path}: a tensor record has storage offset {str(ref.storage_offset)[:40]}, shape "
-                         f"{str(ref.shape)[:80]} and strides {str(ref.strides)[:80]}, which no torch.save writes; "
+        raise MergeError(f"{path}: a tensor record has storage offset {brief(ref.storage_offset, 40)}, shape "
+                         f"{brief(ref.shape)} and strides {brief(ref.strides)}, which no torch.save writes; "
                          "the file is corrupt or hostile")
     itemsize = ref.storage.dtype.itemsize
     span = 0 if 0 in ref.shape else 1 + sum((n - 1) * st for n, st in zip(ref.shape, ref.strides))
@@ -523,7 +523,7 @@ def dtensor_problem(t: StoredDTensor) -> str | None:
     """What makes a DTensor record impossible, or None: one placement and one coordinate per mesh
     dim, each coordinate on the mesh, each shard on a dim of the tensor, split factors of at least 1."""
     if not (_is_dims(t.shape) and _is_dims(t.mesh_shape) and _is_dims(t.coordinate)):
-        return f"shape {str(t.shape)[:60]}, mesh {str(t.mesh_shape)[:60]} or coordinate {str(t.coordinate)[:60]}"
+        return f"shape {brief(t.shape, 60)}, mesh {brief(t.mesh_shape, 60)} or coordinate {brief(t.coordinate, 60)}"
     if not len(t.mesh_shape) == len(t.placements) == len(t.coordinate) >= 1:
         return f"{len(t.placements)} placements and {len(t.coordinate)} coordinates on a {len(t.mesh_shape)}-d mesh"
     if not all(0 <= c < n for c, n in zip(t.coordinate, t.mesh_shape)):
