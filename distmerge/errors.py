@@ -39,6 +39,12 @@ class MergeAbortedError(MergeIOError):
 _SCALARS = (str, int, float, bool, type(None))
 
 
+def one_line(text: str, limit: int = 200) -> str:
+    """A message part on one line of at most `limit` characters (a parser's or a pickle's own
+    messages span several, and may quote the file)."""
+    return " ".join(text.split())[:limit]
+
+
 def brief(value, limit: int = 80) -> str:
     """An untrusted value (read from a checkpoint) for a message, on one short line: the repr of a
     scalar or of a flat list or tuple of at most 64 scalars; any other value by its type. A nested
@@ -47,7 +53,7 @@ def brief(value, limit: int = 80) -> str:
     flat = type(value) in (list, tuple) and len(value) <= 64 and all(type(v) in _SCALARS for v in value)
     if type(value) in _SCALARS or flat:
         try:
-            return " ".join(repr(value).split())[:limit]
+            return one_line(repr(value), limit)
         except ValueError:
             return "an integer too large to print"
     size = f" of {len(value)}" if type(value) in (list, tuple, dict) else ""

@@ -19,7 +19,7 @@ import math
 import os
 from dataclasses import dataclass, field
 
-from ..errors import MergeError, brief
+from ..errors import MergeError, brief, one_line
 from ..model import Catalogue
 from ..paths import check_file, inside
 from ..sources.megatron import layer_count as stored_layers
@@ -108,7 +108,7 @@ def _vocab(catalogue, settings: Settings, option: int | None, counted: int | Non
                          "Megatron's padded size, and no tokenizer was found in the checkpoint); pass "
                          "--vocab-size N (the tokenizer's size) or --hf-config DIR")
     if isinstance(vocab, bool) or not isinstance(vocab, int) or vocab < 1 or (rows is not None and vocab > rows):
-        raise MergeError(f"vocab_size {_shown(vocab)} from {origin} does not fit the embedding's {rows} rows; "
+        raise MergeError(f"vocab_size {brief(vocab)} from {origin} does not fit the embedding's {rows} rows; "
                          "pass --vocab-size N (the tokenizer's size) or --hf-config DIR")
     return vocab, origin
 
@@ -160,12 +160,7 @@ def _read_text(path: str) -> str:
         with open(path, encoding="utf-8") as f:
             return f.read()
     except (OSError, UnicodeDecodeError) as e:
-        raise MergeError(f"{path} cannot be read ({_one_line(e)}); {FIX}") from None
-
-
-def _one_line(e: Exception) -> str:
-    """A parser's message as one short line (PyYAML's carry newlines and a quoted excerpt)."""
-    return " ".join(str(e).split())[:200]
+        raise MergeError(f"{path} cannot be read ({one_line(str(e))}); {FIX}") from None
 
 
 def _plain(values: dict) -> dict:
@@ -185,7 +180,7 @@ def _json_section(path: str, section) -> dict:
     try:
         data = json.loads(_read_text(path))
     except (ValueError, RecursionError) as e:
-        raise MergeError(f"{path} is not valid JSON ({_one_line(e)}); {FIX}") from None
+        raise MergeError(f"{path} is not valid JSON ({one_line(str(e))}); {FIX}") from None
     return _plain(data) if isinstance(data, dict) else {}
 
 
@@ -195,7 +190,7 @@ def _yaml_section(path: str, section: str) -> dict:
     try:
         data = yaml.safe_load(_read_text(path))  # safe_load builds plain values only, never objects
     except (yaml.YAMLError, RecursionError, ValueError) as e:  # ValueError: an int past 4300 digits
-        raise MergeError(f"{path} is not YAML distmerge can read safely ({_one_line(e)}); {FIX}") from None
+        raise MergeError(f"{path} is not YAML distmerge can read safely ({one_line(str(e))}); {FIX}") from None
     part = data.get(section) if isinstance(data, dict) else None
     return _plain(part) if isinstance(part, dict) else {}
 
@@ -293,15 +288,10 @@ def _refuse(what: str, why: str):
     raise MergeError(f"cannot build an HF config: {what}: {why}; {FIX}")
 
 
-def _shown(value) -> str:
-    """A setting's value for a message (errors.brief: one short line, never a nested container)."""
-    return brief(value)
-
-
 def _int(s: Settings, name: str, value, minimum: int = 1) -> int:
     """A size setting: an integer (not a bool) of at least `minimum`, else a refusal naming it and its file."""
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise MergeError(f"cannot build an HF config: {name}={_shown(value)} in {s.where(name)} is not an integer "
+        raise MergeError(f"cannot build an HF config: {name}={brief(value)} in {s.where(name)} is not an integer "
                          f">= {minimum}; {FIX}")
     return value
 
@@ -316,7 +306,7 @@ def _real(s: Settings, name: str, value) -> float:
         except (ValueError, OverflowError):  # text that is no number; an integer past the float range
             pass
     if not math.isfinite(number):
-        raise MergeError(f"cannot build an HF config: {name}={_shown(value)} in {s.where(name)} is not a finite "
+        raise MergeError(f"cannot build an HF config: {name}={brief(value)} in {s.where(name)} is not a finite "
                          f"number; {FIX}")
     return number
 
@@ -324,19 +314,19 @@ def _real(s: Settings, name: str, value) -> float:
 def _check_supported(s: Settings) -> None:
     """Settings no supported HF family can express are refused by name."""
     if s.get("normalization", "RMSNorm") != "RMSNorm":
-        _refuse(f"normalization={_shown(s.get('normalization'))}", "the supported families use RMSNorm")
+        _refuse(f"normalization={brief(s.get('normalization'))}", "the supported families use RMSNorm")
     if s.get("gated_linear_unit") is False:
         _refuse("gated_linear_unit=False", "the supported families use a SwiGLU MLP")
     act = s.get("activation_func")
     if isinstance(act, str) and "silu" not in act:
-        _refuse(f"activation_func={_shown(act)}", "the supported families use SiLU")
+        _refuse(f"activation_func={brief(act)}", "the supported families use SiLU")
     if s.get("add_bias_linear", False):
         _refuse("add_bias_linear=True", "the supported families have no linear biases")
     if s.get("position_embedding_type", "rope") != "rope":
-        _refuse(f"position_embedding_type={_shown(s.get('position_embedding_type'))}",
+        _refuse(f"position_embedding_type={brief(s.get('position_embedding_type'))}",
                 "the supported families use RoPE")
     if s.get("rotary_percent", 1.0) != 1.0:
-        _refuse(f"rotary_percent={_shown(s.get('rotary_percent'))}",
+        _refuse(f"rotary_percent={brief(s.get('rotary_percent'))}",
                 "partial rotary is not in the supported families")
 
 
@@ -374,7 +364,7 @@ def _layers(catalogue: Catalogue, s: Settings) -> int:
     layers = _int(s, "num_layers", s.need("num_layers", "num_hidden_layers"))
     stored = stored_layers(catalogue.tensors)
     if stored is not None and layers != stored:
-        raise MergeError(f"cannot build an HF config: num_layers={_shown(layers)} in {s.where('num_layers')}, but "
+        raise MergeError(f"cannot build an HF config: num_layers={brief(layers)} in {s.where('num_layers')}, but "
                          f"the checkpoint stores {stored} layers; the settings are not this model's; {FIX}")
     return layers
 
@@ -386,16 +376,16 @@ def moe_layers(s: Settings, layers: int) -> list[bool]:
         return [i % freq == 0 for i in range(layers)]
     if isinstance(freq, list) and len(freq) == layers and set(freq) <= {0, 1}:
         return [bool(f) for f in freq]
-    _refuse(f"moe_layer_freq={_shown(freq)}", f"not a period or a 0/1 list of {layers} layers")
+    _refuse(f"moe_layer_freq={brief(freq)}", f"not a period or a 0/1 list of {layers} layers")
 
 
 def _router(s: Settings, family: str, score: str) -> dict:
     """Top-k and renormalisation, refusing a router the family computes differently."""
     if s.get("moe_router_score_function", "softmax") != score:
-        _refuse(f"moe_router_score_function={_shown(s.get('moe_router_score_function'))}",
+        _refuse(f"moe_router_score_function={brief(s.get('moe_router_score_function'))}",
                 f"{family} routes with {score}")
     if score == "softmax" and s.get("moe_router_topk_scaling_factor") not in (None, 1, 1.0):
-        _refuse(f"moe_router_topk_scaling_factor={_shown(s.get('moe_router_topk_scaling_factor'))}",
+        _refuse(f"moe_router_topk_scaling_factor={brief(s.get('moe_router_topk_scaling_factor'))}",
                 f"{family} does not scale its routing weights")
     return {"num_experts_per_tok": _int(s, "moe_router_topk", s.need("moe_router_topk", "num_experts_per_tok")),
             "norm_topk_prob": not s.get("moe_router_pre_softmax", False)}
@@ -423,7 +413,7 @@ def _moe(s: Settings, config: dict) -> dict:
         return dict(architectures=["MixtralForCausalLM"], model_type="mixtral", num_local_experts=experts,
                     intermediate_size=expert_ffn, **router)
     _refuse("this MoE (shared expert {}, gate {}, q/k norm {}, dense layers {})".format(
-        _shown(shared), _shown(s.get("moe_shared_expert_gate", False)), _shown(qk_norm), _shown(dense)),
+        brief(shared), brief(s.get("moe_shared_expert_gate", False)), brief(qk_norm), brief(dense)),
         "it matches none of Mixtral, Qwen2-MoE, Qwen3-MoE")
 
 
@@ -436,7 +426,7 @@ def _deepseek_v3(s: Settings, config: dict) -> dict:
     pattern = moe_layers(s, layers)
     first_dense = pattern.index(True) if True in pattern else layers
     if not all(pattern[first_dense:]) or shared % expert_ffn:
-        _refuse(f"moe_layer_freq={_shown(s.get('moe_layer_freq'))} / shared expert size {_shown(shared)}",
+        _refuse(f"moe_layer_freq={brief(s.get('moe_layer_freq'))} / shared expert size {brief(shared)}",
                 "DeepSeek-V3 has dense layers first, then MoE, and shared experts of the expert size")
     if not s.get("moe_router_enable_expert_bias", False):
         _refuse("moe_router_enable_expert_bias=False", "DeepSeek-V3 routes with e_score_correction_bias")
@@ -453,7 +443,7 @@ def _deepseek_v3(s: Settings, config: dict) -> dict:
                **{hf: _int(s, name, s.need(name, hf)) for name, hf in MLA_DIMS.items()})
     config.pop("head_dim", None)
     if s.get("rope_type", "rope") not in ("rope", "yarn"):
-        _refuse(f"rope_type={_shown(s.get('rope_type'))}", "DeepSeek-V3 takes plain or YaRN RoPE")
+        _refuse(f"rope_type={brief(s.get('rope_type'))}", "DeepSeek-V3 takes plain or YaRN RoPE")
     if s.get("rope_type") == "yarn":
         out.update(_yarn(s))
     return out

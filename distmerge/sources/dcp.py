@@ -20,7 +20,7 @@ import pickle
 import re
 
 from ..dtypes import DType
-from ..errors import MergeError, MergeIOError
+from ..errors import MergeError, MergeIOError, one_line
 from ..model import Catalogue, SourceTensor, dtype_size, dtype_str
 from ..paths import check_file
 from .chunks import PieceTable, gc_paused
@@ -43,11 +43,9 @@ def detect(source: str, opts: ReadOptions = ReadOptions()) -> bool:
 
 
 def _unreadable(path: str, e: Exception) -> MergeError:
-    """The refusal of a `.metadata` that does not read: one line (pickle's own messages span several),
-    at most 200 characters of the error, which may quote the file."""
-    said = " ".join(str(e).split())[:200]
-    return MergeError(f"{path} is not a readable DCP metadata file ({type(e).__name__}: {said}); it is corrupt or "
-                      "not from torch.distributed.checkpoint. Copy it again from the training job")
+    """The refusal of a `.metadata` that does not read, with pickle's reason on one line."""
+    return MergeError(f"{path} is not a readable DCP metadata file ({type(e).__name__}: {one_line(str(e))}); it is "
+                      "corrupt or not from torch.distributed.checkpoint. Copy it again from the training job")
 
 
 _read: dict[tuple, MetadataTables] = {}  # the last .metadata read, until its reader takes it

@@ -34,7 +34,7 @@ from ..model import Catalogue, Piece, SourceTensor
 from ..paths import check_file, read_tracker
 from .layout import find_hf_dir
 from .registry import ReadOptions, SourceFormat
-from .torch_archive import StoredTensor, load_inert
+from .torch_archive import StoredTensor, is_count, load_inert
 
 NAME = "deepspeed"
 LATEST = "latest"
@@ -246,7 +246,7 @@ def _int(value, path: str, what: str) -> int:
     if isinstance(args, tuple) and len(args) == 1:
         value = args[0]
     if not isinstance(value, int) or isinstance(value, bool):
-        raise MergeError(f"{path}: {what} is {value!r}, not a number; the file is not a DeepSpeed ZeRO save")
+        raise MergeError(f"{path}: {what} is {brief(value)}, not a number; the file is not a DeepSpeed ZeRO save")
     return value
 
 
@@ -277,7 +277,7 @@ class OptimState:
         pads = []
         for rank, saved in enumerate(self.saved_paddings):
             pad = saved[g] if isinstance(saved, list) and g < len(saved) else 0
-            if not isinstance(pad, int) or isinstance(pad, bool) or pad < 0:
+            if not is_count(pad):
                 raise MergeError(f"{self.groups[rank][0].file}: group_paddings[{g}] is {brief(pad)}, not a count; the "
                                  "file is corrupt")
             pads.append(pad)
@@ -391,7 +391,7 @@ def check_slices(opt: OptimState, g: int, placed: dict[str, tuple[int, int]], pa
                 expected[name] = (lo - rank * part, hi - lo)
         if saved != expected:
             name = next(n for n in list(expected) + list(saved) if saved.get(n) != expected.get(n))
-            raise MergeError(f"{opt.groups[rank][g].file}: param_slice_mappings puts {name!r} at (start, numel) "
+            raise MergeError(f"{opt.groups[rank][g].file}: param_slice_mappings puts {brief(name)} at (start, numel) "
                              f"{saved.get(name)} of rank {rank}'s partition, param_shapes at {expected.get(name)}; "
                              "the files are corrupt or come from different saves")
 
@@ -400,8 +400,7 @@ def _fragment(address) -> tuple[int, int] | None:
     """A `fragment_address(numel, start)` as (start, numel); None unless both are counts."""
     state, args = getattr(address, "state", None), tuple(getattr(address, "args", ()))
     numel, start = (state.get("numel"), state.get("start")) if isinstance(state, dict) else (args + (None, None))[:2]
-    ok = all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (numel, start))
-    return (start, numel) if ok else None
+    return (start, numel) if is_count(numel) and is_count(start) else None
 
 
 def _group_paddings(opt: OptimState, g: int, count: int) -> list[int]:
@@ -488,7 +487,7 @@ def module_tensors(model0: dict, path: str, names=None) -> dict[str, SourceTenso
         if not isinstance(t, StoredTensor):
             if names is None and isinstance(name, str) and name.endswith("_extra_state"):
                 continue  # a module's extra state (Transformer Engine): nothing to write
-            raise MergeError(f"{path}: {name!r} in `module` is not a tensor; the file is corrupt")
+            raise MergeError(f"{path}: {brief(name)} in `module` is not a tensor; the file is corrupt")
         piece = whole_piece(t, path, name)
         tensors[name] = SourceTensor(name, piece.shape, piece.dtype, [piece] if piece.numel else [])
     return tensors

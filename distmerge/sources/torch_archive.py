@@ -435,7 +435,7 @@ class _FastUnpickler(pickle.Unpickler):
         _, dtype, key, _location, numel = pid
         if not isinstance(dtype, DType):
             raise _Unsupported("untyped storage")
-        if not isinstance(key, str) or not _is_count(numel):
+        if not isinstance(key, str) or not is_count(numel):
             raise _BadRecord(f"a storage record names {brief(key, 40)} with {brief(numel, 40)} elements")
         member = self.offsets.get(f"{self.prefix}data/{key}")
         if member is None:
@@ -452,18 +452,19 @@ class _BadRecord(MergeError):
     reader that knows the file's name says which file."""
 
 
-def _is_count(n) -> bool:
+def is_count(n) -> bool:
+    """A count as a checkpoint stores it: an int (not a bool) of 0 or more."""
     return isinstance(n, int) and not isinstance(n, bool) and n >= 0
 
 
 def _is_dims(t) -> bool:
-    return isinstance(t, tuple) and len(t) <= 64 and all(_is_count(n) for n in t)
+    return isinstance(t, tuple) and len(t) <= 64 and all(is_count(n) for n in t)
 
 
 def _stored(ref: _TensorRef, path: str = "the archive") -> StoredTensor:
     """Where a tensor record's bytes lie, refused unless they lie inside its storage: a negative
     or oversized storage offset would read the bytes of another record or of the zip itself."""
-    if not (_is_count(ref.storage_offset) and _is_dims(ref.shape) and _is_dims(ref.strides)
+    if not (is_count(ref.storage_offset) and _is_dims(ref.shape) and _is_dims(ref.strides)
             and len(ref.shape) == len(ref.strides)):
         raise MergeError(f"{path}: a tensor record has storage offset {brief(ref.storage_offset, 40)}, shape "
                          f"{brief(ref.shape)} and strides {brief(ref.strides)}, which no torch.save writes; "
@@ -531,9 +532,9 @@ def dtensor_problem(t: StoredDTensor) -> str | None:
     if len(t.local.shape) != len(t.shape):
         return f"a {len(t.local.shape)}-d local tensor of a {len(t.shape)}-d tensor"
     for p in t.placements:
-        if p[0] != "replicate" and not (_is_count(p[1]) and p[1] < len(t.shape)):
+        if p[0] != "replicate" and not (is_count(p[1]) and p[1] < len(t.shape)):
             return f"placement {p} shards a dim the {len(t.shape)}-d tensor does not have"
-        if p[0] == "strided" and not (_is_count(p[2]) and p[2] >= 1):
+        if p[0] == "strided" and not (is_count(p[2]) and p[2] >= 1):
             return f"placement {p} has split factor {p[2]}"
     return None
 
